@@ -1,0 +1,110 @@
+// Graph side of DySCO: the probe's layer cap and the QR-head score nodes.
+#include "dysco-hooks.h"
+#include "dysco-state.h"
+
+#include "llama-graph.h"
+
+#include "ggml.h"
+#include "ggml-backend.h"
+
+static const char * const DYSCO_SCORE_NAME[DYSCO_CACHE_KINDS] = { "dysco_scores_base", "dysco_scores_swa" };
+static const char * const DYSCO_MASK_NAME[DYSCO_CACHE_KINDS]  = { "dysco_score_mask_base", "dysco_score_mask_swa" };
+
+const char * dysco_score_name(int kind) {
+    return DYSCO_SCORE_NAME[kind];
+}
+
+// Graph input: the unbiased mask row of the scored token, kept by dysco_mask_apply.
+class dysco_input_score_mask : public llm_graph_input_i {
+public:
+    dysco_input_score_mask(dysco_state & st, int kind, ggml_tensor * mask) : st(st), kind(kind), mask(mask) {}
+
+    void set_input(const llama_ubatch * ubatch) override {
+        GGML_UNUSED(ubatch);
+        const auto & row = st.row[kind].mask;
+        GGML_ASSERT((int64_t) row.size() == mask->ne[0]);
+        ggml_backend_tensor_set(mask, row.data(), 0, ggml_nbytes(mask));
+    }
+
+    // the attention input beside it already refuses reuse when n_kv changes
+    bool can_reuse(const llm_graph_params & params) override {
+        GGML_UNUSED(params);
+        return true;
+    }
+
+private:
+    dysco_state & st;
+    const int     kind;
+    ggml_tensor * mask; // [n_kv, 1]
+};
+
+int64_t dysco_graph_n_layer(const llama_cparams & cparams, int64_t n_layer) {
+    dysco_state * st = cparams.dysco;
+    if (!st) {
+        return n_layer;
+    }
+    for (auto & nodes : st->build) {
+        nodes = dysco_build_nodes();
+    }
+    return st->probe_layers > 0 ? std::min<int64_t>(n_layer, st->probe_layers) : n_layer;
+}
+
+static ggml_tensor * dysco_score_mask(const llm_graph_context & g, dysco_state & st, int kind, int64_t n_kv) {
+    auto & nodes = st.build[kind];
+    if (!nodes.mask) {
+        nodes.mask = ggml_new_tensor_2d(g.ctx0, GGML_TYPE_F32, n_kv, 1);
+        ggml_set_input(nodes.mask);
+        ggml_set_name(nodes.mask, DYSCO_MASK_NAME[kind]);
+        g.res->add_input(std::make_unique<dysco_input_score_mask>(st, kind, nodes.mask));
+    }
+    return nodes.mask;
+}
+
+// softmax(scale * k.q + mask) of one query head against its KV head: [n_kv, 1]
+static ggml_tensor * dysco_head_probs(const llm_graph_context & g, ggml_tensor * q_tok, ggml_tensor * k,
+                                      ggml_tensor * mask, int head, float kq_scale) {
+    const int64_t n_gqa = q_tok->ne[1] / k->ne[1];
+    ggml_tensor * q_h = ggml_view_2d(g.ctx0, q_tok, q_tok->ne[0], 1, q_tok->nb[1], head * q_tok->nb[1]); // [d, 1]
+    ggml_tensor * k_h = ggml_view_2d(g.ctx0, k, k->ne[0], k->ne[2], k->nb[2], (head / n_gqa) * k->nb[1]); // [d, n_kv]
+    ggml_tensor * kq  = ggml_mul_mat(g.ctx0, k_h, q_h); // [n_kv, 1]
+    ggml_prec_set_acc(kq, GGML_PREC_F32);
+    if (g.hparams.attn_soft_cap) {
+        const float cap = g.hparams.f_attn_logit_softcapping;
+        kq = ggml_scale(g.ctx0, ggml_tanh(g.ctx0, ggml_scale(g.ctx0, kq, kq_scale / cap)), cap);
+        kq_scale = 1.0f;
+    }
+    return ggml_soft_max_ext(g.ctx0, kq, mask, kq_scale, 0.0f);
+}
+
+void dysco_graph_attn_scores(const llm_graph_context & g, ggml_tensor * q, ggml_tensor * k,
+                             float kq_scale, int il, bool is_swa) {
+    dysco_state * st = g.cparams.dysco;
+    if (!st || !st->scoring() || il >= (int) st->heads_by_layer.size() || st->heads_by_layer[il].empty()) {
+        return;
+    }
+    // scores follow one sequence: a ubatch spread over several KV streams is not scored
+    if (k->ne[3] != 1) {
+        return;
+    }
+    const int     kind = is_swa ? DYSCO_CACHE_SWA : DYSCO_CACHE_BASE;
+    const int64_t n_kv = k->ne[2];
+    ggml_tensor * mask = dysco_score_mask(g, *st, kind, n_kv);
+
+    // the last token of the ubatch is the one scored: [d, n_head]
+    ggml_tensor * q_tok = ggml_view_2d(g.ctx0, q, q->ne[0], q->ne[1], q->nb[1], (q->ne[2] - 1) * q->nb[2]);
+
+    auto & acc = st->build[kind].acc;
+    for (int head : st->heads_by_layer[il]) {
+        ggml_tensor * probs = dysco_head_probs(g, q_tok, k, mask, head, kq_scale);
+        if (acc) {
+            ggml_set_name(acc, "dysco_scores_partial");
+            acc->flags &= ~GGML_TENSOR_FLAG_OUTPUT;
+            acc = ggml_add(g.ctx0, acc, probs);
+        } else {
+            acc = probs;
+        }
+    }
+    ggml_set_name(acc, DYSCO_SCORE_NAME[kind]);
+    ggml_set_output(acc);
+    ggml_build_forward_expand(g.gf, acc);
+}

@@ -1,0 +1,132 @@
+// Host side of DySCO: the bias added to llama.cpp's KQ mask, and the score readout.
+#include "dysco-hooks.h"
+#include "dysco-state.h"
+
+#include "llama-batch.h"
+#include "llama-cparams.h"
+#include "llama-graph.h"
+#include "llama-kv-cache.h"
+
+#include "ggml.h"
+#include "ggml-backend.h"
+
+#include <cmath>
+
+
+template <typename T> static float mask_get(const T * row, int64_t j);
+template <> float mask_get(const float * row, int64_t j)       { return row[j]; }
+template <> float mask_get(const ggml_fp16_t * row, int64_t j) { return ggml_fp16_to_fp32(row[j]); }
+
+template <typename T> static void mask_add(T * row, int64_t j, float b);
+template <> void mask_add(float * row, int64_t j, float b)       { row[j] += b; }
+template <> void mask_add(ggml_fp16_t * row, int64_t j, float b) { row[j] = ggml_fp32_to_fp16(ggml_fp16_to_fp32(row[j]) + b); }
+
+// Keeps the unbiased row of the ubatch's last token and which position each cell holds.
+template <typename T>
+static void mask_row_keep(dysco_mask_row & out, const T * row, int64_t n_kv, const llama_kv_cells & cells, llama_pos pos) {
+    out.mask.resize(n_kv);
+    out.cell_pos.resize(n_kv);
+    out.pos = pos;
+    for (int64_t j = 0; j < n_kv; ++j) {
+        const float m = mask_get(row, j);
+        out.mask[j]     = m;
+        out.cell_pos[j] = std::isinf(m) ? -1 : cells.pos_get(j);
+    }
+}
+
+// b[pos(cell)] on every attended cell of the rows that belong to a biased sequence.
+template <typename T>
+static void mask_add_bias(const dysco_state & st, T * data, int64_t n_kv, const llama_kv_cache & kv, const llama_ubatch & ub) {
+    for (uint32_t i = 0; i < ub.n_tokens; ++i) {
+        const auto it = st.bias_by_seq.find(ub.seq_id[i][0]);
+        if (it == st.bias_by_seq.end() || it->second.empty()) {
+            continue;
+        }
+        const std::vector<float> & bias  = it->second;
+        const llama_kv_cells     & cells = kv.get_cells(ub.seq_id[i][0]);
+        T * row = data + n_kv * i;
+        for (int64_t j = 0; j < n_kv; ++j) {
+            if (std::isinf(mask_get(row, j))) {
+                continue;
+            }
+            const llama_pos p = cells.pos_get(j);
+            if (p < (llama_pos) bias.size()) {
+                mask_add(row, j, bias[p]);
+            }
+        }
+    }
+}
+
+template <typename T>
+static void mask_apply(dysco_state & st, T * data, int64_t n_kv, const llama_kv_cache & kv, const llama_ubatch & ub, int kind) {
+    const uint32_t last = ub.n_tokens - 1;
+    if (st.scoring()) {
+        mask_row_keep(st.row[kind], data + n_kv * last, n_kv, kv.get_cells(ub.seq_id[last][0]), ub.pos[last]);
+    }
+    // a probe reads the unbiased model: the bias only enters full passes
+    if (st.probe_layers == 0 && !st.bias_by_seq.empty()) {
+        mask_add_bias(st, data, n_kv, kv, ub);
+    }
+}
+
+void dysco_mask_apply(const llama_cparams & cparams, const llama_kv_cache_context * mctx,
+                      ggml_tensor * kq_mask, const llama_ubatch * ubatch, bool is_swa) {
+    dysco_state * st = cparams.dysco;
+    if (!st || !kq_mask || !kq_mask->buffer || ubatch->n_tokens == 0) {
+        return;
+    }
+    const int     kind = is_swa ? DYSCO_CACHE_SWA : DYSCO_CACHE_BASE;
+    const int64_t n_kv = kq_mask->ne[0];
+    const llama_kv_cache & kv = *mctx->get_kv_cache();
+    if (kq_mask->type == GGML_TYPE_F16) {
+        mask_apply(*st, (ggml_fp16_t *) kq_mask->data, n_kv, kv, *ubatch, kind);
+    } else {
+        mask_apply(*st, (float *) kq_mask->data, n_kv, kv, *ubatch, kind);
+    }
+}
+
+// Adds one cache kind's [n_kv] probability sums into the per-position score vector.
+static bool scores_gather(dysco_state & st, ggml_tensor * t, ggml_backend_sched_t sched, int kind) {
+    const auto & row = st.row[kind];
+    if (!t || (int64_t) row.cell_pos.size() != t->ne[0]) {
+        return false;
+    }
+    st.readback.resize(t->ne[0]);
+    ggml_backend_t backend = ggml_backend_sched_get_tensor_backend(sched, t);
+    ggml_backend_tensor_get_async(backend, t, st.readback.data(), 0, ggml_nbytes(t));
+    ggml_backend_synchronize(backend);
+    for (size_t j = 0; j < row.cell_pos.size(); ++j) {
+        const int32_t p = row.cell_pos[j];
+        if (p >= 0 && p < (int32_t) st.scores.size()) {
+            st.scores[p] += st.readback[j];
+        }
+    }
+    return true;
+}
+
+void dysco_ubatch_done(const llama_cparams & cparams, const llm_graph_result * res, ggml_backend_sched_t sched) {
+    dysco_state * st = cparams.dysco;
+    if (!st) {
+        return;
+    }
+    st->scores_valid = false;
+    if (!st->scoring()) {
+        return;
+    }
+    ggml_cgraph * gf  = res->get_gf();
+    const int32_t pos = st->row[DYSCO_CACHE_BASE].pos >= 0 ? st->row[DYSCO_CACHE_BASE].pos : st->row[DYSCO_CACHE_SWA].pos;
+    st->scores.assign(pos + 1, 0.0f);
+    bool found = false;
+    for (int kind = 0; kind < DYSCO_CACHE_KINDS; ++kind) {
+        found |= scores_gather(*st, ggml_graph_get_tensor(gf, dysco_score_name(kind)), sched, kind);
+    }
+    if (!found) {
+        return;
+    }
+    const float inv = 1.0f / (float) st->n_heads;
+    for (float & s : st->scores) {
+        s *= inv;
+    }
+    st->scores_pos   = pos;
+    st->scores_valid = true;
+}

@@ -1,0 +1,59 @@
+// Per-context DySCO state, owned through llama_cparams::dysco (see the cparams patch).
+#pragma once
+
+#include "llama.h"
+
+#include <cstdint>
+#include <map>
+#include <vector>
+
+struct ggml_tensor;
+
+enum dysco_cache_kind { DYSCO_CACHE_BASE = 0, DYSCO_CACHE_SWA = 1, DYSCO_CACHE_KINDS = 2 };
+
+// Graph name of the score accumulator of one cache kind.
+const char * dysco_score_name(int kind);
+
+// What the host kept of one KV mask when it was filled: the scored token's unbiased row
+// and which position each of its cells holds (-1: not attended).
+struct dysco_mask_row {
+    std::vector<float>   mask;      // [n_kv]
+    std::vector<int32_t> cell_pos;  // [n_kv]
+    int32_t              pos = -1;  // position of the scored token
+};
+
+// Graph nodes of the build in progress (reset at every graph build).
+struct dysco_build_nodes {
+    ggml_tensor * mask = nullptr; // [n_kv, 1]  unbiased mask row of the scored token
+    ggml_tensor * acc  = nullptr; // [n_kv, 1]  sum of QR-head probabilities over layers
+};
+
+struct dysco_state {
+    explicit dysco_state(const llama_model * model);
+    ~dysco_state();
+
+    const llama_model * model;
+
+    std::vector<std::vector<int32_t>> heads_by_layer; // [n_layer] -> query heads
+    int32_t  n_heads       = 0;
+    int32_t  l_max         = -1;
+    uint64_t heads_version = 0;
+
+    bool    capture      = false;
+    int32_t probe_layers = 0; // > 0 while a probe pass is being decoded
+
+    std::map<int32_t, std::vector<float>> bias_by_seq; // seq_id -> bias over positions
+
+    dysco_build_nodes build[DYSCO_CACHE_KINDS];
+    dysco_mask_row    row[DYSCO_CACHE_KINDS];
+
+    std::vector<float> scores;         // [p+1] mean QR-head probability per position
+    int32_t            scores_pos = -1;
+    bool               scores_valid = false;
+    std::vector<float> readback;       // [n_kv] scratch for the device->host copy
+
+    llama_batch probe_batch;
+
+    bool scoring() const { return n_heads > 0 && (capture || probe_layers > 0); }
+    uint64_t graph_key() const;
+};

@@ -1,0 +1,62 @@
+// dysco.h: C API of the DySCO extension compiled into libllama.
+//
+// Every function returns DYSCO_OK (0) or a negative dysco_status; the reason is then
+// available from dysco_last_error() on the same thread.
+#pragma once
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+struct llama_context;
+
+enum dysco_status {
+    DYSCO_OK              =  0,
+    DYSCO_ERR_ARGUMENT    = -1, // a null pointer, a negative count, an unknown sequence
+    DYSCO_ERR_HEAD        = -2, // a QR head outside the model
+    DYSCO_ERR_NO_HEADS    = -3, // a probe or score capture with no QR heads set
+    DYSCO_ERR_RANGE       = -4, // a bias longer than the sequence
+    DYSCO_ERR_DECODE      = -5, // llama_decode failed during a probe
+    DYSCO_ERR_NO_SCORES   = -6, // no scores were captured by the last decode
+    DYSCO_ERR_UNSUPPORTED = -7, // the model's memory is not a plain or iSWA KV cache
+};
+
+// Message of the last failing call on this thread ("" when none failed).
+const char * dysco_last_error(void);
+
+// QR heads as (layer, query head) pairs, 0-based, query heads in Hugging Face order.
+// Validated against the model; on error the previous heads stay in place.
+int32_t dysco_set_heads(struct llama_context * ctx, const int32_t * layers, const int32_t * heads, int32_t n_heads);
+int32_t dysco_clear_heads(struct llama_context * ctx);
+
+// Largest layer among the QR heads, or DYSCO_ERR_NO_HEADS.
+int32_t dysco_l_max(struct llama_context * ctx);
+
+// Score capture in full passes: when on, every llama_decode also records the QR-head scores
+// of its last token (unbiased attention), readable with dysco_get_scores.
+int32_t dysco_set_capture(struct llama_context * ctx, bool on);
+
+// Probe: runs layers 0..L_max for one token at `pos` of sequence `seq_id`, without bias and
+// without logits, records its scores, then removes the token's KV cell again.
+int32_t dysco_probe(struct llama_context * ctx, int32_t token, int32_t pos, int32_t seq_id);
+
+// Additive bias over positions 0..n_bias-1 of `seq_id`, applied to every layer's and head's
+// attention logits in later full passes (-INFINITY allowed). Positions >= n_bias get 0.
+// n_bias may be at most (largest position of the sequence) + 2, i.e. cover the next token.
+int32_t dysco_set_bias(struct llama_context * ctx, int32_t seq_id, const float * bias, int32_t n_bias);
+int32_t dysco_clear_bias(struct llama_context * ctx, int32_t seq_id);
+
+// Scores of the last scored token: mean over the QR heads of its attention probability to
+// every position 0..p of its sequence. With out == NULL returns the count p+1; otherwise
+// writes min(n_max, p+1) floats and returns p+1.
+int32_t dysco_get_scores(struct llama_context * ctx, float * out, int32_t n_max);
+
+// Position of the token the last scores belong to, or a negative dysco_status.
+int32_t dysco_scores_pos(struct llama_context * ctx);
+
+#ifdef __cplusplus
+}
+#endif

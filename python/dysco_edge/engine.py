@@ -1,0 +1,129 @@
+"""A llama.cpp model + context driven token by token (through llama-cpp-python's bindings).
+
+The DySCO loop needs finer control than `llama_cpp.Llama.eval` gives: which token gets
+logits, removing cells, probing. Everything llama.cpp-specific the loop needs is here.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+from . import _llama  # noqa: F401  (points llama_cpp at our libllama before it loads)
+import llama_cpp
+
+from .native import NativeContext
+
+ProgressFn = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    n_ctx: int = 8192
+    n_batch: int = 512
+    n_ubatch: int = 512
+    n_gpu_layers: int = 0
+    flash_attn: bool = False
+    type_k: Optional[int] = None  # a ggml type id (llama_cpp.GGML_TYPE_*); None = F16
+    type_v: Optional[int] = None
+    n_threads: Optional[int] = None
+
+    def __post_init__(self):
+        for name in ("n_ctx", "n_batch", "n_ubatch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.n_ubatch > self.n_batch:
+            raise ValueError(f"n_ubatch ({self.n_ubatch}) must not exceed n_batch ({self.n_batch})")
+
+
+class Engine:
+    """One model and one context; positions of sequence `seq_id` are managed by the caller."""
+
+    def __init__(self, model_path: str | os.PathLike, options: EngineOptions = EngineOptions()):
+        self.path = Path(model_path)
+        self.options = options
+        self.llm = llama_cpp.Llama(
+            model_path=str(self.path), n_ctx=options.n_ctx, n_batch=options.n_batch,
+            n_ubatch=options.n_ubatch, n_gpu_layers=options.n_gpu_layers,
+            flash_attn=options.flash_attn, type_k=options.type_k, type_v=options.type_v,
+            n_threads=options.n_threads, verbose=False)
+        self.ctx = self.llm.ctx
+        self.model = self.llm.model
+        self.n_ctx = llama_cpp.llama_n_ctx(self.ctx)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self.model))
+        self.n_layer = llama_cpp.llama_model_n_layer(self.model)
+        self.native = NativeContext(ctypes.cast(self.ctx, ctypes.c_void_p).value)
+        self._batch = llama_cpp.llama_batch_init(options.n_batch, 0, 1)
+
+    def close(self) -> None:
+        if self._batch is not None:
+            llama_cpp.llama_batch_free(self._batch)
+            self._batch = None
+        self.llm.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    @property
+    def memory(self):
+        return llama_cpp.llama_get_memory(self.ctx)
+
+    def clear(self) -> None:
+        """Forget every sequence."""
+        llama_cpp.llama_memory_clear(self.memory, True)
+
+    def truncate(self, pos: int, seq_id: int = 0) -> None:
+        """Drop positions >= pos of the sequence."""
+        llama_cpp.llama_memory_seq_rm(self.memory, seq_id, pos, -1)
+
+    def seq_pos_max(self, seq_id: int = 0) -> int:
+        return llama_cpp.llama_memory_seq_pos_max(self.memory, seq_id)
+
+    def decode(self, tokens: Sequence[int], start_pos: int, *, want_logits: bool = True,
+               seq_id: int = 0, progress: Optional[ProgressFn] = None) -> None:
+        """Feed tokens at start_pos.. in batches; only the last one gets logits (if asked)."""
+        n = len(tokens)
+        if n == 0:
+            raise ValueError("decode needs at least one token")
+        if start_pos + n > self.n_ctx:
+            raise ValueError(f"{start_pos + n} positions do not fit the context of {self.n_ctx} tokens")
+        step = self.options.n_batch
+        for begin in range(0, n, step):
+            chunk = tokens[begin:begin + step]
+            self._fill_batch(chunk, start_pos + begin, seq_id, want_logits and begin + len(chunk) == n)
+            rc = llama_cpp.llama_decode(self.ctx, self._batch)
+            if rc != 0:
+                raise RuntimeError(f"llama_decode failed with {rc} at positions {start_pos + begin}.."
+                                   f"{start_pos + begin + len(chunk) - 1}")
+            if progress:
+                progress(begin + len(chunk), n)
+
+    def _fill_batch(self, chunk: Sequence[int], pos0: int, seq_id: int, last_logits: bool) -> None:
+        b = self._batch
+        b.n_tokens = len(chunk)
+        for i, tok in enumerate(chunk):
+            b.token[i] = int(tok)
+            b.pos[i] = pos0 + i
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = seq_id
+            b.logits[i] = 0
+        b.logits[len(chunk) - 1] = 1 if last_logits else 0
+
+    def logits(self) -> np.ndarray:
+        """Logits of the last token decoded with want_logits (a copy, float32)."""
+        ptr = llama_cpp.llama_get_logits_ith(self.ctx, -1)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+
+    def seq_state(self, seq_id: int = 0) -> bytes:
+        """The sequence's serialized KV cache (for comparing caches)."""
+        size = llama_cpp.llama_state_seq_get_size(self.ctx, seq_id)
+        buf = (ctypes.c_uint8 * size)()
+        written = llama_cpp.llama_state_seq_get_data(self.ctx, buf, size, seq_id)
+        return bytes(buf[:written])

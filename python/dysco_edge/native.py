@@ -1,0 +1,124 @@
+"""The only module that touches the DySCO C API (native/dysco.h), through cffi in ABI mode.
+
+The library is the same libllama that llama-cpp-python loaded, so a `llama_context *`
+obtained there is passed here as an integer address.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from cffi import FFI
+
+_CDEF = """
+const char * dysco_last_error(void);
+int32_t dysco_set_heads(void * ctx, const int32_t * layers, const int32_t * heads, int32_t n_heads);
+int32_t dysco_clear_heads(void * ctx);
+int32_t dysco_l_max(void * ctx);
+int32_t dysco_set_capture(void * ctx, bool on);
+int32_t dysco_probe(void * ctx, int32_t token, int32_t pos, int32_t seq_id);
+int32_t dysco_set_bias(void * ctx, int32_t seq_id, const float * bias, int32_t n_bias);
+int32_t dysco_clear_bias(void * ctx, int32_t seq_id);
+int32_t dysco_get_scores(void * ctx, float * out, int32_t n_max);
+int32_t dysco_scores_pos(void * ctx);
+"""
+
+ERR_ARGUMENT, ERR_HEAD, ERR_NO_HEADS, ERR_RANGE, ERR_DECODE, ERR_NO_SCORES, ERR_UNSUPPORTED = range(-1, -8, -1)
+
+
+class DyscoError(RuntimeError):
+    """A DySCO C API call failed; `code` is the dysco_status."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
+
+
+class DyscoValueError(DyscoError, ValueError):
+    """A bad argument: a head outside the model, a bias longer than the sequence."""
+
+
+_VALUE_CODES = (ERR_ARGUMENT, ERR_HEAD, ERR_RANGE)
+
+
+def lib_dir() -> Path:
+    """Where libllama with the DySCO extension lives (DYSCO_EDGE_LIB_DIR overrides)."""
+    override = os.environ.get("DYSCO_EDGE_LIB_DIR")
+    return Path(override) if override else Path(__file__).resolve().parent / "lib"
+
+
+def _library_file(directory: Path) -> Path:
+    for name in ("libllama.so", "libllama.dylib", "llama.dll"):
+        if (directory / name).exists():
+            return directory / name
+    raise ImportError(f"dysco-edge: no libllama in {directory}; reinstall the package "
+                      f"(see README) or point DYSCO_EDGE_LIB_DIR at a build's library folder")
+
+
+_ffi = FFI()
+_ffi.cdef(_CDEF)
+_lib = None
+
+
+def _load():
+    global _lib
+    if _lib is None:
+        _lib = _ffi.dlopen(str(_library_file(lib_dir())))
+    return _lib
+
+
+def _check(rc: int, what: str) -> int:
+    if rc >= 0:
+        return rc
+    message = _ffi.string(_load().dysco_last_error()).decode("utf-8", "replace") or f"{what} failed"
+    raise (DyscoValueError if rc in _VALUE_CODES else DyscoError)(message, rc)
+
+
+class NativeContext:
+    """DySCO controls of one llama_context (given as its address)."""
+
+    def __init__(self, ctx_address: int):
+        if not ctx_address:
+            raise ValueError("NativeContext needs a live llama_context (got a null pointer)")
+        self._lib = _load()
+        self._ctx = _ffi.cast("void *", ctx_address)
+        self._scores = np.zeros(0, dtype=np.float32)
+
+    def set_heads(self, heads) -> None:
+        pairs = [(int(layer), int(head)) for layer, head in heads]
+        layers = _ffi.new("int32_t[]", [p[0] for p in pairs])
+        idx = _ffi.new("int32_t[]", [p[1] for p in pairs])
+        _check(self._lib.dysco_set_heads(self._ctx, layers, idx, len(pairs)), "dysco_set_heads")
+
+    def clear_heads(self) -> None:
+        _check(self._lib.dysco_clear_heads(self._ctx), "dysco_clear_heads")
+
+    @property
+    def l_max(self) -> int:
+        return _check(self._lib.dysco_l_max(self._ctx), "dysco_l_max")
+
+    def set_capture(self, on: bool) -> None:
+        _check(self._lib.dysco_set_capture(self._ctx, bool(on)), "dysco_set_capture")
+
+    def probe(self, token: int, pos: int, seq_id: int = 0) -> None:
+        _check(self._lib.dysco_probe(self._ctx, int(token), int(pos), int(seq_id)), "dysco_probe")
+
+    def set_bias(self, bias: np.ndarray, seq_id: int = 0) -> None:
+        bias = np.ascontiguousarray(bias, dtype=np.float32)
+        ptr = _ffi.cast("const float *", _ffi.from_buffer(bias))
+        _check(self._lib.dysco_set_bias(self._ctx, int(seq_id), ptr, bias.size), "dysco_set_bias")
+
+    def clear_bias(self, seq_id: int = 0) -> None:
+        _check(self._lib.dysco_clear_bias(self._ctx, int(seq_id)), "dysco_clear_bias")
+
+    def scores(self) -> np.ndarray:
+        """Mean QR-head attention of the last scored token over positions 0..p (a copy)."""
+        n = _check(self._lib.dysco_get_scores(self._ctx, _ffi.NULL, 0), "dysco_get_scores")
+        out = np.empty(n, dtype=np.float32)
+        _check(self._lib.dysco_get_scores(self._ctx, _ffi.cast("float *", _ffi.from_buffer(out)), n),
+               "dysco_get_scores")
+        return out
+
+    def scores_pos(self) -> int:
+        return _check(self._lib.dysco_scores_pos(self._ctx), "dysco_scores_pos")
