@@ -1,0 +1,23 @@
+"""Shared fixtures: models built from PyPI packages (tests/models.py) and our engine."""
+from __future__ import annotations
+
+import pytest
+
+import models
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: needs a downloaded model or takes long (CI runs them)")
+
+
+F32_MODELS = {
+    "tiny-llama": models.tiny_llama_f32,
+    "tiny-qwen3": models.tiny_qwen3_f32,
+    "smollm2": models.smollm2_f32,
+}
+
+
+@pytest.fixture(scope="session", params=sorted(F32_MODELS))
+def f32_model(request):
+    """(name, path) of each F32 model checked against transformers."""
+    return request.param, F32_MODELS[request.param]()
