@@ -68,12 +68,15 @@ static ggml_tensor * dysco_head_probs(const llm_graph_context & g, ggml_tensor *
     ggml_tensor * k_h = ggml_view_2d(g.ctx0, k, k->ne[0], k->ne[2], k->nb[2], (head / n_gqa) * k->nb[1]); // [d, n_kv]
     ggml_tensor * kq  = ggml_mul_mat(g.ctx0, k_h, q_h); // [n_kv, 1]
     ggml_prec_set_acc(kq, GGML_PREC_F32);
+    ggml_format_name(kq, "dysco_kq_h%d", head);
     if (g.hparams.attn_soft_cap) {
         const float cap = g.hparams.f_attn_logit_softcapping;
         kq = ggml_scale(g.ctx0, ggml_tanh(g.ctx0, ggml_scale(g.ctx0, kq, kq_scale / cap)), cap);
         kq_scale = 1.0f;
     }
-    return ggml_soft_max_ext(g.ctx0, kq, mask, kq_scale, 0.0f);
+    ggml_tensor * probs = ggml_soft_max_ext(g.ctx0, kq, mask, kq_scale, 0.0f); // [n_kv, 1]
+    ggml_format_name(probs, "dysco_probs_h%d", head);
+    return probs;
 }
 
 void dysco_graph_attn_scores(const llm_graph_context & g, ggml_tensor * q, ggml_tensor * k,

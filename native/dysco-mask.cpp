@@ -11,6 +11,11 @@
 #include "ggml-backend.h"
 
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <string>
 
 
 template <typename T> static float mask_get(const T * row, int64_t j);
@@ -104,6 +109,21 @@ static bool scores_gather(dysco_state & st, ggml_tensor * t, ggml_backend_sched_
     return true;
 }
 
+// DYSCO_SCHED_REPORT=1: which backend runs each DySCO node (to check nothing falls back to the CPU).
+static void sched_report(ggml_cgraph * gf, ggml_backend_sched_t sched) {
+    std::map<std::string, int> count;
+    for (int i = 0; i < ggml_graph_n_nodes(gf); ++i) {
+        ggml_tensor * node = ggml_graph_node(gf, i);
+        if (strncmp(node->name, "dysco", 5) == 0) {
+            ggml_backend_t backend = ggml_backend_sched_get_tensor_backend(sched, node);
+            count[backend ? ggml_backend_name(backend) : "none"]++;
+        }
+    }
+    for (const auto & [name, n] : count) {
+        fprintf(stderr, "dysco sched: %d DySCO nodes on %s\n", n, name.c_str());
+    }
+}
+
 void dysco_ubatch_done(const llama_cparams & cparams, const llm_graph_result * res, ggml_backend_sched_t sched) {
     dysco_state * st = cparams.dysco;
     if (!st) {
@@ -114,6 +134,10 @@ void dysco_ubatch_done(const llama_cparams & cparams, const llm_graph_result * r
         return;
     }
     ggml_cgraph * gf  = res->get_gf();
+    static const bool report = getenv("DYSCO_SCHED_REPORT") != nullptr;
+    if (report) {
+        sched_report(gf, sched);
+    }
     const int32_t pos = st->row[DYSCO_CACHE_BASE].pos >= 0 ? st->row[DYSCO_CACHE_BASE].pos : st->row[DYSCO_CACHE_SWA].pos;
     st->scores.assign(pos + 1, 0.0f);
     bool found = false;

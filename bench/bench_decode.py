@@ -1,0 +1,104 @@
+"""End-to-end decoding speed: plain llama.cpp decoding against exact DySCO, same model,
+context, prompt and greedy sampler, measured in one run. Reports prefill tok/s, decode
+tok/s, the DySCO/plain ratio against the target 0.9 (CPU) / 0.95 (GPU) x plain/(1+(L_max+1)/L),
+and GPU memory where nvidia-smi exists.
+
+    python bench/bench_decode.py --model M.gguf --head-map head_maps/llama-3.1-8b-instruct.json \
+        --contexts 4096 16384 --gen 64 [--n-gpu-layers 99 --flash-attn]
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import time
+
+import numpy as np
+
+from dysco_edge.decode import dysco_tokens, plain_tokens, plan_warmups
+from dysco_edge.engine import Engine, EngineOptions
+from dysco_edge.head_maps import load_head_map
+from dysco_edge.models import default_model_path
+from dysco_edge.sampling import Sampler
+
+
+def gpu_memory_mib() -> float | None:
+    if not shutil.which("nvidia-smi"):
+        return None
+    out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                         capture_output=True, text=True).stdout.split()
+    return float(out[0]) if out else None
+
+
+class Clock:
+    """Prefill ends at the first progress report of the last chunk; decode is the rest."""
+
+    def __init__(self):
+        self.t0 = time.perf_counter()
+        self.prefill_end = None
+
+    def progress(self, done, total):
+        if done == total:
+            self.prefill_end = time.perf_counter()
+
+
+def run(eng, prompt, gen, config):
+    eng.clear()
+    clock, sampler = Clock(), Sampler()
+    never = lambda t: False
+    if config is None:
+        tokens = plain_tokens(eng, prompt, reuse=0, sampler=sampler, max_new_tokens=gen, is_end=never,
+                              progress=clock.progress)
+        n_prefill = len(prompt) - 1
+    else:
+        warm = plan_warmups(len(prompt), config.context_warmup, 4)
+        tokens = dysco_tokens(eng, prompt, config, warm, reuse=0, sampler=sampler, max_new_tokens=gen,
+                              is_end=never, progress=clock.progress)
+        n_prefill = len(prompt) - warm.fed
+    first = None
+    count = 0
+    for _ in tokens:
+        count += 1
+        if first is None:
+            first = time.perf_counter()
+    end = time.perf_counter()
+    sampler.close()
+    return {"prefill_tps": n_prefill / (clock.prefill_end - clock.t0),
+            "decode_tps": (count - 1) / (end - first), "mem": gpu_memory_mib()}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--head-map", required=True)
+    ap.add_argument("--contexts", type=int, nargs="+", default=[1024, 6144])
+    ap.add_argument("--gen", type=int, default=64)
+    ap.add_argument("--n-gpu-layers", type=int, default=0)
+    ap.add_argument("--flash-attn", action="store_true")
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+    model = args.model or str(default_model_path())
+    config = load_head_map(args.head_map).to_config()
+    target = 0.95 if args.n_gpu_layers else 0.9
+    print(f"model: {model}; heads: {args.head_map}; n_gpu_layers={args.n_gpu_layers} flash_attn={args.flash_attn}")
+    print("| context | plain prefill tok/s | DySCO prefill / plain | plain decode tok/s | DySCO decode tok/s "
+          "| DySCO / plain | target | GPU MiB plain | GPU MiB DySCO |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for n in args.contexts:
+        eng = Engine(model, EngineOptions(n_ctx=n + args.gen + 16, n_batch=2048, n_ubatch=512,
+                                          n_gpu_layers=args.n_gpu_layers, flash_attn=args.flash_attn,
+                                          n_threads=args.threads))
+        prompt = [int(t) for t in np.random.default_rng(n).integers(1000, 30000, size=n)]
+        run(eng, prompt[:256], 4, config)  # warm up both graph kinds
+        plain = run(eng, prompt, args.gen, None)
+        dysco = run(eng, prompt, args.gen, config)
+        bound = target / (1 + (config.l_max + 1) / eng.n_layer)
+        ratio = dysco["decode_tps"] / plain["decode_tps"]
+        print(f"| {n} | {plain['prefill_tps']:.0f} | {dysco['prefill_tps'] / plain['prefill_tps']:.3f}x "
+              f"| {plain['decode_tps']:.1f} | {dysco['decode_tps']:.1f} | {ratio:.3f}x | {bound:.3f}x "
+              f"| {plain['mem']} | {dysco['mem']} |", flush=True)
+        eng.close()
+
+
+if __name__ == "__main__":
+    main()

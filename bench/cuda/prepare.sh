@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Packs what a CUDA run on the lent GPU machine needs (it has no network) into .dev/device:
+# the pristine llama.cpp tree without other backends, llama-cpp-python's Python files,
+# a cffi wheel for its Python, and the tiny test model. Run from the repository root.
+set -euo pipefail
+dest=.dev/device
+tree=$(python3 native/fetch_llama.py)
+rm -rf "$dest" && mkdir -p "$dest/llama.cpp/ggml/src" "$dest/pylib" "$dest/wheels"
+cp -r "$tree"/{CMakeLists.txt,LICENSE,cmake,include,src,vendor} "$dest/llama.cpp/"
+cp -r "$tree"/ggml/{CMakeLists.txt,cmake,include,.gitignore} "$dest/llama.cpp/ggml/" 2>/dev/null || true
+( cd "$tree/ggml/src" && cp -r $(ls | grep -vE '^ggml-(blas|cann|et|hexagon|hip|metal|musa|opencl|openvino|rpc|sycl|virtgpu|vulkan|webgpu|zdnn|zendnn)$') "$OLDPWD/$dest/llama.cpp/ggml/src/" )
+cp -r "$tree"/gguf-py/gguf "$dest/pylib/gguf"
+site=$(python3 -c "import llama_cpp, os; print(os.path.dirname(llama_cpp.__file__))")
+mkdir -p "$dest/pylib/llama_cpp" && cp "$site"/*.py "$dest/pylib/llama_cpp/"
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d "$dest/wheels" cffi==2.0.0 pycparser
+cp "${DYSCO_TEST_MODELS:-$HOME/.cache/dysco-edge/test-models}/tiny-qwen3-v1-f32.gguf" "$dest/"
+du -sh "$dest"

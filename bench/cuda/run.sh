@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# On the lent GPU machine, from the repository root, after bench/cuda/prepare.sh ran here and
+# .dev was carried: build with CUDA, check against the CPU backend, then measure speed.
+#   bench/cuda/run.sh build|check|speed
+set -uo pipefail
+out=${OUT:-/tmp/out}; mkdir -p "$out"
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .dev/device/wheels/*.whl >/dev/null 2>&1
+export PYTHONPATH=/tmp/site:$PWD/python:$PWD/.dev/device/pylib
+export DYSCO_EDGE_LIB_DIR=$PWD/build/cuda/bin PYTHONUNBUFFERED=1
+case "$1" in
+build)
+    nvidia-smi -L | tee "$out/device.txt"
+    start=$(date +%s)
+    cmake -S . -B build/cuda -G Ninja -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES="${CUDA_ARCHS:-90}" \
+        -DDYSCO_LLAMA_SRC=$PWD/.dev/device/llama.cpp -DPython3_EXECUTABLE=$(which python3) > "$out/cmake.log" 2>&1 \
+      && cmake --build build/cuda -j "$(nproc)" > "$out/build.log" 2>&1
+    rc=$?; echo "build rc=$rc in $(( $(date +%s) - start )) s" | tee -a "$out/device.txt"; tail -5 "$out/build.log"
+    exit $rc ;;
+diag)
+    for args in "0 nofa" "99 nofa" "99 fa"; do
+        echo "== diag $args"; python3 -X faulthandler bench/cuda/diag.py .dev/device/tiny-qwen3-v1-f32.gguf $args 2>&1 | tail -25
+    done ;;
+check)
+    DYSCO_SCHED_REPORT=1 python3 bench/cuda/check_cuda.py .dev/device/tiny-qwen3-v1-f32.gguf > "$out/check.md" 2> "$out/check.err"
+    rc=$?; cat "$out/check.md"; sort "$out/check.err" | uniq -c | grep "dysco sched" | head; tail -3 "$out/check.err"; exit $rc ;;
+speed)
+    m=/tmp/llama8b.gguf
+    [ -f $m ] || python3 bench/cuda/make_random_gguf.py --shape llama-3.1-8b --vocab-from .dev/device/tiny-qwen3-v1-f32.gguf --out $m > "$out/make.log" 2>&1
+    tail -2 "$out/make.log"
+    python3 bench/bench_decode.py --model $m --head-map head_maps/llama-3.1-8b-instruct.json \
+        --contexts ${CONTEXTS:-4096 16384 32768} --gen 64 --n-gpu-layers 99 --flash-attn 2>"$out/speed.err" | tee "$out/speed.md"
+    tail -3 "$out/speed.err" ;;
+esac
