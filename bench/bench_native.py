@@ -20,14 +20,15 @@ BLOCK = 8
 HEADS = [(12, 1), (14, 3), (15, 0), (16, 5), (18, 2), (20, 7)]  # L_max 20 on a 30-layer model
 
 
-def measure(model, n_fill, steps, threads):
+def measure(model, n_fill, steps, threads, gpu_layers=0, flash_attn=False):
     """Median seconds per step of each variant, all at the position after the fill.
 
     The variants take turns in blocks of BLOCK timed steps (so drift in machine load hits
     them alike), each block after one untimed step that builds that variant's graph;
     every step is undone (truncate) so every variant attends over the same cells.
     """
-    eng = Engine(model, EngineOptions(n_ctx=n_fill + 64, n_threads=threads))
+    eng = Engine(model, EngineOptions(n_ctx=n_fill + 64, n_threads=threads, n_gpu_layers=gpu_layers,
+                                      flash_attn=flash_attn))
     rng = np.random.default_rng(0)
     ids = [int(t) for t in rng.integers(100, 40000, size=n_fill + steps)]
     eng.decode(ids[:n_fill], 0, want_logits=False)
@@ -40,6 +41,9 @@ def measure(model, n_fill, steps, threads):
         "capture": lambda tok: (eng.native.set_capture(True), eng.decode([tok], n_fill),
                                 eng.native.scores(), eng.native.set_capture(False)),
         "probe": lambda tok: (eng.native.probe(tok, n_fill), eng.native.scores()),
+        # a whole DySCO step: probe graph and full graph alternate, as in decoding
+        "step": lambda tok: (eng.native.probe(tok, n_fill), eng.native.scores(), eng.native.set_bias(bias),
+                             eng.decode([tok], n_fill), eng.native.clear_bias()),
     }
     times = {name: [] for name in variants}
     for block in range(0, steps, BLOCK):
@@ -62,15 +66,18 @@ def main():
     ap.add_argument("--contexts", type=int, nargs="+", default=[1024, 6144])
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--n-gpu-layers", type=int, default=0)
+    ap.add_argument("--flash-attn", action="store_true")
     args = ap.parse_args()
     model = args.model or default_model_path()
     print(f"model: {model}")
-    print("| context | plain tok/s | bias / plain | capture / plain | probe time / plain step | probe target 1.1x(L_max+1)/L |")
-    print("|---|---|---|---|---|---|")
+    print("| context | plain tok/s | bias / plain | capture / plain | probe time / plain step "
+          "| probe target 1.1x(L_max+1)/L | DySCO step time / plain step |")
+    print("|---|---|---|---|---|---|---|")
     for n in args.contexts:
-        t, r = measure(model, n, args.steps, args.threads)
+        t, r = measure(model, n, args.steps, args.threads, args.n_gpu_layers, args.flash_attn)
         print(f"| {n} | {1 / t['plain']:.1f} | {t['plain'] / t['bias']:.3f}x | {t['plain'] / t['capture']:.3f}x "
-              f"| {t['probe'] / t['plain']:.3f} | {1.1 * r:.3f} |")
+              f"| {t['probe'] / t['plain']:.3f} | {1.1 * r:.3f} | {t['step'] / t['plain']:.3f} |", flush=True)
 
 
 if __name__ == "__main__":

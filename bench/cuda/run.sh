@@ -30,4 +30,7 @@ speed)
     python3 bench/bench_decode.py --model $m --head-map head_maps/llama-3.1-8b-instruct.json \
         --contexts ${CONTEXTS:-4096 16384 32768} --gen 64 --n-gpu-layers 99 --flash-attn 2>"$out/speed.err" | tee "$out/speed.md"
     tail -3 "$out/speed.err" ;;
+native)
+    python3 bench/bench_native.py --model /tmp/llama8b.gguf --contexts ${CONTEXTS:-4096 16384} --steps 48 \
+        --n-gpu-layers 99 --flash-attn 2>"$out/native.err" | tee "$out/native.md"; tail -3 "$out/native.err" ;;
 esac

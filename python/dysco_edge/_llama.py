@@ -12,3 +12,17 @@ if "llama_cpp" in sys.modules and os.environ.get("LLAMA_CPP_LIB_PATH") != str(li
     raise ImportError("llama_cpp was imported before dysco_edge, so it loaded a libllama without DySCO; "
                       "import dysco_edge first")
 os.environ["LLAMA_CPP_LIB_PATH"] = str(lib_dir())
+
+
+def _keep_libstdcxx_first() -> None:
+    """Seen with CUDA 13 builds: libggml-cuda.so exports libstdc++ template symbols that
+    libllama's std::regex then binds to, and loading any vocabulary segfaults. Loading
+    libstdc++ globally first makes every later library bind to libstdc++'s own."""
+    if sys.platform.startswith("linux") and (lib_dir() / "libggml-cuda.so").exists():
+        import ctypes
+        import ctypes.util
+        name = ctypes.util.find_library("stdc++") or "libstdc++.so.6"
+        ctypes.CDLL(name, mode=ctypes.RTLD_GLOBAL)
+
+
+_keep_libstdcxx_first()
