@@ -243,28 +243,26 @@ class DocumentSession:
         if not text.strip():
             raise ValueError("the document is empty")
         self.model, self.text, self.system, self.template = model, text, system, template
-        probe_ids, _ = model.prompt_ids(messages=self.messages("\u2063"))
-        self.n_document_tokens = len(probe_ids)
-        model._check_fits(len(probe_ids))
-        # prefill what every question shares: everything before the question text
-        marker = template.split("{question}")[0].format(document=text)
-        shared = model.prompt_ids(messages=self._with_user(marker))[0] if model.chat else probe_ids
-        common = 0
-        while common < min(len(shared), len(probe_ids)) and shared[common] == probe_ids[common]:
-            common += 1
-        model.prefill(probe_ids[:common], progress=progress)
+        # what any two questions share is the prefix worth prefilling once
+        first = model.prompt_ids(**self._input("\u2063A"))[0]
+        second = model.prompt_ids(**self._input("\u2063B"))[0]
+        model._check_fits(len(first))
+        self.n_document_tokens = next((i for i, (a, b) in enumerate(zip(first, second)) if a != b),
+                                      min(len(first), len(second)))
+        model.prefill(first[:self.n_document_tokens], progress=progress)
 
-    def _with_user(self, content: str) -> list[dict]:
-        msgs = [{"role": "system", "content": self.system}] if self.system else []
-        return msgs + [{"role": "user", "content": content}]
-
-    def messages(self, question: str) -> list[dict]:
-        return self._with_user(self.template.format(document=self.text, question=question))
+    def _input(self, question: str) -> dict:
+        """generate() arguments for a question: chat messages, or plain text without a template."""
+        content = self.template.format(document=self.text, question=question)
+        if self.model.chat is None:
+            return {"prompt": f"{self.system}\n\n{content}" if self.system else content}
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        return {"messages": system + [{"role": "user", "content": content}]}
 
     def ask(self, question: str, **options) -> Union[Generation, Iterator[str]]:
         if not question.strip():
             raise ValueError("the question is empty")
-        return self.model.generate(messages=self.messages(question), **options)
+        return self.model.generate(**self._input(question), **options)
 
 
 class _TextStream:
