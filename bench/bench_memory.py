@@ -34,8 +34,8 @@ def main():
     for i, q in enumerate(questions):
         model.generate(q, dysco=config if i % 2 == 0 else None, max_new_tokens=8, trace=i % 3 == 0)
     after = rss_mib()
-    print(f"| generations | RSS after warm-up (MiB) | RSS after (MiB) | growth per generation (KiB) |")
-    print(f"|---|---|---|---|")
+    print("| generations | RSS after warm-up (MiB) | RSS after (MiB) | growth per generation (KiB) |")
+    print("|---|---|---|---|")
     print(f"| {args.n} | {before:.1f} | {after:.1f} | {(after - before) * 1024 / args.n:.2f} |")
 
 

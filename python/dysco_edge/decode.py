@@ -3,7 +3,7 @@ prefill, context warmup, probe, select, bias, full pass; and the plain loop besi
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
