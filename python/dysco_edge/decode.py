@@ -44,8 +44,10 @@ class DyscoRun:
 
     def record(self, pos: int, selected: np.ndarray) -> None:
         if self.trace is not None:
+            # argpartition: a full sort of the importance per step would be O(n log n)
             k = min(TRACE_TOP, self.importance.size)
-            top = np.argsort(-self.importance, kind="stable")[:k]
+            top = np.argpartition(-self.importance, k - 1)[:k]
+            top = top[np.argsort(-self.importance[top], kind="stable")]
             self.trace.append(StepTrace(pos, selected.copy(), top))
 
 
