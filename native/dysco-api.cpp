@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstdarg>
 #include <cstdio>
+#include <cstring>
 #include <string>
 
 static thread_local std::string g_last_error;
@@ -37,12 +38,25 @@ dysco_state::~dysco_state() {
     llama_batch_free(probe_batch);
 }
 
+static uint64_t key_mix(uint64_t key, uint64_t value) {
+    return (key ^ value) * 0x100000001b3ull; // FNV-style: equal keys mean equal DySCO topology
+}
+
 uint64_t dysco_state::graph_key() const {
-    // 0 keeps the plain graph; any scoring or probe graph gets a key of its own
-    if (!scoring()) {
-        return 0;
+    // 0 keeps the plain graph; scoring, probe, head capture and logit scale each change the graph
+    uint64_t key = 0;
+    if (scoring()) {
+        key = key_mix(key_mix(key_mix(1, heads_version), (uint64_t) probe_layers), capture);
     }
-    return (heads_version << 20) ^ (uint64_t(probe_layers) << 1) ^ uint64_t(capture);
+    if (heads_cap.on) {
+        key = key_mix(key_mix(key, 2), (uint64_t) heads_cap.layer_end);
+    }
+    if (attn_scale != 1.0f) {
+        uint32_t bits;
+        memcpy(&bits, &attn_scale, sizeof(bits));
+        key = key_mix(key_mix(key, 3), bits);
+    }
+    return key;
 }
 
 // llama_context keeps its cparams private; the state pointer and the graph key are ours to set.
@@ -231,6 +245,90 @@ int32_t dysco_scores_pos(llama_context * ctx) {
     }
     g_last_error.clear();
     return st.scores_pos;
+}
+
+int32_t dysco_set_head_capture(llama_context * ctx, int32_t pos_begin, int32_t pos_end, int32_t layer_end) {
+    if (!ctx) {
+        return dysco_fail(DYSCO_ERR_ARGUMENT, "dysco_set_head_capture: null context");
+    }
+    const int32_t n_ctx   = (int32_t) llama_n_ctx(ctx);
+    const int32_t n_layer = llama_model_n_layer(llama_get_model(ctx));
+    if (pos_begin < 0 || pos_end <= pos_begin || pos_end > n_ctx) {
+        return dysco_fail(DYSCO_ERR_ARGUMENT, "head capture range [%d, %d) is empty or outside the context of %d positions",
+                          pos_begin, pos_end, n_ctx);
+    }
+    if (layer_end < 0 || layer_end > n_layer) {
+        return dysco_fail(DYSCO_ERR_ARGUMENT, "head capture layer_end = %d: the model has %d layers (0 = all)", layer_end, n_layer);
+    }
+    auto & st  = dysco_state_of(ctx);
+    auto & cap = st.heads_cap;
+    cap = dysco_head_capture();
+    cap.on        = true;
+    cap.pos_begin = pos_begin;
+    cap.pos_end   = pos_end;
+    cap.layer_end = layer_end == 0 ? n_layer : layer_end;
+    for (int32_t il = 0; il < cap.layer_end; ++il) {
+        cap.n_head = std::max(cap.n_head, (int32_t) st.model->hparams.n_head(il));
+    }
+    cap.sum.assign((size_t) cap.layer_end * cap.n_head * cap.pos_end, 0.0f);
+    dysco_key_refresh(ctx);
+    return dysco_ok();
+}
+
+int32_t dysco_clear_head_capture(llama_context * ctx) {
+    if (!ctx) {
+        return dysco_fail(DYSCO_ERR_ARGUMENT, "dysco_clear_head_capture: null context");
+    }
+    auto & st = dysco_state_of(ctx);
+    st.heads_cap = dysco_head_capture();
+    dysco_key_refresh(ctx);
+    return dysco_ok();
+}
+
+int32_t dysco_head_scores_shape(llama_context * ctx, int32_t * n_layer, int32_t * n_head, int32_t * n_pos) {
+    if (!ctx || !n_layer || !n_head || !n_pos) {
+        return dysco_fail(DYSCO_ERR_ARGUMENT, "dysco_head_scores_shape: null context or output pointer");
+    }
+    const auto & cap = dysco_state_of(ctx).heads_cap;
+    if (!cap.on || cap.n_rows == 0) {
+        return dysco_fail(DYSCO_ERR_NO_SCORES, "no head attention was captured: set a capture range (dysco_set_head_capture) "
+                          "and decode tokens at those positions");
+    }
+    *n_layer = cap.layer_end;
+    *n_head  = cap.n_head;
+    *n_pos   = cap.pos_last + 1;
+    g_last_error.clear();
+    return cap.n_rows;
+}
+
+int32_t dysco_get_head_scores(llama_context * ctx, float * out, int64_t n_max) {
+    int32_t n_layer = 0, n_head = 0, n_pos = 0;
+    const int32_t n_rows = dysco_head_scores_shape(ctx, &n_layer, &n_head, &n_pos);
+    if (n_rows < 0) {
+        return n_rows;
+    }
+    if (!out || n_max < (int64_t) n_layer * n_head * n_pos) {
+        return dysco_fail(DYSCO_ERR_ARGUMENT, "dysco_get_head_scores: the output holds %lld floats, %lld are needed",
+                          (long long) n_max, (long long) n_layer * n_head * n_pos);
+    }
+    const auto &  cap = dysco_state_of(ctx).heads_cap;
+    const float   inv = 1.0f / (float) n_rows;
+    for (int64_t lh = 0; lh < (int64_t) n_layer * n_head; ++lh) {
+        const float * src = cap.sum.data() + lh * cap.pos_end;
+        for (int32_t p = 0; p < n_pos; ++p) {
+            out[lh * n_pos + p] = src[p] * inv;
+        }
+    }
+    return n_rows;
+}
+
+int32_t dysco_set_attn_scale(llama_context * ctx, float scale) {
+    if (!ctx || !std::isfinite(scale) || scale <= 0.0f) {
+        return dysco_fail(DYSCO_ERR_ARGUMENT, "attention logit scale must be a finite number > 0, got %g", (double) scale);
+    }
+    dysco_state_of(ctx).attn_scale = scale;
+    dysco_key_refresh(ctx);
+    return dysco_ok();
 }
 
 } // extern "C"

@@ -79,17 +79,11 @@ static ggml_tensor * dysco_head_probs(const llm_graph_context & g, ggml_tensor *
     return probs;
 }
 
-void dysco_graph_attn_scores(const llm_graph_context & g, ggml_tensor * q, ggml_tensor * k,
-                             float kq_scale, int il, bool is_swa) {
-    dysco_state * st = g.cparams.dysco;
-    if (!st || !st->scoring() || il >= (int) st->heads_by_layer.size() || st->heads_by_layer[il].empty()) {
+static void dysco_graph_qr_scores(const llm_graph_context & g, dysco_state * st, ggml_tensor * q, ggml_tensor * k,
+                                  float kq_scale, int il, int kind) {
+    if (!st->scoring() || il >= (int) st->heads_by_layer.size() || st->heads_by_layer[il].empty()) {
         return;
     }
-    // scores follow one sequence: a ubatch spread over several KV streams is not scored
-    if (k->ne[3] != 1) {
-        return;
-    }
-    const int     kind = is_swa ? DYSCO_CACHE_SWA : DYSCO_CACHE_BASE;
     const int64_t n_kv = k->ne[2];
     ggml_tensor * mask = dysco_score_mask(g, *st, kind, n_kv);
 
@@ -110,4 +104,100 @@ void dysco_graph_attn_scores(const llm_graph_context & g, ggml_tensor * q, ggml_
     ggml_set_name(acc, DYSCO_SCORE_NAME[kind]);
     ggml_set_output(acc);
     ggml_build_forward_expand(g.gf, acc);
+}
+
+// Graph input: the unbiased mask rows of the head-captured tokens, kept by dysco_mask_apply.
+class dysco_input_head_mask : public llm_graph_input_i {
+public:
+    dysco_input_head_mask(dysco_state & st, int kind, ggml_tensor * mask) : st(st), kind(kind), mask(mask) {}
+
+    void set_input(const llama_ubatch * ubatch) override {
+        GGML_UNUSED(ubatch);
+        const auto & rows = st.heads_cap.rows[kind].mask;
+        GGML_ASSERT((int64_t) rows.size() == ggml_nelements(mask));
+        ggml_backend_tensor_set(mask, rows.data(), 0, ggml_nbytes(mask));
+    }
+
+    // which rows are captured depends on the ubatch's positions: rebuild every time (detection only)
+    bool can_reuse(const llm_graph_params & params) override {
+        GGML_UNUSED(params);
+        return false;
+    }
+
+private:
+    dysco_state & st;
+    const int     kind;
+    ggml_tensor * mask; // [n_kv, n_sel]
+};
+
+static ggml_tensor * dysco_head_mask(const llm_graph_context & g, dysco_state & st, int kind, int64_t n_kv, int64_t n_sel) {
+    auto & nodes = st.build[kind];
+    if (!nodes.head_mask) {
+        nodes.head_mask = ggml_new_tensor_2d(g.ctx0, GGML_TYPE_F32, n_kv, n_sel);
+        ggml_set_input(nodes.head_mask);
+        ggml_format_name(nodes.head_mask, "dysco_head_mask_%s", kind == DYSCO_CACHE_SWA ? "swa" : "base");
+        g.res->add_input(std::make_unique<dysco_input_head_mask>(st, kind, nodes.head_mask));
+    }
+    return nodes.head_mask;
+}
+
+// Every query head's attention of the captured rows, summed over the rows: [1, n_kv, n_head].
+static void dysco_graph_capture_heads(const llm_graph_context & g, dysco_state * st, ggml_tensor * q, ggml_tensor * k,
+                                      float kq_scale, int il, int kind) {
+    const auto & cap = st->heads_cap;
+    uint32_t i0 = 0, n_sel = 0;
+    if (!cap.on || il >= cap.layer_end) {
+        return;
+    }
+    cap.select(g.ubatch, i0, n_sel);
+    if (n_sel == 0) {
+        return;
+    }
+    ggml_tensor * mask  = dysco_head_mask(g, *st, kind, k->ne[2], n_sel);
+    ggml_tensor * q_sel = ggml_view_3d(g.ctx0, q, q->ne[0], q->ne[1], n_sel, q->nb[1], q->nb[2], i0 * q->nb[2]); // [d, n_head, n_sel]
+    ggml_tensor * kq    = ggml_mul_mat(g.ctx0, ggml_permute(g.ctx0, k, 0, 2, 1, 3),
+                                       ggml_permute(g.ctx0, q_sel, 0, 2, 1, 3)); // [n_kv, n_sel, n_head]
+    ggml_prec_set_acc(kq, GGML_PREC_F32);
+    if (g.hparams.attn_soft_cap) {
+        const float cap_value = g.hparams.f_attn_logit_softcapping;
+        kq = ggml_scale(g.ctx0, ggml_tanh(g.ctx0, ggml_scale(g.ctx0, kq, kq_scale / cap_value)), cap_value);
+        kq_scale = 1.0f;
+    }
+    ggml_tensor * probs  = ggml_soft_max_ext(g.ctx0, kq, mask, kq_scale, 0.0f);               // [n_kv, n_sel, n_head]
+    ggml_tensor * by_row = ggml_cont(g.ctx0, ggml_permute(g.ctx0, probs, 1, 0, 2, 3));       // [n_sel, n_kv, n_head]
+    ggml_tensor * sum    = ggml_sum_rows(g.ctx0, by_row);                                     // [1, n_kv, n_head]
+    ggml_format_name(sum, "dysco_heads_l%d", il);
+    ggml_set_output(sum);
+    ggml_build_forward_expand(g.gf, sum);
+}
+
+float dysco_graph_attn(const llm_graph_context & g, ggml_tensor * q, ggml_tensor * k, float kq_scale, int il, bool is_swa) {
+    dysco_state * st = g.cparams.dysco;
+    if (!st) {
+        return kq_scale;
+    }
+    kq_scale *= st->attn_scale;
+    // scores follow one sequence: a ubatch spread over several KV streams is not scored
+    if (k->ne[3] == 1) {
+        const int kind = is_swa ? DYSCO_CACHE_SWA : DYSCO_CACHE_BASE;
+        dysco_graph_qr_scores(g, st, q, k, kq_scale, il, kind);
+        dysco_graph_capture_heads(g, st, q, k, kq_scale, il, kind);
+    }
+    return kq_scale;
+}
+
+void dysco_head_capture::select(const llama_ubatch & ub, uint32_t & i0, uint32_t & n) const {
+    i0 = 0;
+    n  = 0;
+    for (uint32_t i = 0; i < ub.n_tokens; ++i) {
+        if (ub.pos[i] < pos_begin || ub.pos[i] >= pos_end) {
+            continue;
+        }
+        if (n > 0 && i != i0 + n) {
+            n = 0; // not contiguous in the ubatch (several sequences): capture nothing
+            return;
+        }
+        i0 = n == 0 ? i : i0;
+        ++n;
+    }
 }

@@ -16,18 +16,21 @@ typedef struct ggml_backend_sched * ggml_backend_sched_t;
 // Also marks the start of a graph build (resets the per-build score nodes).
 int64_t dysco_graph_n_layer(const llama_cparams & cparams, int64_t n_layer);
 
-// Adds the QR-head attention probabilities of layer il for the last token of the ubatch
-// to the per-cache score accumulator. q: [n_embd_head, n_head, n_tokens]; k: cache view.
-void dysco_graph_attn_scores(const llm_graph_context & gctx, ggml_tensor * q, ggml_tensor * k,
-                             float kq_scale, int il, bool is_swa);
+// Called by the KV attention builders before the attention of layer il: adds the QR-head
+// probabilities of the ubatch's last token to the score accumulator, and the all-heads
+// capture nodes when heads are captured. Returns the KQ scale the attention should use
+// (kq_scale times the context's logit scale). q: [n_embd_head, n_head, n_tokens]; k: cache view.
+float dysco_graph_attn(const llm_graph_context & gctx, ggml_tensor * q, ggml_tensor * k,
+                       float kq_scale, int il, bool is_swa);
 
 // Called right after llama.cpp filled a KV mask on the host: keeps the unbiased row of the
 // scored token, then adds the per-position bias to the rows of the biased sequence.
 void dysco_mask_apply(const llama_cparams & cparams, const llama_kv_cache_context * mctx,
                       ggml_tensor * kq_mask, const llama_ubatch * ubatch, bool is_swa);
 
-// Called after each ubatch is computed: copies the score vector(s) to the host.
-void dysco_ubatch_done(const llama_cparams & cparams, const llm_graph_result * res, ggml_backend_sched_t sched);
+// Called after each ubatch is computed: copies the score vector(s) and captured heads to the host.
+void dysco_ubatch_done(const llama_cparams & cparams, const llm_graph_result * res, const llama_ubatch & ubatch,
+                       ggml_backend_sched_t sched);
 
 // Called from ~llama_context.
 void dysco_context_free(llama_cparams & cparams);

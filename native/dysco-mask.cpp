@@ -6,6 +6,7 @@
 #include "llama-cparams.h"
 #include "llama-graph.h"
 #include "llama-kv-cache.h"
+#include "llama-model.h"
 
 #include "ggml.h"
 #include "ggml-backend.h"
@@ -14,6 +15,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <algorithm>
 #include <map>
 #include <string>
 
@@ -62,9 +64,37 @@ static void mask_add_bias(const dysco_state & st, T * data, int64_t n_kv, const 
     }
 }
 
+// Keeps the unbiased rows of the head-captured tokens, and the position of every cell one of them attends.
+template <typename T>
+static void head_rows_keep(const dysco_head_capture & cap, dysco_head_rows & out, const T * data, int64_t n_kv,
+                           const llama_kv_cache & kv, const llama_ubatch & ub) {
+    uint32_t i0 = 0, n_sel = 0;
+    cap.select(ub, i0, n_sel);
+    out.n_sel = (int32_t) n_sel;
+    out.mask.resize(n_sel * n_kv);
+    out.cell_pos.assign(n_kv, -1);
+    if (n_sel == 0) {
+        return;
+    }
+    const llama_kv_cells & cells = kv.get_cells(ub.seq_id[i0][0]);
+    for (uint32_t r = 0; r < n_sel; ++r) {
+        const T * row = data + n_kv * (i0 + r);
+        for (int64_t j = 0; j < n_kv; ++j) {
+            const float m = mask_get(row, j);
+            out.mask[r * n_kv + j] = m;
+            if (!std::isinf(m)) {
+                out.cell_pos[j] = cells.pos_get(j);
+            }
+        }
+    }
+}
+
 template <typename T>
 static void mask_apply(dysco_state & st, T * data, int64_t n_kv, const llama_kv_cache & kv, const llama_ubatch & ub, int kind) {
     const uint32_t last = ub.n_tokens - 1;
+    if (st.heads_cap.on) {
+        head_rows_keep(st.heads_cap, st.heads_cap.rows[kind], data, n_kv, kv, ub);
+    }
     if (st.scoring()) {
         mask_row_keep(st.row[kind], data + n_kv * last, n_kv, kv.get_cells(ub.seq_id[last][0]), ub.pos[last]);
     }
@@ -124,10 +154,53 @@ static void sched_report(ggml_cgraph * gf, ggml_backend_sched_t sched) {
     }
 }
 
-void dysco_ubatch_done(const llama_cparams & cparams, const llm_graph_result * res, ggml_backend_sched_t sched) {
+// Adds one layer's [1, n_kv, n_head] row sums into the all-heads capture, cells mapped to positions.
+static void head_layer_gather(dysco_head_capture & cap, ggml_tensor * t, ggml_backend_sched_t sched, int il, int kind) {
+    const auto & rows = cap.rows[kind];
+    if (!t || rows.n_sel == 0 || (int64_t) rows.cell_pos.size() != t->ne[1]) {
+        return;
+    }
+    const int64_t n_kv = t->ne[1];
+    cap.readback.resize(ggml_nelements(t));
+    ggml_backend_t backend = ggml_backend_sched_get_tensor_backend(sched, t);
+    ggml_backend_tensor_get_async(backend, t, cap.readback.data(), 0, ggml_nbytes(t));
+    ggml_backend_synchronize(backend);
+    for (int64_t h = 0; h < t->ne[2]; ++h) {
+        float * dst = cap.sum.data() + ((size_t) il * cap.n_head + h) * cap.pos_end;
+        for (int64_t j = 0; j < n_kv; ++j) {
+            const int32_t p = rows.cell_pos[j];
+            if (p >= 0 && p < cap.pos_end) {
+                dst[p] += cap.readback[h * n_kv + j];
+            }
+        }
+    }
+}
+
+static void heads_capture_done(dysco_state & st, const llama_ubatch & ub, ggml_cgraph * gf, ggml_backend_sched_t sched) {
+    auto & cap = st.heads_cap;
+    uint32_t i0 = 0, n_sel = 0;
+    cap.select(ub, i0, n_sel);
+    if (n_sel == 0) {
+        return;
+    }
+    const auto & hparams = st.model->hparams;
+    char name[64];
+    for (int il = 0; il < cap.layer_end; ++il) {
+        snprintf(name, sizeof(name), "dysco_heads_l%d", il);
+        head_layer_gather(cap, ggml_graph_get_tensor(gf, name), sched, il, hparams.is_swa(il) ? DYSCO_CACHE_SWA : DYSCO_CACHE_BASE);
+    }
+    cap.n_rows  += (int32_t) n_sel;
+    cap.pos_last = std::max(cap.pos_last, (int32_t) ub.pos[i0 + n_sel - 1]);
+}
+
+void dysco_ubatch_done(const llama_cparams & cparams, const llm_graph_result * res, const llama_ubatch & ubatch,
+                       ggml_backend_sched_t sched) {
     dysco_state * st = cparams.dysco;
     if (!st) {
         return;
+    }
+    if (st->heads_cap.on) {
+        heads_capture_done(*st, ubatch, res->get_gf(), sched);
     }
     st->scores_valid = false;
     if (!st->scoring()) {

@@ -2,6 +2,7 @@
 #pragma once
 
 #include "llama.h"
+#include "llama-batch.h"
 
 #include <cstdint>
 #include <map>
@@ -24,8 +25,34 @@ struct dysco_mask_row {
 
 // Graph nodes of the build in progress (reset at every graph build).
 struct dysco_build_nodes {
-    ggml_tensor * mask = nullptr; // [n_kv, 1]  unbiased mask row of the scored token
-    ggml_tensor * acc  = nullptr; // [n_kv, 1]  sum of QR-head probabilities over layers
+    ggml_tensor * mask      = nullptr; // [n_kv, 1]      unbiased mask row of the scored token
+    ggml_tensor * acc       = nullptr; // [n_kv, 1]      sum of QR-head probabilities over layers
+    ggml_tensor * head_mask = nullptr; // [n_kv, n_sel]  unbiased mask rows of the head-captured tokens
+};
+
+// The mask rows of the ubatch tokens whose heads are captured (positions in the capture range).
+struct dysco_head_rows {
+    std::vector<float>   mask;      // [n_sel, n_kv]
+    std::vector<int32_t> cell_pos;  // [n_kv] position of each cell (-1: not attended by the last row)
+    int32_t              n_sel = 0;
+};
+
+// All-heads capture for QR-head detection: every layer's every query head, attention of the
+// rows at positions [pos_begin, pos_end) summed over those rows.
+struct dysco_head_capture {
+    bool    on        = false;
+    int32_t pos_begin = 0;
+    int32_t pos_end   = 0;
+    int32_t layer_end = 0;             // layers [0, layer_end) are captured
+    int32_t n_head    = 0;             // largest query-head count of a layer
+    int32_t n_rows    = 0;             // rows summed so far
+    int32_t pos_last  = -1;            // largest position of a summed row
+    std::vector<float> sum;            // [layer_end, n_head, pos_end]
+    dysco_head_rows    rows[2];        // per cache kind, for the ubatch being computed
+    std::vector<float> readback;       // [n_head, n_kv]
+
+    // rows [i0, i0+n) of the ubatch that fall in the range (contiguous by position); n = 0 when none
+    void select(const llama_ubatch & ub, uint32_t & i0, uint32_t & n) const;
 };
 
 struct dysco_state {
@@ -53,6 +80,9 @@ struct dysco_state {
     std::vector<float> readback;       // [n_kv] scratch for the device->host copy
 
     llama_batch probe_batch;
+
+    dysco_head_capture heads_cap;
+    float              attn_scale = 1.0f; // multiplies every attention logit (AttnTS baseline); 1 = off
 
     bool scoring() const { return n_heads > 0 && (capture || probe_layers > 0); }
     uint64_t graph_key() const;

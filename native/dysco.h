@@ -57,6 +57,26 @@ int32_t dysco_get_scores(struct llama_context * ctx, float * out, int32_t n_max)
 // Position of the token the last scores belong to, or a negative dysco_status.
 int32_t dysco_scores_pos(struct llama_context * ctx);
 
+// All-heads capture, for QR-head detection: in later decodes, the attention probabilities
+// (unbiased) of every query head of layers 0..layer_end-1 (0 = all layers) from the tokens at
+// positions [pos_begin, pos_end) to every position are summed over those tokens. Setting a
+// range starts a new sum. The tokens of one capture must belong to one sequence.
+int32_t dysco_set_head_capture(struct llama_context * ctx, int32_t pos_begin, int32_t pos_end, int32_t layer_end);
+int32_t dysco_clear_head_capture(struct llama_context * ctx);
+
+// Shape of the captured attention: layers, query heads (the largest count of a layer) and
+// positions (largest captured position + 1). Returns the number of tokens summed.
+int32_t dysco_head_scores_shape(struct llama_context * ctx, int32_t * n_layer, int32_t * n_head, int32_t * n_pos);
+
+// The captured attention averaged over the captured tokens, [n_layer][n_head][n_pos] floats
+// (n_max must hold them all). Returns the number of tokens averaged.
+int32_t dysco_get_head_scores(struct llama_context * ctx, float * out, int64_t n_max);
+
+// Multiplies every attention logit (after the 1/sqrt(d) scale) of every layer and head by
+// `scale` in later decodes, prefill included: the uniform attention-temperature baseline.
+// 1 turns it off.
+int32_t dysco_set_attn_scale(struct llama_context * ctx, float scale);
+
 #ifdef __cplusplus
 }
 #endif

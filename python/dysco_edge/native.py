@@ -22,6 +22,11 @@ int32_t dysco_set_bias(void * ctx, int32_t seq_id, const float * bias, int32_t n
 int32_t dysco_clear_bias(void * ctx, int32_t seq_id);
 int32_t dysco_get_scores(void * ctx, float * out, int32_t n_max);
 int32_t dysco_scores_pos(void * ctx);
+int32_t dysco_set_head_capture(void * ctx, int32_t pos_begin, int32_t pos_end, int32_t layer_end);
+int32_t dysco_clear_head_capture(void * ctx);
+int32_t dysco_head_scores_shape(void * ctx, int32_t * n_layer, int32_t * n_head, int32_t * n_pos);
+int32_t dysco_get_head_scores(void * ctx, float * out, int64_t n_max);
+int32_t dysco_set_attn_scale(void * ctx, float scale);
 """
 
 ERR_ARGUMENT, ERR_HEAD, ERR_NO_HEADS, ERR_RANGE, ERR_DECODE, ERR_NO_SCORES, ERR_UNSUPPORTED = range(-1, -8, -1)
@@ -122,3 +127,25 @@ class NativeContext:
 
     def scores_pos(self) -> int:
         return _check(self._lib.dysco_scores_pos(self._ctx), "dysco_scores_pos")
+
+    def set_head_capture(self, pos_begin: int, pos_end: int, layer_end: int | None = None) -> None:
+        """Capture every head's attention (layers < layer_end; None = all) of the tokens decoded
+        next at positions [pos_begin, pos_end); starts a new average."""
+        rc = self._lib.dysco_set_head_capture(self._ctx, int(pos_begin), int(pos_end), int(layer_end or 0))
+        _check(rc, "dysco_set_head_capture")
+
+    def clear_head_capture(self) -> None:
+        _check(self._lib.dysco_clear_head_capture(self._ctx), "dysco_clear_head_capture")
+
+    def head_scores(self) -> np.ndarray:
+        """[n_layer, n_head, n_pos] attention of the captured tokens, averaged over them (a copy)."""
+        dims = _ffi.new("int32_t[3]")
+        _check(self._lib.dysco_head_scores_shape(self._ctx, dims, dims + 1, dims + 2), "dysco_head_scores_shape")
+        out = np.empty((dims[0], dims[1], dims[2]), dtype=np.float32)
+        _check(self._lib.dysco_get_head_scores(self._ctx, _ffi.cast("float *", _ffi.from_buffer(out)), out.size),
+               "dysco_get_head_scores")
+        return out
+
+    def set_attn_scale(self, factor: float) -> None:
+        """Multiply every attention logit by `factor` in later decodes (1.0 = off)."""
+        _check(self._lib.dysco_set_attn_scale(self._ctx, float(factor)), "dysco_set_attn_scale")
