@@ -14,6 +14,8 @@ from __future__ import annotations
 import functools
 import importlib.resources
 import json
+import math
+import numbers
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -30,6 +32,7 @@ __all__ = [
     "HeadMapMismatch",
     "ModelShape",
     "check_head_map_fits",
+    "dump_head_map",
     "find_head_map",
     "get_shipped_head_map",
     "head_maps_dir",
@@ -38,7 +41,8 @@ __all__ = [
 ]
 
 _SHAPE_FIELDS = ("architecture", "n_layer", "n_head", "n_head_kv", "n_embd")
-_MAP_KEYS = {"name", "source", "qr_heads", "config", "match", "notes"}
+_MAP_KEYS = {"name", "source", "qr_heads", "config", "match", "notes", "qr_scores", "detection"}
+_OPTIONAL_KEYS = {"notes", "qr_scores", "detection"}
 _MATCH_KEYS = {*_SHAPE_FIELDS, "name_patterns"}
 _SHAPE_WORDING = {  # how a mismatch of each field is worded
     "n_layer": "{} layers",
@@ -111,6 +115,8 @@ class HeadMap:
     shape: ModelShape
     name_patterns: tuple[str, ...] = ()
     notes: str = ""
+    qr_scores: tuple[tuple[float, ...], ...] | None = None  # every head's QRScore, [n_layer][n_head]
+    detection: Mapping[str, Any] | None = field(default=None, hash=False)  # how a detected map was made
 
     def __post_init__(self) -> None:
         for key in ("name", "source"):
@@ -130,6 +136,10 @@ class HeadMap:
         problems = _heads_outside(self.qr_heads, self.shape)
         if problems:
             raise HeadMapError(f"head map {self.name!r} does not fit its own shape: {'; '.join(problems)}")
+        if self.qr_scores is not None:
+            object.__setattr__(self, "qr_scores", _check_qr_scores(self.qr_scores, self.shape))
+        if self.detection is not None:
+            object.__setattr__(self, "detection", MappingProxyType(_check_detection(self.detection)))
 
     def to_config(self, **overrides: Any) -> DyscoConfig:
         """The DySCO config of this map, with some options overridden (re-validated)."""
@@ -150,12 +160,16 @@ class HeadMap:
         out["match"]["name_patterns"] = list(self.name_patterns)
         if self.notes:
             out["notes"] = self.notes
+        if self.qr_scores is not None:
+            out["qr_scores"] = [list(row) for row in self.qr_scores]
+        if self.detection is not None:
+            out["detection"] = dict(self.detection)
         return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> HeadMap:
         """From the JSON form; missing and unknown keys are refused by name."""
-        _require_keys(data, required=_MAP_KEYS - {"notes"}, allowed=_MAP_KEYS, where="head map")
+        _require_keys(data, required=_MAP_KEYS - _OPTIONAL_KEYS, allowed=_MAP_KEYS, where="head map")
         match = data["match"]
         _require_keys(match, required=set(_SHAPE_FIELDS), allowed=_MATCH_KEYS, where="match")
         patterns = match.get("name_patterns", [])
@@ -169,7 +183,24 @@ class HeadMap:
             shape=ModelShape(name=data["name"], **{f: match[f] for f in _SHAPE_FIELDS}),
             name_patterns=tuple(patterns),
             notes=data.get("notes", ""),
+            qr_scores=data.get("qr_scores"),
+            detection=data.get("detection"),
         )
+
+
+def dump_head_map(head_map: HeadMap) -> str:
+    """The JSON text of a head map: indented, with each list of numbers or strings on one line."""
+    return _dump_json(head_map.to_dict(), "") + "\n"
+
+
+def _dump_json(value: Any, indent: str) -> str:
+    inner = indent + "  "
+    if isinstance(value, Mapping) and value:
+        items = [f"{inner}{json.dumps(str(k))}: {_dump_json(v, inner)}" for k, v in value.items()]
+        return "{\n" + ",\n".join(items) + f"\n{indent}}}"
+    if isinstance(value, list) and any(isinstance(v, (list, Mapping)) for v in value):
+        return "[\n" + ",\n".join(inner + _dump_json(v, inner) for v in value) + f"\n{indent}]"
+    return json.dumps(value, ensure_ascii=False)  # a scalar, or a flat list kept on one line
 
 
 def load_head_map(path: str | Path | Traversable) -> HeadMap:
@@ -276,6 +307,43 @@ def _heads_outside(qr_heads: Iterable[HeadPair], shape: ModelShape) -> list[str]
             continue
         problems.append(f"QR head ({layer}, {head}): {where}")
     return problems
+
+
+def _check_qr_scores(scores: Any, shape: ModelShape) -> tuple[tuple[float, ...], ...]:
+    """One finite number per head: n_layer rows of n_head scores."""
+    expected = f"{shape.n_layer} rows (layers) of {shape.n_head} numbers (heads)"
+    rows = _sequence(scores, f"qr_scores: expected {expected}")
+    if len(rows) != shape.n_layer:
+        raise HeadMapError(f"qr_scores: expected {expected}, got {len(rows)} rows")
+    out = []
+    for layer, row in enumerate(rows):
+        values = _sequence(row, f"qr_scores[{layer}]: expected {shape.n_head} numbers")
+        if len(values) != shape.n_head or not all(_finite_number(v) for v in values):
+            raise HeadMapError(f"qr_scores[{layer}]: expected {shape.n_head} finite numbers, got {row!r}")
+        out.append(tuple(float(v) for v in values))
+    return tuple(out)
+
+
+def _check_detection(detection: Any) -> dict[str, Any]:
+    """Free-form facts about a detection run; flat, JSON scalars only (they go into GGUF metadata too)."""
+    if not isinstance(detection, Mapping):
+        raise HeadMapError(f"detection: expected a JSON object, got {detection!r}")
+    for key, value in detection.items():
+        if not isinstance(key, str) or not re.fullmatch(r"[a-z][a-z0-9_]*", key):
+            raise HeadMapError(f"detection: key {key!r} must be lowercase letters, digits and _")
+        if value is not None and not isinstance(value, (str, int, float, bool)):
+            raise HeadMapError(f"detection.{key}: expected a string, number, boolean or null, got {value!r}")
+    return dict(detection)
+
+
+def _sequence(value: Any, message: str) -> tuple:
+    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable):
+        raise HeadMapError(f"{message}, got {value!r}")
+    return tuple(value)
+
+
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @functools.lru_cache(maxsize=256)
