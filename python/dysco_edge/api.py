@@ -13,7 +13,8 @@ from .chat import NO_TEMPLATE_WARMUP, ChatTemplate
 from .config import AUTO, DyscoConfig
 from .decode import StepTrace, dysco_tokens, plain_tokens, plan_warmups
 from .engine import Engine, EngineOptions, ProgressFn
-from .head_maps import HeadMap, ModelShape, check_head_map_fits, find_head_map, load_head_map
+from .head_lookup import FoundHeadMap, locate_head_map, no_head_map_message
+from .head_maps import HeadMap, ModelShape, load_head_map
 from .models import default_model_path
 from .sampling import Sampler, SamplingOptions
 
@@ -69,6 +70,8 @@ class Model:
         self.shape = ModelShape.from_gguf_metadata(self.engine.llm.metadata)
         self.chat = ChatTemplate.from_engine(self.engine)
         self._user_head_map = load_head_map(head_map) if isinstance(head_map, (str, Path)) else head_map
+        self._user_head_map_path = str(head_map) if isinstance(head_map, (str, Path)) else ""
+        self._found_heads: Optional[tuple[Optional[FoundHeadMap]]] = None  # looked up once, on first use
         self._clean: list[int] = []  # tokens whose KV cells were written without bias
         self._vocab = llama_cpp.llama_model_get_vocab(self.engine.model)
 
@@ -88,11 +91,19 @@ class Model:
     # ---- inputs ----
 
     def head_map(self) -> Optional[HeadMap]:
-        """The user's head map, else a shipped one that fits this model."""
-        if self._user_head_map is not None:
-            check_head_map_fits(self._user_head_map, self.shape, exact_shape=False)
-            return self._user_head_map
-        return find_head_map(self.shape)
+        """The QR heads this model gets (see `find_heads`), or None."""
+        found = self.find_heads()
+        return None if found is None else found.head_map
+
+    def find_heads(self) -> Optional[FoundHeadMap]:
+        """The head map and where it came from: the user's, else embedded in the GGUF,
+        else shipped, else from the user's head-map folder; None when none fits."""
+        if self._found_heads is None:
+            embedded = any(key.startswith("dysco.") for key in self.engine.llm.metadata)
+            self._found_heads = (locate_head_map(self.shape, self.path, user_map=self._user_head_map,
+                                                 user_map_path=self._user_head_map_path,
+                                                 check_embedded=embedded),)
+        return self._found_heads[0]
 
     def resolve_dysco(self, dysco: DyscoSpec) -> Optional[DyscoConfig]:
         if dysco is None or isinstance(dysco, DyscoConfig):
@@ -102,9 +113,7 @@ class Model:
         elif dysco == "auto":
             found = self.head_map()
             if found is None:
-                raise NoHeadMap(f"no QR heads are known for this model ({self.shape.architecture}, "
-                                f"{self.shape.n_layer} layers, {self.shape.n_head} heads): pass a head map "
-                                f"(head_map=... / --head-map FILE) or decode without DySCO (dysco=None / --no-dysco)")
+                raise NoHeadMap(no_head_map_message(self.shape, self.path))
             config = found.to_config()
         else:
             raise ValueError(f"dysco must be a DyscoConfig, a HeadMap, 'auto' or None, got {dysco!r}")

@@ -8,6 +8,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Optional
 
+from . import eval_cli, heads_cli
+
 DESCRIPTION = "DySCO decoding for GGUF models on llama.cpp"
 
 
@@ -33,12 +35,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--flash-attn", action="store_true")
     run.add_argument("--temperature", type=float, default=0.0)
     run.add_argument("--seed", type=int, default=None)
+    heads_cli.add_parser(sub)
+    eval_cli.add_parser(sub)
     return ap
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "heads":
+            return heads_cli.run(args)
+        if args.command in eval_cli.COMMANDS:
+            return eval_cli.run(args)
         return run_command(args)
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
