@@ -343,3 +343,33 @@ def test_eval_smoke_on_smollm2(tmp_path):
     assert again.returncode == 0 and "0 results to compute" in again.stderr and len(read_records(out)) == 4
     assert "| passkey | plain |" in (docs / "smoke.md").read_text()
     assert (docs / "smoke-smollm2-135m-instruct-q4-1-gguf-dev.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_attention_scaling_runs_on_its_own_cache_and_leaves_none_behind():
+    from dysco_edge.eval_run import CaseRunner, model_runner, pending_work
+    plan = EvalPlan(models.smollm2_q4_1(), ("passkey",), (384,), "dev", 1,
+                    parse_methods("plain,attnts:factor=0.5"), Path("unused.jsonl"), n_threads=2)
+    with model_runner(plan) as runner:
+        assert isinstance(runner, CaseRunner)
+        c = runner.case(pending_work(plan, set(), "")[0])
+        plain, scaled = runner.run(c, plan.methods)
+        assert runner.model._reusable_prefix(runner.renderer.render(c.draft.prompt).ids, 10**6) == 0
+        again = next(runner.run(c, plan.methods[:1]))
+    assert scaled["settings"] == {"attn_scale": 0.5} and scaled["prediction"] != plain["prediction"]
+    assert again["prediction"] == plain["prediction"]
+
+
+def test_sweep_picks_the_best_dev_variants():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("eval_sweep", REPO / "bench" / "eval_sweep.py")
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    means = {"plain": 0.3, "dysco": 0.4, "dysco:strength=3": 0.5, "dysco:decay=0.5": 0.35,
+             "attnts:factor=1.1": 0.45, "attnts:factor=1.2": 0.2}
+    records = [{"method": label, "task": task, "length": 1024, "seed": i, "score": float(i < 10 * mean)}
+               for label, mean in means.items() for task in ("kv", "vt") for i in range(10)]
+    assert sweep.pick(records) == {"attnts": {"factor": 1.1}, "dysco": {"strength": 3}}
+    assert sweep.best_knobs(records) == {"strength": 3.0}
+    assert [m.label for m in sweep.stage_methods("combine", records)] == [
+        "plain", "dysco", "dysco:strength=3", "static:strength=3", "random:strength=3"]
