@@ -281,23 +281,24 @@ def make_case(task: str, *, split: str, length: int, index: int, measure: Measur
 
 
 def fit_units(size: Callable[[int], int], budget: int, low: int) -> int:
-    """The largest units with size(units) <= budget, to within FIT_TOLERANCE; size(low) must fit."""
-    step = 8
-    rate = max(1e-6, (size(low + step) - size(low)) / step)
-    guess = low + int((budget - size(low)) / rate)
+    """The largest units with size(units) <= budget, to within FIT_TOLERANCE; size(low) must fit.
+
+    Interpolates between the largest size known to fit and the smallest known not to (or the
+    rate so far), since tokenizing a long prompt is the expensive part: 3-5 sizes at 32K tokens.
+    """
     lo, hi = low, None
-    for probe in (int(guess * 0.99), guess, int(guess * 1.01) + 2):
-        if probe <= lo:
-            continue
-        if size(probe) <= budget:
-            lo = probe
+    rate = max(1e-6, (size(low + 8) - size(low)) / 8)
+    while size(lo) < budget * (1 - FIT_TOLERANCE):
+        if hi is None:
+            guess = lo + max(1, int((budget - size(lo)) / rate))
         else:
-            hi = probe
+            guess = lo + int((budget - size(lo)) * (hi - lo) / max(1, size(hi) - size(lo)))
+            guess = min(max(guess, lo + 1), hi - 1)
+        if hi is not None and hi - lo <= 1:
             break
-    while hi is None:  # the estimate was low: grow until over budget
-        probe = lo * 2
-        lo, hi = (probe, None) if size(probe) <= budget else (lo, probe)
-    while hi - lo > 1 and size(lo) < budget * (1 - FIT_TOLERANCE):
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if size(mid) <= budget else (lo, mid)
+        if size(guess) <= budget:
+            lo = guess
+            rate = max(1e-6, (size(lo) - size(low)) / (lo - low))
+        else:
+            hi = guess
     return lo
