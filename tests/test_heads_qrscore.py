@@ -5,7 +5,9 @@ import math
 
 import numpy as np
 import pytest
+from dysco_edge import cli
 from dysco_edge.calibration import make_examples
+from dysco_edge.head_maps import dump_head_map, load_head_map
 from dysco_edge.qr_layout import NULL_QUERY, PromptFormat
 from dysco_edge.qrscore import (
     document_scores,
@@ -13,6 +15,7 @@ from dysco_edge.qrscore import (
     mean_qr_scores,
     top_heads,
 )
+from heads_fixtures import head_map
 
 
 def brute_force_gold_mass(query, null, spans, gold):
@@ -98,3 +101,20 @@ def test_layout_spans_cover_exactly_the_documents():
     assert text(layout.question) == f" {example.question}" and text(layout.null) == f" {NULL_QUERY}"
     assert text(layout.prefix).endswith("Question:") and layout.prefix[0] == 1
     assert text(layout.prompt).endswith(f"{example.question}<end>")
+
+
+def test_select_repicks_the_top_heads_under_a_cap(tmp_path, capsys):
+    scores = np.arange(32, dtype=float).reshape(4, 8) / 32  # later layers score higher
+    source = tmp_path / "full.json"
+    source.write_text(dump_head_map(head_map(heads=((3, 7),), qr_scores=scores.tolist())))
+    out = tmp_path / "capped.json"
+    assert cli.main(["heads", "select", str(source), "--max-layer", "1", "--name", "Capped", "-o", str(out)]) == 0
+    capped = load_head_map(out)
+    assert capped.qr_heads == tuple((layer, head) for layer in (1, 0) for head in range(7, -1, -1))
+    assert (capped.name, capped.detection["max_layer"], capped.qr_scores) == ("Capped", 1, tuple(map(tuple, scores)))
+    assert "probe cost: layers 0-1, (L_max+1)/L = 2/4 = 0.50 of a pass" in capsys.readouterr().err
+    assert cli.main(["heads", "select", str(source), "--max-layer", "4"]) == 2
+    assert "max_layer must be in 0..3 for this map, got 4" in capsys.readouterr().err
+    source.write_text(dump_head_map(head_map(scores=False)))
+    assert cli.main(["heads", "select", str(source)]) == 2
+    assert "holds no qr_scores" in capsys.readouterr().err

@@ -5,6 +5,8 @@
                                               a DySCO YAML / QRHead head set -> head map
   heads embed MODEL.gguf MAP.json -o OUT.gguf write the map into the GGUF's metadata
   heads detect MODEL.gguf [-o MAP.json]       QR-head detection (QRHead) on a calibration set
+  heads select MAP.json --max-layer K -o OUT.json
+                                              re-pick a detected map's top 16 under a layer cap
 
 cli.py registers the parser with `add_parser` and calls `run` for the `heads` command.
 Every error is one line (`dysco-edge: error: ...`) and a non-zero exit.
@@ -30,6 +32,7 @@ def add_parser(subparsers) -> None:
     _add_import(sub)
     _add_embed(sub)
     _add_detect(sub)
+    _add_select(sub)
 
 
 def _add_show(sub) -> None:
@@ -76,9 +79,19 @@ def _add_detect(sub) -> None:
     detect.add_argument("--n-gpu-layers", type=int, default=0)
 
 
+def _add_select(sub) -> None:
+    select = sub.add_parser("select", help="re-pick a detected map's top 16 from its QRScores under a layer cap")
+    select.add_argument("head_map", metavar="MAP.json", help="a map written by heads detect (holds qr_scores)")
+    select.add_argument("--max-layer", type=int, metavar="K", help="QR heads only in layers 0..K (omit: no cap)")
+    select.add_argument("--name", help="rename the map")
+    select.add_argument("--name-pattern", action="append", default=None, metavar="REGEX",
+                        help="replace the map's name patterns (repeatable)")
+    select.add_argument("-o", "--output", metavar="OUT.json", help="where to write the map (default: stdout)")
+
+
 def run(args: argparse.Namespace) -> int:
     """Run one heads subcommand; OS errors become one-line errors naming the file."""
-    commands = {"show": _show, "import": _import, "embed": _embed, "detect": _detect}
+    commands = {"show": _show, "import": _import, "embed": _embed, "detect": _detect, "select": _select}
     try:
         return commands[args.heads_command](args)
     except OSError as err:
@@ -184,6 +197,24 @@ def _detect(args) -> int:
     l_max = head_map.to_config().l_max
     print(f"QR heads: {' '.join(f'{layer}-{head}' for layer, head in head_map.qr_heads)}; "
           f"{probe_cost_line(l_max, shape.n_layer)}; {detection.seconds:.0f} s", file=sys.stderr)
+    return 0
+
+
+def _select(args) -> int:
+    import dataclasses
+
+    from .head_maps import load_head_map
+    from .qrhead import reselect
+
+    head_map = reselect(load_head_map(args.head_map), max_layer=args.max_layer)
+    if args.name:
+        head_map = dataclasses.replace(head_map, name=args.name,
+                                       shape=dataclasses.replace(head_map.shape, name=args.name))
+    if args.name_pattern is not None:
+        head_map = dataclasses.replace(head_map, name_patterns=tuple(args.name_pattern))
+    _write_map(head_map, args.output)
+    print(f"QR heads: {' '.join(f'{layer}-{head}' for layer, head in head_map.qr_heads)}; "
+          f"{probe_cost_line(head_map.to_config().l_max, head_map.shape.n_layer)}", file=sys.stderr)
     return 0
 
 

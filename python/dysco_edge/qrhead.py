@@ -6,6 +6,7 @@ the same scoring code runs on both.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -20,7 +21,8 @@ from .head_maps import HeadMap, ModelShape
 from .qr_layout import ExampleLayout, PromptFormat
 from .qrscore import example_qr_score, mean_qr_scores, top_heads
 
-__all__ = ["AttentionFn", "Detection", "NativeAttention", "detect_heads", "detection_head_map", "score_layouts"]
+__all__ = ["AttentionFn", "Detection", "NativeAttention", "detect_heads", "detection_head_map", "reselect",
+           "score_layouts"]
 
 CALIBRATION = "fictional-facts-v1"  # bump when calibration.py or qr_layout.py change what they produce
 N_QR_HEADS = 16
@@ -111,3 +113,14 @@ def detection_head_map(detection: Detection, shape: ModelShape, *, name: str, ma
                    qr_heads=heads, config=map_config(DyscoConfig(qr_heads=heads)),
                    shape=ModelShape(**{**vars(shape), "name": name}), name_patterns=tuple(name_patterns),
                    qr_scores=np.round(detection.scores, 8).tolist(), detection=info)
+
+
+def reselect(head_map: HeadMap, *, max_layer: int | None) -> HeadMap:
+    """The same map with its top 16 re-picked from its stored QRScores under another layer cap."""
+    if head_map.qr_scores is None:
+        raise ValueError(f"head map {head_map.name!r} holds no qr_scores: detect with `dysco-edge heads detect`")
+    scores = np.array(head_map.qr_scores)
+    if max_layer is not None and not 0 <= max_layer < scores.shape[0]:
+        raise ValueError(f"max_layer must be in 0..{scores.shape[0] - 1} for this map, got {max_layer}")
+    heads = top_heads(scores, N_QR_HEADS, max_layer=max_layer)
+    return dataclasses.replace(head_map, qr_heads=heads, detection={**(head_map.detection or {}), "max_layer": max_layer})
