@@ -1,7 +1,8 @@
 """End-to-end decoding speed: plain llama.cpp decoding against exact DySCO, same model,
 context, prompt and greedy sampler, measured in one run. Reports prefill tok/s, decode
 tok/s, the DySCO/plain ratio against the target 0.9 (CPU) / 0.95 (GPU) x plain/(1+(L_max+1)/L),
-and GPU memory where nvidia-smi exists.
+the share of a DySCO decode step spent on the host outside llama.cpp passes (selection,
+bias, loop), and GPU memory where nvidia-smi exists.
 
     python bench/bench_decode.py --model M.gguf --head-map head_maps/llama-3.1-8b-instruct.json \
         --contexts 4096 16384 --gen 64 [--n-gpu-layers 99 --flash-attn]
@@ -42,9 +43,33 @@ class Clock:
             self.prefill_end = time.perf_counter()
 
 
+class PassTimer:
+    """Time spent inside llama.cpp passes (full decodes and probes) once `active`; the rest of
+    a decode step is host work (selection, bias, the loop, score readout)."""
+
+    def __init__(self, eng):
+        self.active, self.seconds = False, 0.0
+        self.decode, self.probe = eng.decode, eng.native.probe
+        eng.decode = self.wrap(self.decode)
+        eng.native.probe = self.wrap(self.probe)
+
+    def wrap(self, fn):
+        def timed(*args, **kwargs):
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                if self.active:
+                    self.seconds += time.perf_counter() - t
+        return timed
+
+    def remove(self, eng):
+        eng.decode, eng.native.probe = self.decode, self.probe
+
+
 def run(eng, prompt, gen, config):
     eng.clear()
-    clock, sampler = Clock(), Sampler()
+    clock, sampler, passes = Clock(), Sampler(), PassTimer(eng)
     never = lambda t: False
     if config is None:
         tokens = plain_tokens(eng, prompt, reuse=0, sampler=sampler, max_new_tokens=gen, is_end=never,
@@ -61,10 +86,13 @@ def run(eng, prompt, gen, config):
         count += 1
         if first is None:
             first = time.perf_counter()
+            passes.active = True
     end = time.perf_counter()
+    passes.remove(eng)
     sampler.close()
     return {"prefill_tps": n_prefill / (clock.prefill_end - clock.t0),
-            "decode_tps": (count - 1) / (end - first), "mem": gpu_memory_mib()}
+            "decode_tps": (count - 1) / (end - first), "mem": gpu_memory_mib(),
+            "host_share": 1.0 - passes.seconds / (end - first)}
 
 
 def main():
@@ -82,8 +110,8 @@ def main():
     target = 0.95 if args.n_gpu_layers else 0.9
     print(f"model: {model}; heads: {args.head_map}; n_gpu_layers={args.n_gpu_layers} flash_attn={args.flash_attn}")
     print("| context | plain prefill tok/s | DySCO prefill / plain | plain decode tok/s | DySCO decode tok/s "
-          "| DySCO / plain | target | GPU MiB plain | GPU MiB DySCO |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| DySCO / plain | target | host share of a DySCO step | GPU MiB plain | GPU MiB DySCO |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for n in args.contexts:
         eng = Engine(model, EngineOptions(n_ctx=n + args.gen + 16, n_batch=2048, n_ubatch=512,
                                           n_gpu_layers=args.n_gpu_layers, flash_attn=args.flash_attn,
@@ -96,7 +124,7 @@ def main():
         ratio = dysco["decode_tps"] / plain["decode_tps"]
         print(f"| {n} | {plain['prefill_tps']:.0f} | {dysco['prefill_tps'] / plain['prefill_tps']:.3f}x "
               f"| {plain['decode_tps']:.1f} | {dysco['decode_tps']:.1f} | {ratio:.3f}x | {bound:.3f}x "
-              f"| {plain['mem']} | {dysco['mem']} |", flush=True)
+              f"| {dysco['host_share']:.1%} | {plain['mem']} | {dysco['mem']} |", flush=True)
         eng.close()
 
 

@@ -49,6 +49,31 @@ def dysco_run(path, gpu, fa, ids, config):
         return out, [set(s.selected.tolist()) for s in trace]
 
 
+def heads_and_scale(path, gpu, fa, ids):
+    """All-heads capture of the last 40 rows, and logits with the attention logit scale 1.3."""
+    with engine(path, gpu, fa) as eng:
+        n = len(ids)
+        eng.decode(ids[:n - 40], 0, want_logits=False)
+        eng.native.set_head_capture(n - 40, n)
+        eng.decode(ids[n - 40:], n - 40, want_logits=False)
+        heads = eng.native.head_scores()
+        eng.native.clear_head_capture()
+        eng.clear()
+        eng.native.set_attn_scale(1.3)
+        eng.decode(ids, 0)
+        return heads, eng.logits()
+
+
+def detection_table(path, ids):
+    print("\n| CUDA run | all-heads capture max abs diff | scaled-attention logits rel diff |")
+    print("|---|---|---|")
+    for fa in (False, True):
+        cpu_heads, cpu_logits = heads_and_scale(path, False, fa, ids)
+        gpu_heads, gpu_logits = heads_and_scale(path, True, fa, ids)
+        rel = np.max(np.abs(gpu_logits - cpu_logits)) / np.max(np.abs(cpu_logits))
+        print(f"| FA {'on' if fa else 'off'} | {np.max(np.abs(gpu_heads - cpu_heads)):.2e} | {rel:.2e} |", flush=True)
+
+
 def main():
     path = sys.argv[1]
     rng = np.random.default_rng(0)
@@ -70,6 +95,7 @@ def main():
         rel = np.max(np.abs(logits - cpu[2])) / np.max(np.abs(cpu[2]))
         print(f"| FA {'on' if fa else 'off'} | {np.max(np.abs(probe - cpu[0])):.2e} | {np.max(np.abs(cap - cpu[1])):.2e} "
               f"| {rel:.2e} | {no_trace} | {agree:.3f} | {jac:.4f} |", flush=True)
+    detection_table(path, ids)
 
 
 if __name__ == "__main__":
