@@ -280,9 +280,12 @@ def test_bootstrap_matches_the_exact_resampling_distribution():
 
 
 def test_estimate_picks_wilson_for_exact_match_and_bootstrap_otherwise():
-    assert estimate([1.0, 0.0, 1.0]).how == "wilson"
-    partial = estimate([1.0, 0.5, 0.0, 0.25])
+    assert estimate([1.0, 0.0, 1.0], exact=True).how == "wilson"
+    assert estimate([1.0, 0.0, 1.0], exact=False).how == "bootstrap"
+    partial = estimate([1.0, 0.5, 0.0, 0.25], exact=False)
     assert partial.how == "bootstrap" and partial.low <= partial.mean <= partial.high
+    with pytest.raises(ValueError, match="other than 0 or 1"):
+        estimate([0.5], exact=True)
 
 
 # ---- report ----
@@ -343,6 +346,11 @@ def test_eval_smoke_on_smollm2(tmp_path):
     assert again.returncode == 0 and "0 results to compute" in again.stderr and len(read_records(out)) == 4
     assert "| passkey | plain |" in (docs / "smoke.md").read_text()
     assert (docs / "smoke-smollm2-135m-instruct-q4-1-gguf-dev.png").stat().st_size > 10_000
+    report = subprocess.run([sys.executable, "-m", "dysco_edge.cli", "eval-report", str(out), "--out", str(docs),
+                             "--name", "again", "--reproduce", "dysco-edge eval ..."],
+                            capture_output=True, text=True, timeout=120, check=False)
+    assert report.returncode == 0, report.stderr
+    assert "dysco-edge eval ..." in (docs / "again.md").read_text()
 
 
 @pytest.mark.slow

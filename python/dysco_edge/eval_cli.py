@@ -41,7 +41,8 @@ def add_parser(subparsers) -> None:
     rep.add_argument("--out", default="docs", metavar="DIR", help="where NAME.md and the plots go (default docs)")
     rep.add_argument("--name", help="file name stem (default: the first results file's)")
     rep.add_argument("--title", default="DySCO evaluation")
-    rep.add_argument("--command", help="the command that produced the results, quoted in the report")
+    # not --command: its dest would overwrite args.command, the sub-command's name
+    rep.add_argument("--reproduce", metavar="COMMAND", help="the command that produced the results, quoted in the report")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -107,7 +108,7 @@ def run_eval_command(args: argparse.Namespace) -> int:
 
 
 def run_report_command(args: argparse.Namespace) -> int:
-    print(_report(args.results, args.out, args.name, args.title, args.command))
+    print(_report(args.results, args.out, args.name, args.title, args.reproduce))
     return 0
 
 

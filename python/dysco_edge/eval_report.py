@@ -9,13 +9,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .eval_results import read_many
+from .eval_scoring import EXACT_SCORERS
 from .eval_stats import Estimate, estimate, group_estimate
 from .eval_tasks import TASKS
 
 KIND_ORDER = ("plain", "dysco", "static", "random", "attnts")
-CI_NOTE = ("95% intervals: Wilson score interval where every score in the cell is 0 or 1 (exact match); "
-           "percentile bootstrap (2000 resamples) for partial scores, for the averages over tasks "
-           "(cases resampled within each task) and for paired differences (same cases, both methods).")
+CI_NOTE = ("95% intervals: Wilson score interval for the exact-match tasks (passkey, kv); percentile bootstrap "
+           "(2000 resamples) for the partial-score tasks (path, mrcr, vt; it collapses to a point when every "
+           "score in a cell is equal), for the averages over tasks (cases resampled within each task) and for "
+           "paired differences (same cases, both methods).")
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,11 @@ class Section:
         rank = {k: i for i, k in enumerate(KIND_ORDER)}
         return sorted(kinds, key=lambda m: (rank.get(kinds[m], len(rank)), m))
 
+    def exact(self, task: str) -> bool:
+        """An exact-match task: its scorer only gives 0 or 1 (records without a scorer: all scores 0/1)."""
+        return all(r["scorer"] in EXACT_SCORERS if "scorer" in r else r["score"] in (0.0, 1.0)
+                   for r in self.records if r["task"] == task)
+
     def scores(self, method: str, task: str, length: int) -> dict[int, float]:
         """seed -> score of one cell."""
         return {r["seed"]: r["score"] for r in self.records
@@ -57,7 +64,7 @@ def sections(records: Iterable[dict]) -> list[Section]:
 
 def cell_estimate(section: Section, method: str, task: str, length: int) -> Estimate | None:
     scores = list(section.scores(method, task, length).values())
-    return estimate(scores) if scores else None
+    return estimate(scores, exact=section.exact(task)) if scores else None
 
 
 def average_estimate(section: Section, method: str, length: int) -> Estimate | None:

@@ -59,6 +59,9 @@ SCORERS: dict[str, Callable[[str, Gold], float]] = {
 }
 
 
+EXACT_SCORERS = frozenset({"first_number"})  # 0 or 1 only: Wilson intervals apply
+
+
 def score(rule: str, prediction: str, gold: Gold) -> float:
     try:
         scorer = SCORERS[rule]

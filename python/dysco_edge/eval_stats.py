@@ -1,8 +1,9 @@
 """Confidence intervals for the evaluation report.
 
-Wilson score interval for a cell whose scores are all 0 or 1 (exact match); percentile
-bootstrap (2000 resamples, fixed seed) for partial scores, for averages over tasks (cases
-resampled within each task) and for paired differences between methods on the same cases.
+Wilson score interval for the cells of exact-match tasks (every score 0 or 1); percentile
+bootstrap (2000 resamples, fixed seed) for the cells of partial-score tasks, for averages over
+tasks (cases resampled within each task) and for paired differences between methods on the
+same cases. A bootstrap interval collapses to a point when every score in a cell is equal.
 """
 from __future__ import annotations
 
@@ -57,12 +58,14 @@ def bootstrap_group_mean(groups: Sequence[Sequence[float]], *, n_boot: int = N_B
     return float(low), float(high)
 
 
-def estimate(scores: Sequence[float]) -> Estimate:
-    """Mean with a 95% interval: Wilson when every score is 0 or 1, else bootstrap."""
+def estimate(scores: Sequence[float], *, exact: bool) -> Estimate:
+    """Mean with a 95% interval: Wilson for an exact-match task, else bootstrap."""
     if not scores:
         raise ValueError("no scores to estimate from")
     mean = float(np.mean(scores))
-    if all(s in (0.0, 1.0) for s in scores):
+    if exact:
+        if not all(s in (0.0, 1.0) for s in scores):
+            raise ValueError("an exact-match cell holds a score other than 0 or 1")
         low, high = wilson(int(sum(scores)), len(scores))
         return Estimate(mean, min(low, mean), max(high, mean), len(scores), "wilson")
     low, high = bootstrap_group_mean([scores])
