@@ -4,7 +4,7 @@ Stages (each a resumable `dysco-edge eval` run on the dev split into --out; `all
   attnts   plain + every attention scale in FACTORS
   dysco    plain + dysco + one knob changed at a time (strength, top_k_ratio, top_p, decay)
   combine  dysco with the best value of every knob that beat the default, and its static/random twins
-  pick     no decoding: read --out, print the dev table, write --write-tuned
+  pick     no decoding: read --out, print the dev table, merge the picks into --write-tuned
 
 A variant's dev score is the mean over (task, length) cells of the cell means, on the cases every
 compared variant has (paired). The table also shows the score at each length, which is where
@@ -123,13 +123,32 @@ def print_table(records: list[dict], stream=sys.stdout) -> None:
                   file=stream)
 
 
+def model_path(args: argparse.Namespace) -> Path:
+    return Path(args.model) if args.model else default_model_path()
+
+
+def model_records(args: argparse.Namespace) -> list[dict]:
+    """This model's records in --out (a file may hold several models: never compare across them)."""
+    name = model_path(args).name
+    return [r for r in read_records(args.out) if r["model"] == name]
+
+
+def write_tuned(path: str, tuned: dict) -> dict:
+    """Merge into an existing tuned file: a sweep of one kind keeps the other kinds' choices."""
+    target = Path(path)
+    merged = json.loads(target.read_text(encoding="utf-8")) if target.exists() else {}
+    merged.update(tuned)
+    target.write_text(json.dumps(merged, indent=1) + "\n", encoding="utf-8")
+    return merged
+
+
 def run_stage(stage: str, args: argparse.Namespace, time_left: float | None) -> bool:
     """Run one decoding stage; True when it finished (False: the time limit stopped it)."""
-    methods = stage_methods(stage, read_records(args.out))
+    methods = stage_methods(stage, model_records(args))
     if not methods:
         print(f"{stage}: no knob beat the default on dev; nothing to combine", file=sys.stderr)
         return True
-    plan = EvalPlan(Path(args.model) if args.model else default_model_path(), tuple(args.tasks.split(",")),
+    plan = EvalPlan(model_path(args), tuple(args.tasks.split(",")),
                     tuple(int(x) for x in args.lengths.split(",")), "dev", args.n, tuple(methods), Path(args.out),
                     head_map=Path(args.head_map) if args.head_map else None, n_gpu_layers=args.n_gpu_layers,
                     flash_attn=args.flash_attn, n_threads=args.threads, time_limit=time_left)
@@ -158,11 +177,10 @@ def main(argv=None) -> int:
         if not run_stage(stage, args, time_left):
             print(f"time limit reached in stage {stage}: run the same command again to continue", file=sys.stderr)
             return 0
-    records = read_records(args.out)
+    records = model_records(args)
     print_table(records)
     if args.write_tuned and args.stage in ("pick", "all"):
-        tuned = pick(records)
-        Path(args.write_tuned).write_text(json.dumps(tuned, indent=1) + "\n", encoding="utf-8")
+        tuned = write_tuned(args.write_tuned, pick(records))
         print(f"\ntuned on dev: {json.dumps(tuned)} -> {args.write_tuned}", file=sys.stderr)
     return 0
 
