@@ -81,3 +81,16 @@ def test_model_finds_the_embedded_map(tmp_path, monkeypatch):
         assert model.find_heads() is None
         with pytest.raises(LookupError, match=r"dysco-edge heads detect .*tiny-llama"):
             model.resolve_dysco("auto")
+
+
+@pytest.mark.slow
+def test_native_attention_reuses_a_cached_prefix():
+    options = EngineOptions(n_ctx=512, type_k=F32, type_v=F32, n_threads=2)
+    with Engine(models.tiny_qwen3_f32(), options) as engine:
+        ids = engine.llm.tokenize(b"The lantern festival of Corinmoor is held every June. " * 8, add_bos=False)
+        reused = NativeAttention(engine)
+        reused(ids[:40], ids[40:48])
+        extended = reused(ids[:70], ids[70:75])  # decodes only positions 40..69 on top of the cache
+        shorter = reused(ids[:30], ids[30:33])  # not an extension: decoded afresh
+        assert np.allclose(extended, NativeAttention(engine)(ids[:70], ids[70:75]), atol=1e-6)
+        assert np.allclose(shorter, NativeAttention(engine)(ids[:30], ids[30:33]), atol=1e-6)

@@ -84,5 +84,10 @@ class PromptFormat:
                              null=tuple(self.tokenize(f" {NULL_QUERY}", False)),
                              suffix=tuple(self.tokenize(self.tail, True)), spans=tuple(spans), gold=example.gold)
 
+    def answer(self, example: CalibrationExample) -> tuple[int, ...]:
+        """The answer's tokens as the model would write them right after the prompt."""
+        space = " " if self.tail and not self.tail[-1].isspace() else ""  # after "Answer:", not after "\n"
+        return tuple(self.tokenize(space + example.answer, False))
+
     def layouts(self, examples: Sequence[CalibrationExample]) -> list[ExampleLayout]:
         return [self.layout(example) for example in examples]

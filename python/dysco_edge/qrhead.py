@@ -55,12 +55,7 @@ class NativeAttention:
 
     def __call__(self, prefix: Sequence[int], rows: Sequence[int]) -> np.ndarray:
         prefix, start = tuple(int(t) for t in prefix), len(prefix)
-        if prefix != self._prefix:
-            self.engine.clear()
-            self._prefix = ()
-            self.engine.decode(prefix, 0, want_logits=False)
-            self._prefix = prefix
-        self.engine.truncate(start)  # drop the rows of the previous call
+        self._extend_cache(prefix)
         native = self.engine.native
         native.set_head_capture(start, start + len(rows), self.layer_end)
         try:
@@ -69,6 +64,15 @@ class NativeAttention:
         finally:
             native.clear_head_capture()
 
+
+    def _extend_cache(self, prefix: tuple[int, ...]) -> None:
+        """Make the KV cache hold exactly `prefix`, decoding only what the cached prefix lacks."""
+        kept = len(self._prefix) if prefix[:len(self._prefix)] == self._prefix else 0
+        self.engine.truncate(kept)  # also drops the rows of the previous call
+        self._prefix = prefix[:kept]
+        if len(prefix) > kept:
+            self.engine.decode(prefix[kept:], kept, want_logits=False)
+        self._prefix = prefix
 
 @dataclass(frozen=True)
 class Detection:
