@@ -22,6 +22,8 @@ from dysco_edge.head_maps import load_head_map
 from dysco_edge.models import default_model_path
 from dysco_edge.sampling import Sampler
 
+import llama_cpp
+
 
 def gpu_memory_mib() -> float | None:
     if not shutil.which("nvidia-smi"):
@@ -48,7 +50,7 @@ class PassTimer:
     a decode step is host work (selection, bias, the loop, score readout)."""
 
     def __init__(self, eng):
-        self.active, self.seconds = False, 0.0
+        self.active, self.seconds, self.ctx = False, 0.0, eng.ctx
         self.decode, self.probe = eng.decode, eng.native.probe
         eng.decode = self.wrap(self.decode)
         eng.native.probe = self.wrap(self.probe)
@@ -60,6 +62,8 @@ class PassTimer:
                 return fn(*args, **kwargs)
             finally:
                 if self.active:
+                    # a GPU pass returns before it ends: wait, so its time is not counted as host time
+                    llama_cpp.llama_synchronize(self.ctx)
                     self.seconds += time.perf_counter() - t
         return timed
 

@@ -169,6 +169,25 @@ static int32_t dysco_probe_decode(llama_context * ctx, dysco_state & st, int32_t
     return llama_decode(ctx, b);
 }
 
+// Swaps the probe's scheduler and graph arena with the context's (llama_context befriends us for it).
+struct dysco_graph_swap {
+    static bool swap(llama_context & ctx, dysco_state & st) {
+        // before the context's first reserve there is nothing to mirror: probe on the shared scheduler
+        if (ctx.sched_need_reserve || !ctx.gf_res_reserve) {
+            return false;
+        }
+        if (!st.probe_sched) {
+            st.probe_sched.reset(ggml_backend_sched_new(ctx.backend_ptrs.data(), ctx.backend_buft.data(),
+                                                        (int) ctx.backend_ptrs.size(), ctx.gf_res_reserve->get_max_nodes(),
+                                                        false, ctx.cparams.op_offload));
+        }
+        std::swap(ctx.sched, st.probe_sched);
+        std::swap(ctx.gf_res_prev[0], st.probe_res);
+        std::swap(ctx.gf_res_prev_active, st.probe_active);
+        return true;
+    }
+};
+
 int32_t dysco_probe(llama_context * ctx, int32_t token, int32_t pos, int32_t seq_id) {
     if (!ctx || pos < 0 || seq_id < 0) {
         return dysco_fail(DYSCO_ERR_ARGUMENT, "dysco_probe: null context or negative pos (%d) / seq_id (%d)", pos, seq_id);
@@ -179,7 +198,11 @@ int32_t dysco_probe(llama_context * ctx, int32_t token, int32_t pos, int32_t seq
     }
     st.probe_layers = st.l_max + 1;
     dysco_key_refresh(ctx);
-    const int32_t rc = dysco_probe_decode(ctx, st, token, pos, seq_id);
+    const bool    own_graph = dysco_graph_swap::swap(*ctx, st);
+    const int32_t rc        = dysco_probe_decode(ctx, st, token, pos, seq_id);
+    if (own_graph) {
+        dysco_graph_swap::swap(*ctx, st);
+    }
     st.probe_layers = 0;
     dysco_key_refresh(ctx);
     // the probe must leave no trace: the full pass writes this position's KV cell for real

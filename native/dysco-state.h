@@ -3,6 +3,9 @@
 
 #include "llama.h"
 #include "llama-batch.h"
+#include "llama-graph.h"
+
+#include "ggml-cpp.h"
 
 #include <cstdint>
 #include <map>
@@ -80,6 +83,12 @@ struct dysco_state {
     std::vector<float> readback;       // [n_kv] scratch for the device->host copy
 
     llama_batch probe_batch;
+
+    // the probe's own scheduler and graph (swapped into the context while a probe decodes), so that
+    // alternating probe and full passes rebuilds neither graph
+    ggml_backend_sched_ptr probe_sched;
+    llm_graph_result_ptr   probe_res;
+    llm_graph_result *     probe_active = nullptr;
 
     dysco_head_capture heads_cap;
     float              attn_scale = 1.0f; // multiplies every attention logit (AttnTS baseline); 1 = off
