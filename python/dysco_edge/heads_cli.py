@@ -191,6 +191,7 @@ def _detect(args) -> int:
             raise HeadsCliError(f"--max-layer {args.max_layer} is past the model's last layer ({shape.n_layer - 1})")
         detection = detect_heads(eng, ChatTemplate.from_engine(eng), examples=args.examples, seed=args.seed,
                                  documents=args.documents, progress=EtaBar("detecting QR heads"))
+        _warn_if_window_covers_prompts(eng.llm.metadata, shape.architecture, detection)
     head_map = detection_head_map(detection, shape, name=args.name or _default_name(shape.name, path),
                                   max_layer=args.max_layer, name_patterns=args.name_pattern, model_file=str(path))
     _write_map(head_map, args.output)
@@ -216,6 +217,18 @@ def _select(args) -> int:
     print(f"QR heads: {' '.join(f'{layer}-{head}' for layer, head in head_map.qr_heads)}; "
           f"{probe_cost_line(head_map.to_config().l_max, head_map.shape.n_layer)}", file=sys.stderr)
     return 0
+
+
+def _warn_if_window_covers_prompts(metadata, arch: str, detection) -> None:
+    """Heads of sliding-window layers see only the last W tokens: prompts within ~2W cannot tell them
+    from heads that see the whole context, which is what long documents need."""
+    window, prompt_tokens = int(metadata.get(f"{arch}.attention.sliding_window", 0) or 0), detection.prompt_tokens
+    if window and prompt_tokens < 2 * window:
+        print(f"dysco-edge: note: this model has sliding-window layers (window {window}) and the calibration "
+              f"prompts average {prompt_tokens} tokens, so heads that cannot see past the window score as well "
+              f"as those that can; for long documents pass --documents "
+              f"{max(detection.documents + 1, round(detection.documents * 2 * window / max(prompt_tokens, 1)))} "
+              "or more", file=sys.stderr)
 
 
 def _check_detect_args(args) -> None:

@@ -83,6 +83,7 @@ class Detection:
     examples: int
     documents: int
     seconds: float
+    prompt_tokens: int = 0  # mean length of a calibration prompt (question included)
 
     def __post_init__(self) -> None:
         if self.scores.ndim != 2 or not np.isfinite(self.scores).all():
@@ -100,8 +101,9 @@ def detect_heads(engine, chat, *, examples: int = 64, seed: int = 0, documents: 
                          "load the model with a larger n_ctx or use fewer --documents")
     start = time.perf_counter()
     scores = score_layouts(layouts, NativeAttention(engine), progress)
+    mean_tokens = round(np.mean([len(layout.prefix) + len(layout.question) for layout in layouts]))
     return Detection(scores=scores, seed=seed, examples=examples, documents=documents,
-                     seconds=time.perf_counter() - start)
+                     seconds=time.perf_counter() - start, prompt_tokens=int(mean_tokens))
 
 
 def detection_head_map(detection: Detection, shape: ModelShape, *, name: str, max_layer: int | None = None,
@@ -110,7 +112,7 @@ def detection_head_map(detection: Detection, shape: ModelShape, *, name: str, ma
     heads = top_heads(detection.scores, N_QR_HEADS, max_layer=max_layer)
     info = {"method": "qrhead", "calibration": CALIBRATION, "seed": detection.seed,
             "examples": detection.examples, "documents": detection.documents, "max_layer": max_layer,
-            "seconds": round(detection.seconds, 1)}
+            "prompt_tokens": detection.prompt_tokens, "seconds": round(detection.seconds, 1)}
     if model_file:
         info["model_file"] = Path(model_file).name
     return HeadMap(name=name, source=f"QRHead detection by dysco-edge ({CALIBRATION}, seed {detection.seed})",
