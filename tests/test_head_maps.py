@@ -26,6 +26,8 @@ SHIPPED = {
     "Llama-3.2-3B-Instruct": ("llama", 28, 24, 8, 3072, 16, "Llama-3.2-3B-Instruct"),
     "Qwen2.5-7B-Instruct": ("qwen2", 28, 28, 4, 3584, 16, "Qwen2.5 7B Instruct"),
     "Llama-3.1-70B-Instruct": ("llama", 80, 64, 8, 8192, 32, "Meta-Llama-3.1-70B-Instruct"),
+    "SmolLM2-135M-Instruct": ("llama", 30, 9, 3, 576, 16, "Smollm2 135M 8k Lc100K Mix1 Ep2 | smollm2 135M"),
+    "Gemma-3-270M": ("gemma3", 18, 4, 1, 640, 16, "Gemma 3 270m | gemma-3 270M"),
 }
 
 
@@ -69,7 +71,9 @@ def test_find_head_map_by_shape_and_name():
         assert find_head_map(shape_of(name)).name == name
         assert find_head_map(shape_of(name, model_name="my fine-tune")).name == name
     smol = ModelShape(architecture="llama", n_layer=30, n_head=9, n_head_kv=3, n_embd=576, name="SmolLM2 135M")
-    assert find_head_map(smol) is None
+    assert find_head_map(smol).name == "SmolLM2-135M-Instruct"
+    other = ModelShape(architecture="llama", n_layer=22, n_head=32, n_head_kv=4, n_embd=2048, name="TinyLlama 1.1B")
+    assert find_head_map(other) is None
 
 
 def test_shipped_name_patterns_match_typical_gguf_names():

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from dysco_edge import cli
 from dysco_edge.calibration import make_examples
-from dysco_edge.head_maps import dump_head_map, load_head_map
+from dysco_edge.head_maps import dump_head_map, get_shipped_head_map, load_head_map
 from dysco_edge.qr_layout import NULL_QUERY, PromptFormat
 from dysco_edge.qrscore import (
     document_scores,
@@ -118,3 +118,10 @@ def test_select_repicks_the_top_heads_under_a_cap(tmp_path, capsys):
     source.write_text(dump_head_map(head_map(scores=False)))
     assert cli.main(["heads", "select", str(source)]) == 2
     assert "holds no qr_scores" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, cap", [("SmolLM2-135M-Instruct", 18), ("Gemma-3-270M", 11)])
+def test_shipped_detected_maps_are_the_top_16_of_their_scores(name, cap):
+    shipped = get_shipped_head_map(name)
+    assert shipped.detection["max_layer"] == cap and shipped.detection["examples"] == 64
+    assert shipped.qr_heads == top_heads(np.array(shipped.qr_scores), 16, max_layer=cap)
