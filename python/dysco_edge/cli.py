@@ -96,6 +96,7 @@ def run_command(args) -> int:
     if dysco is not None:
         try:
             model.resolve_dysco("auto")
+            print(f"QR heads: {model.find_heads().describe()}", file=sys.stderr)
         except NoHeadMap as e:
             print(f"dysco-edge: note: {e}; answering without DySCO", file=sys.stderr)
             dysco = None
