@@ -9,34 +9,47 @@
 
 static const char * const DYSCO_SCORE_NAME[DYSCO_CACHE_KINDS] = { "dysco_scores_base", "dysco_scores_swa" };
 static const char * const DYSCO_MASK_NAME[DYSCO_CACHE_KINDS]  = { "dysco_score_mask_base", "dysco_score_mask_swa" };
+static const char * const DYSCO_HEAD_MASK_NAME[DYSCO_CACHE_KINDS] = { "dysco_head_mask_base", "dysco_head_mask_swa" };
 
 const char * dysco_score_name(int kind) {
     return DYSCO_SCORE_NAME[kind];
 }
 
-// Graph input: the unbiased mask row of the scored token, kept by dysco_mask_apply.
-class dysco_input_score_mask : public llm_graph_input_i {
+// Graph input: unbiased KQ-mask rows kept on the host by dysco_mask_apply (the scored token's
+// row, or the head-captured tokens' rows).
+class dysco_input_mask_rows : public llm_graph_input_i {
 public:
-    dysco_input_score_mask(dysco_state & st, int kind, ggml_tensor * mask) : st(st), kind(kind), mask(mask) {}
+    dysco_input_mask_rows(const std::vector<float> & rows, ggml_tensor * mask, bool reusable) :
+        rows(rows), mask(mask), reusable(reusable) {}
 
     void set_input(const llama_ubatch * ubatch) override {
         GGML_UNUSED(ubatch);
-        const auto & row = st.row[kind].mask;
-        GGML_ASSERT((int64_t) row.size() == mask->ne[0]);
-        ggml_backend_tensor_set(mask, row.data(), 0, ggml_nbytes(mask));
+        GGML_ASSERT((int64_t) rows.size() == ggml_nelements(mask));
+        ggml_backend_tensor_set(mask, rows.data(), 0, ggml_nbytes(mask));
     }
 
-    // the attention input beside it already refuses reuse when n_kv changes
     bool can_reuse(const llm_graph_params & params) override {
         GGML_UNUSED(params);
-        return true;
+        return reusable;
     }
 
 private:
-    dysco_state & st;
-    const int     kind;
-    ggml_tensor * mask; // [n_kv, 1]
+    const std::vector<float> & rows;
+    ggml_tensor * mask;     // [n_kv, n_rows]
+    const bool    reusable;
 };
+
+// Creates the mask input once per graph build; later layers share it.
+static ggml_tensor * dysco_mask_input(const llm_graph_context & g, ggml_tensor * & slot, const std::vector<float> & rows,
+                                      int64_t n_kv, int64_t n_rows, const char * name, bool reusable) {
+    if (!slot) {
+        slot = ggml_new_tensor_2d(g.ctx0, GGML_TYPE_F32, n_kv, n_rows);
+        ggml_set_input(slot);
+        ggml_set_name(slot, name);
+        g.res->add_input(std::make_unique<dysco_input_mask_rows>(rows, slot, reusable));
+    }
+    return slot;
+}
 
 int64_t dysco_graph_n_layer(const llama_cparams & cparams, int64_t n_layer) {
     dysco_state * st = cparams.dysco;
@@ -47,17 +60,6 @@ int64_t dysco_graph_n_layer(const llama_cparams & cparams, int64_t n_layer) {
         nodes = dysco_build_nodes();
     }
     return st->probe_layers > 0 ? std::min<int64_t>(n_layer, st->probe_layers) : n_layer;
-}
-
-static ggml_tensor * dysco_score_mask(const llm_graph_context & g, dysco_state & st, int kind, int64_t n_kv) {
-    auto & nodes = st.build[kind];
-    if (!nodes.mask) {
-        nodes.mask = ggml_new_tensor_2d(g.ctx0, GGML_TYPE_F32, n_kv, 1);
-        ggml_set_input(nodes.mask);
-        ggml_set_name(nodes.mask, DYSCO_MASK_NAME[kind]);
-        g.res->add_input(std::make_unique<dysco_input_score_mask>(st, kind, nodes.mask));
-    }
-    return nodes.mask;
 }
 
 // softmax(scale * k.q + mask) of one query head against its KV head: [n_kv, 1]
@@ -85,7 +87,8 @@ static void dysco_graph_qr_scores(const llm_graph_context & g, dysco_state * st,
         return;
     }
     const int64_t n_kv = k->ne[2];
-    ggml_tensor * mask = dysco_score_mask(g, *st, kind, n_kv);
+    // the attention input beside it already refuses reuse when n_kv changes
+    ggml_tensor * mask = dysco_mask_input(g, st->build[kind].mask, st->row[kind].mask, n_kv, 1, DYSCO_MASK_NAME[kind], true);
 
     // the last token of the ubatch is the one scored: [d, n_head]
     ggml_tensor * q_tok = ggml_view_2d(g.ctx0, q, q->ne[0], q->ne[1], q->nb[1], (q->ne[2] - 1) * q->nb[2]);
@@ -106,41 +109,6 @@ static void dysco_graph_qr_scores(const llm_graph_context & g, dysco_state * st,
     ggml_build_forward_expand(g.gf, acc);
 }
 
-// Graph input: the unbiased mask rows of the head-captured tokens, kept by dysco_mask_apply.
-class dysco_input_head_mask : public llm_graph_input_i {
-public:
-    dysco_input_head_mask(dysco_state & st, int kind, ggml_tensor * mask) : st(st), kind(kind), mask(mask) {}
-
-    void set_input(const llama_ubatch * ubatch) override {
-        GGML_UNUSED(ubatch);
-        const auto & rows = st.heads_cap.rows[kind].mask;
-        GGML_ASSERT((int64_t) rows.size() == ggml_nelements(mask));
-        ggml_backend_tensor_set(mask, rows.data(), 0, ggml_nbytes(mask));
-    }
-
-    // which rows are captured depends on the ubatch's positions: rebuild every time (detection only)
-    bool can_reuse(const llm_graph_params & params) override {
-        GGML_UNUSED(params);
-        return false;
-    }
-
-private:
-    dysco_state & st;
-    const int     kind;
-    ggml_tensor * mask; // [n_kv, n_sel]
-};
-
-static ggml_tensor * dysco_head_mask(const llm_graph_context & g, dysco_state & st, int kind, int64_t n_kv, int64_t n_sel) {
-    auto & nodes = st.build[kind];
-    if (!nodes.head_mask) {
-        nodes.head_mask = ggml_new_tensor_2d(g.ctx0, GGML_TYPE_F32, n_kv, n_sel);
-        ggml_set_input(nodes.head_mask);
-        ggml_format_name(nodes.head_mask, "dysco_head_mask_%s", kind == DYSCO_CACHE_SWA ? "swa" : "base");
-        g.res->add_input(std::make_unique<dysco_input_head_mask>(st, kind, nodes.head_mask));
-    }
-    return nodes.head_mask;
-}
-
 // Every query head's attention of the captured rows, summed over the rows: [1, n_kv, n_head].
 static void dysco_graph_capture_heads(const llm_graph_context & g, dysco_state * st, ggml_tensor * q, ggml_tensor * k,
                                       float kq_scale, int il, int kind) {
@@ -153,7 +121,9 @@ static void dysco_graph_capture_heads(const llm_graph_context & g, dysco_state *
     if (n_sel == 0) {
         return;
     }
-    ggml_tensor * mask  = dysco_head_mask(g, *st, kind, k->ne[2], n_sel);
+    // which rows are captured depends on the ubatch's positions: rebuilt every time (detection only)
+    ggml_tensor * mask  = dysco_mask_input(g, st->build[kind].head_mask, cap.rows[kind].mask, k->ne[2], n_sel,
+                                           DYSCO_HEAD_MASK_NAME[kind], false);
     ggml_tensor * q_sel = ggml_view_3d(g.ctx0, q, q->ne[0], q->ne[1], n_sel, q->nb[1], q->nb[2], i0 * q->nb[2]); // [d, n_head, n_sel]
     ggml_tensor * kq    = ggml_mul_mat(g.ctx0, ggml_permute(g.ctx0, k, 0, 2, 1, 3),
                                        ggml_permute(g.ctx0, q_sel, 0, 2, 1, 3)); // [n_kv, n_sel, n_head]
