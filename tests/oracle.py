@@ -81,57 +81,12 @@ _HF_CACHE_VERSION = "1"
 
 # --------------------------------------------------------------------------- loading
 
-_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
-                 10: "<Q", 11: "<q", 12: "<d"}
-
-
 def _gguf_scalar_metadata(path: Path) -> dict:
-    """Scalar and string key/values of a GGUF header (arrays skipped), read directly.
-
-    (``gguf.GGUFReader`` would parse the 262k-entry tokenizer arrays of Gemma 3 too.)"""
-    import mmap
-    import struct
-
-    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        if mm[:4] != b"GGUF":
-            raise ValueError(f"{path} is not a GGUF file")
-        version, = struct.unpack_from("<I", mm, 4)
-        if version < 2:
-            raise ValueError(f"{path}: GGUF version {version} not supported")
-        _n_tensors, n_kv = struct.unpack_from("<QQ", mm, 8)
-        off = 24
-
-        def read_str(o):
-            n, = struct.unpack_from("<Q", mm, o)
-            return mm[o + 8:o + 8 + n].decode("utf-8", errors="replace"), o + 8 + n
-
-        def skip(vtype, o):
-            if vtype in _GGUF_SCALARS:
-                return o + struct.calcsize(_GGUF_SCALARS[vtype])
-            if vtype == 8:
-                n, = struct.unpack_from("<Q", mm, o)
-                return o + 8 + n
-            if vtype == 9:
-                sub, count = struct.unpack_from("<IQ", mm, o)
-                o += 12
-                if sub in _GGUF_SCALARS:
-                    return o + count * struct.calcsize(_GGUF_SCALARS[sub])
-                for _ in range(count):
-                    o = skip(sub, o)
-                return o
-            raise ValueError(f"{path}: unknown GGUF value type {vtype}")
-
-        out: dict = {}
-        for _ in range(n_kv):
-            key, off = read_str(off)
-            vtype, = struct.unpack_from("<I", mm, off)
-            off += 4
-            if vtype in _GGUF_SCALARS:
-                out[key], = struct.unpack_from(_GGUF_SCALARS[vtype], mm, off)
-            elif vtype == 8:
-                out[key], _ = read_str(off)
-            off = skip(vtype, off)
-    return out
+    """The GGUF header's key/values without the tokenizer's large arrays (the package's reader;
+    ``gguf.GGUFReader`` would parse the 262k-entry tokenizer arrays of Gemma 3 too)."""
+    from dysco_edge.gguf_meta import read_gguf_metadata
+    return read_gguf_metadata(path, want=lambda key: not key.startswith("tokenizer.ggml.")
+                              or key == "tokenizer.ggml.pre")
 
 
 def _gguf_metadata(path: Path) -> dict:
