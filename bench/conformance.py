@@ -7,6 +7,7 @@ minimum Jaccard overlap of the selected set per intervention step.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -23,21 +24,41 @@ import llama_cpp
 
 GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "golden" / "smollm2_reference.json"
 
+_spec = importlib.util.spec_from_file_location("reference_harness", Path(__file__).with_name("reference_harness.py"))
+reference_harness = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(reference_harness)
+
+# the reference harness hid these prompt tokens from attention (its pad id; see reference_harness.py)
+REFERENCE_PAD_ID = 1
+
 
 def golden_path() -> Path:
     return Path(os.environ.get("DYSCO_GOLDEN", GOLDEN))
 
 
-def run_case(engine: Engine, case: dict) -> dict:
+def conformance_engine(model, flash_attn: bool = False, n_gpu_layers: int = 0) -> Engine:
+    """F32 KV cache; two sequences on a unified cache, as the reference harness replay needs."""
+    f32 = llama_cpp.GGML_TYPE_F32
+    return Engine(model, EngineOptions(n_ctx=4096, flash_attn=flash_attn, type_k=f32, type_v=f32,
+                                       n_gpu_layers=n_gpu_layers, n_seq_max=2))
+
+
+def run_case(engine: Engine, case: dict, harness: bool = True) -> dict:
+    """Our loop on one case; `harness` feeds the model as the reference harness did."""
     cfg = DyscoConfig(qr_heads=tuple(map(tuple, case["qr_heads"])), **case["config"])
     prompt = case["prompt_ids"]
     warm = plan_warmups(len(prompt), cfg.context_warmup, cfg.intervention_warmup)
     vocab = llama_cpp.llama_model_get_vocab(engine.model)
     engine.clear()
+    target = reference_harness.ReferenceHarness(engine, prompt, warm.fed, REFERENCE_PAD_ID) if harness else engine
     trace = []
-    tokens = list(dysco_tokens(engine, prompt, cfg, warm, reuse=0, sampler=Sampler(),
-                               max_new_tokens=int(case["max_new_tokens"]),
-                               is_end=lambda t: llama_cpp.llama_vocab_is_eog(vocab, t), trace=trace))
+    try:
+        tokens = list(dysco_tokens(target, prompt, cfg, warm, reuse=0, sampler=Sampler(),
+                                   max_new_tokens=int(case["max_new_tokens"]),
+                                   is_end=lambda t: llama_cpp.llama_vocab_is_eog(vocab, t), trace=trace))
+    finally:
+        if harness:
+            target.close()
     reference = {step["pos"]: set(step["selected"]) for step in case["intervention_steps"]}
     jaccard = [len(set(s.selected.tolist()) & reference[s.pos]) / len(set(s.selected.tolist()) | reference[s.pos])
                for s in trace if s.pos in reference]
@@ -56,9 +77,7 @@ def main() -> None:
     ap.add_argument("--n-gpu-layers", type=int, default=0)
     args = ap.parse_args()
     golden = json.loads(Path(args.golden or golden_path()).read_text())
-    f32 = llama_cpp.GGML_TYPE_F32
-    engine = Engine(args.model, EngineOptions(n_ctx=4096, flash_attn=args.flash_attn, type_k=f32, type_v=f32,
-                                              n_gpu_layers=args.n_gpu_layers))
+    engine = conformance_engine(args.model, args.flash_attn, args.n_gpu_layers)
     print("| case | tokens equal | token agreement | steps | mean Jaccard | min Jaccard |")
     print("|---|---|---|---|---|---|")
     for case in golden["cases"]:

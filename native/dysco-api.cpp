@@ -218,12 +218,15 @@ int32_t dysco_set_bias(llama_context * ctx, int32_t seq_id, const float * bias, 
     if (!ctx || seq_id < 0 || n_bias < 0 || (n_bias > 0 && !bias)) {
         return dysco_fail(DYSCO_ERR_ARGUMENT, "dysco_set_bias: null context or bias, seq_id = %d, n_bias = %d", seq_id, n_bias);
     }
+    auto & st = dysco_state_of(ctx);
+    if (st.slots.on && n_bias > (int32_t) llama_n_ctx(ctx)) {
+        return dysco_fail(DYSCO_ERR_RANGE, "bias covers %d slots but the context has %u", n_bias, llama_n_ctx(ctx));
+    }
     const llama_pos pos_max = llama_memory_seq_pos_max(llama_get_memory(ctx), seq_id);
-    if (n_bias > pos_max + 2) {
+    if (!st.slots.on && n_bias > pos_max + 2) {
         return dysco_fail(DYSCO_ERR_RANGE, "bias covers %d positions but sequence %d holds positions 0-%d; "
                           "a bias may cover at most the next token (%d positions)", n_bias, seq_id, pos_max, pos_max + 2);
     }
-    auto & st = dysco_state_of(ctx);
     st.bias_by_seq[seq_id].assign(bias, bias + n_bias);
     return dysco_ok();
 }
@@ -351,6 +354,25 @@ int32_t dysco_set_attn_scale(llama_context * ctx, float scale) {
     }
     dysco_state_of(ctx).attn_scale = scale;
     dysco_key_refresh(ctx);
+    return dysco_ok();
+}
+
+int32_t dysco_set_slot_layout(llama_context * ctx, bool on, const int32_t * hidden, int32_t n_hidden, int32_t view_seq) {
+    if (!ctx || n_hidden < 0 || (n_hidden > 0 && !hidden)) {
+        return dysco_fail(DYSCO_ERR_ARGUMENT, "dysco_set_slot_layout: null context or hidden slots, n_hidden = %d", n_hidden);
+    }
+    const int32_t n_ctx = (int32_t) llama_n_ctx(ctx);
+    auto & lay = dysco_state_of(ctx).slots;
+    std::vector<uint8_t> mask(on ? n_ctx : 0, 0);
+    for (int32_t i = 0; on && i < n_hidden; ++i) {
+        if (hidden[i] < 0 || hidden[i] >= n_ctx) {
+            return dysco_fail(DYSCO_ERR_ARGUMENT, "hidden slot %d is outside the context of %d cells", hidden[i], n_ctx);
+        }
+        mask[hidden[i]] = 1;
+    }
+    lay.on       = on;
+    lay.hidden   = std::move(mask);
+    lay.view_seq = on ? view_seq : -1;
     return dysco_ok();
 }
 

@@ -11,6 +11,7 @@
 #include "ggml.h"
 #include "ggml-backend.h"
 
+#include <cfloat>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -24,20 +25,54 @@ template <typename T> static float mask_get(const T * row, int64_t j);
 template <> float mask_get(const float * row, int64_t j)       { return row[j]; }
 template <> float mask_get(const ggml_fp16_t * row, int64_t j) { return ggml_fp16_to_fp32(row[j]); }
 
+template <typename T> static void mask_set(T * row, int64_t j, float v);
+template <> void mask_set(float * row, int64_t j, float v)       { row[j] = v; }
+template <> void mask_set(ggml_fp16_t * row, int64_t j, float v) { row[j] = ggml_fp32_to_fp16(v); }
+
+// A hidden cell's mask value: the type's lowest finite number, as transformers masks padding, so
+// that a row hiding every cell it could attend gets uniform weights instead of NaN.
+template <typename T> static float mask_hidden();
+template <> float mask_hidden<float>()       { return -FLT_MAX; }
+template <> float mask_hidden<ggml_fp16_t>() { return -65504.0f; }
+
 template <typename T> static void mask_add(T * row, int64_t j, float b);
 template <> void mask_add(float * row, int64_t j, float b)       { row[j] += b; }
 template <> void mask_add(ggml_fp16_t * row, int64_t j, float b) { row[j] = ggml_fp32_to_fp16(ggml_fp16_to_fp32(row[j]) + b); }
 
+// Where cell j's score and bias go: its position, or its slot under a slot layout.
+static int32_t cell_index(bool by_slot, const llama_kv_cells & cells, int64_t j) {
+    return by_slot ? (int32_t) j : (int32_t) cells.pos_get(j);
+}
+
 // Keeps the unbiased row of the ubatch's last token and which position each cell holds.
 template <typename T>
-static void mask_row_keep(dysco_mask_row & out, const T * row, int64_t n_kv, const llama_kv_cells & cells, llama_pos pos) {
+static void mask_row_keep(dysco_mask_row & out, const T * row, int64_t n_kv, const llama_kv_cells & cells, llama_pos pos,
+                          bool by_slot) {
     out.mask.resize(n_kv);
     out.cell_pos.resize(n_kv);
-    out.pos = pos;
+    out.pos = by_slot ? (int32_t) n_kv - 1 : pos;
     for (int64_t j = 0; j < n_kv; ++j) {
         const float m = mask_get(row, j);
         out.mask[j]     = m;
-        out.cell_pos[j] = std::isinf(m) ? -1 : cells.pos_get(j);
+        out.cell_pos[j] = std::isinf(m) ? -1 : cell_index(by_slot, cells, j);
+    }
+}
+
+// Slot layout: hidden slots leave every row; rows of the view sequence see every occupied cell.
+template <typename T>
+static void slot_layout_apply(const dysco_slot_layout & lay, T * data, int64_t n_kv, const llama_kv_cache & kv,
+                              const llama_ubatch & ub) {
+    for (uint32_t i = 0; i < ub.n_tokens; ++i) {
+        const llama_kv_cells & cells = kv.get_cells(ub.seq_id[i][0]);
+        const bool view = ub.seq_id[i][0] == lay.view_seq;
+        T * row = data + n_kv * i;
+        for (int64_t j = 0; j < n_kv; ++j) {
+            if (j < (int64_t) lay.hidden.size() && lay.hidden[j]) {
+                mask_set(row, j, mask_hidden<T>());
+            } else if (view && !cells.is_empty(j)) {
+                mask_set(row, j, 0.0f);
+            }
+        }
     }
 }
 
@@ -56,8 +91,8 @@ static void mask_add_bias(const dysco_state & st, T * data, int64_t n_kv, const 
             if (std::isinf(mask_get(row, j))) {
                 continue;
             }
-            const llama_pos p = cells.pos_get(j);
-            if (p < (llama_pos) bias.size()) {
+            const int32_t p = cell_index(st.slots.on, cells, j);
+            if (p < (int32_t) bias.size()) {
                 mask_add(row, j, bias[p]);
             }
         }
@@ -92,11 +127,15 @@ static void head_rows_keep(const dysco_head_capture & cap, dysco_head_rows & out
 template <typename T>
 static void mask_apply(dysco_state & st, T * data, int64_t n_kv, const llama_kv_cache & kv, const llama_ubatch & ub, int kind) {
     const uint32_t last = ub.n_tokens - 1;
+    if (st.slots.on) {
+        slot_layout_apply(st.slots, data, n_kv, kv, ub);
+    }
     if (st.heads_cap.on) {
         head_rows_keep(st.heads_cap, st.heads_cap.rows[kind], data, n_kv, kv, ub);
     }
     if (st.scoring()) {
-        mask_row_keep(st.row[kind], data + n_kv * last, n_kv, kv.get_cells(ub.seq_id[last][0]), ub.pos[last]);
+        mask_row_keep(st.row[kind], data + n_kv * last, n_kv, kv.get_cells(ub.seq_id[last][0]), ub.pos[last],
+                      st.slots.on);
     }
     // a probe reads the unbiased model: the bias only enters full passes
     if (st.probe_layers == 0 && !st.bias_by_seq.empty()) {

@@ -58,6 +58,15 @@ struct dysco_head_capture {
     void select(const llama_ubatch & ub, uint32_t & i0, uint32_t & n) const;
 };
 
+// Slot layout, for replaying a reference harness whose position ids are not monotonic: cells
+// are addressed by slot (on a fresh unified cache the i-th token fed sits in slot i) instead
+// of by position, for scores and bias alike.
+struct dysco_slot_layout {
+    bool                 on       = false;
+    std::vector<uint8_t> hidden;          // [slot] 1: masked from every query of every pass
+    int32_t              view_seq = -1;   // rows of this sequence attend every occupied cell
+};
+
 struct dysco_state {
     explicit dysco_state(const llama_model * model);
     ~dysco_state();
@@ -92,6 +101,7 @@ struct dysco_state {
 
     dysco_head_capture heads_cap;
     float              attn_scale = 1.0f; // multiplies every attention logit (AttnTS baseline); 1 = off
+    dysco_slot_layout  slots;
 
     bool scoring() const { return n_heads > 0 && (capture || probe_layers > 0); }
     uint64_t graph_key() const;

@@ -77,6 +77,15 @@ int32_t dysco_get_head_scores(struct llama_context * ctx, float * out, int64_t n
 // 1 turns it off.
 int32_t dysco_set_attn_scale(struct llama_context * ctx, float scale);
 
+// Slot layout, for replaying a reference harness (conformance tests), not for decoding:
+// cells are addressed by slot instead of position (on a fresh unified KV cache the i-th token
+// fed sits in slot i), so scores and bias are indexed by slot; the `hidden` slots are masked
+// from every query of every pass (prefill and probes included); the rows of sequence
+// `view_seq` (-1: none) attend every occupied cell whatever its position. This replays
+// position ids that are not monotonic, which llama_decode refuses within one sequence.
+int32_t dysco_set_slot_layout(struct llama_context * ctx, bool on, const int32_t * hidden, int32_t n_hidden,
+                              int32_t view_seq);
+
 #ifdef __cplusplus
 }
 #endif

@@ -183,3 +183,30 @@ def test_bad_input_raises_and_context_still_works():
         assert eng.native.scores().shape == (len(ids),)
         eng.decode(ids[-1:], len(ids) - 1)
         assert np.all(np.isfinite(eng.logits()))
+
+
+def test_slot_layout_hides_cells_from_every_row():
+    """Hidden slots leave every query's attention (prefill included): transformers with those
+    keys masked in every row agrees; a slot outside the context is refused by value."""
+    path = models.tiny_llama_f32()
+    model = oracle.load_hf(path)
+    with Engine(path, EngineOptions(n_ctx=256, type_k=F32, type_v=F32, n_seq_max=2)) as eng:
+        ids = _prompt(eng, 40, seed=11)
+        heads = _heads(eng, 4, seed=11)
+        hidden = [3, 10, 17]
+        with pytest.raises(DyscoValueError, match="hidden slot 999 is outside the context of 256"):
+            eng.native.set_slot_layout([999])
+        eng.native.set_slot_layout(hidden)
+        eng.native.set_heads(heads)
+        eng.decode(ids[:-1], 0, want_logits=False)
+        eng.native.probe(ids[-1], len(ids) - 1)
+        scores = eng.native.scores()[: len(ids)]
+        eng.native.clear_slot_layout()
+    rows = {}
+    for r in range(len(ids)):
+        b = np.zeros(r + 1)
+        b[[j for j in hidden if j <= r]] = -np.inf
+        rows[r] = b
+    expected = oracle.last_token_attention(model, ids, heads, row_biases=rows)
+    assert np.all(scores[hidden] == 0)
+    assert np.max(np.abs(scores - expected)) <= SCORE_TOL[False]

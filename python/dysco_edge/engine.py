@@ -31,9 +31,10 @@ class EngineOptions:
     type_k: Optional[int] = None  # a ggml type id (llama_cpp.GGML_TYPE_*); None = F16
     type_v: Optional[int] = None
     n_threads: Optional[int] = None
+    n_seq_max: int = 1  # > 1: a unified KV cache shared by that many sequences
 
     def __post_init__(self):
-        for name in ("n_ctx", "n_batch", "n_ubatch"):
+        for name in ("n_ctx", "n_batch", "n_ubatch", "n_seq_max"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.n_ubatch > self.n_batch:
@@ -51,15 +52,30 @@ class Engine:
             n_ubatch=options.n_ubatch, n_gpu_layers=options.n_gpu_layers,
             flash_attn=options.flash_attn, type_k=options.type_k, type_v=options.type_v,
             n_threads=options.n_threads, verbose=False)
-        self.ctx = self.llm.ctx
         self.model = self.llm.model
+        self._own_ctx = self._unified_context(options.n_seq_max) if options.n_seq_max > 1 else None
+        self.ctx = self._own_ctx or self.llm.ctx
         self.n_ctx = llama_cpp.llama_n_ctx(self.ctx)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self.model))
         self.n_layer = llama_cpp.llama_model_n_layer(self.model)
         self.native = NativeContext(ctypes.cast(self.ctx, ctypes.c_void_p).value)
         self._batch = llama_cpp.llama_batch_init(options.n_batch, 0, 1)
 
+    def _unified_context(self, n_seq_max: int):
+        """A second context like Llama's, with several sequences on one unified KV cache
+        (llama-cpp-python offers no such option for its own context)."""
+        params = self.llm.context_params
+        params.n_seq_max = n_seq_max
+        params.kv_unified = True
+        ctx = llama_cpp.llama_init_from_model(self.model, params)
+        if not ctx:
+            raise RuntimeError(f"could not create a context with {n_seq_max} sequences for {self.path}")
+        return ctx
+
     def close(self) -> None:
+        if self._own_ctx is not None:
+            llama_cpp.llama_free(self._own_ctx)
+            self._own_ctx = None
         if self._batch is not None:
             llama_cpp.llama_batch_free(self._batch)
             self._batch = None

@@ -27,6 +27,7 @@ int32_t dysco_clear_head_capture(void * ctx);
 int32_t dysco_head_scores_shape(void * ctx, int32_t * n_layer, int32_t * n_head, int32_t * n_pos);
 int32_t dysco_get_head_scores(void * ctx, float * out, int64_t n_max);
 int32_t dysco_set_attn_scale(void * ctx, float scale);
+int32_t dysco_set_slot_layout(void * ctx, bool on, const int32_t * hidden, int32_t n_hidden, int32_t view_seq);
 """
 
 ERR_ARGUMENT, ERR_HEAD, ERR_NO_HEADS, ERR_RANGE, ERR_DECODE, ERR_NO_SCORES, ERR_UNSUPPORTED = range(-1, -8, -1)
@@ -149,3 +150,14 @@ class NativeContext:
     def set_attn_scale(self, factor: float) -> None:
         """Multiply every attention logit by `factor` in later decodes (1.0 = off)."""
         _check(self._lib.dysco_set_attn_scale(self._ctx, float(factor)), "dysco_set_attn_scale")
+
+    def set_slot_layout(self, hidden=(), view_seq: int = -1) -> None:
+        """Address cells by slot instead of position (a reference-harness replay, see
+        bench/reference_harness.py): scores and bias by slot, `hidden` slots masked from every
+        query, rows of `view_seq` attending every occupied cell."""
+        slots = [int(s) for s in hidden]
+        arr = _ffi.new("int32_t[]", slots)
+        _check(self._lib.dysco_set_slot_layout(self._ctx, True, arr, len(slots), int(view_seq)), "dysco_set_slot_layout")
+
+    def clear_slot_layout(self) -> None:
+        _check(self._lib.dysco_set_slot_layout(self._ctx, False, _ffi.NULL, 0, -1), "dysco_set_slot_layout")
