@@ -4,7 +4,7 @@ For each context length: decode tokens/s of a plain one-token step; the same ste
 bias set; with score capture on; and the probe (time ratio to a plain step, against the
 target 1.1 x (L_max+1)/L).
 
-    python bench/bench_native.py [--model PATH] [--contexts 1024 6144] [--steps 64]
+    python bench/bench_native.py [--model PATH] [--head-map JSON] [--contexts 1024 6144] [--steps 64]
 """
 from __future__ import annotations
 
@@ -14,13 +14,14 @@ import time
 import numpy as np
 
 from dysco_edge.engine import Engine, EngineOptions
+from dysco_edge.head_maps import load_head_map
 from dysco_edge.models import default_model_path
 
 BLOCK = 8
 HEADS = [(12, 1), (14, 3), (15, 0), (16, 5), (18, 2), (20, 7)]  # L_max 20 on a 30-layer model
 
 
-def measure(model, n_fill, steps, threads, gpu_layers=0, flash_attn=False):
+def measure(model, n_fill, steps, threads, gpu_layers=0, flash_attn=False, heads=HEADS):
     """Median seconds per step of each variant, all at the position after the fill.
 
     The variants take turns in blocks of BLOCK timed steps (so drift in machine load hits
@@ -32,7 +33,7 @@ def measure(model, n_fill, steps, threads, gpu_layers=0, flash_attn=False):
     rng = np.random.default_rng(0)
     ids = [int(t) for t in rng.integers(100, 40000, size=n_fill + steps)]
     eng.decode(ids[:n_fill], 0, want_logits=False)
-    eng.native.set_heads(HEADS)
+    eng.native.set_heads(heads)
     bias = np.zeros(n_fill + 1, dtype=np.float32)
     bias[rng.choice(n_fill, size=n_fill // 10, replace=False)] = np.log(2.0)
     variants = {
@@ -55,7 +56,7 @@ def measure(model, n_fill, steps, threads, gpu_layers=0, flash_attn=False):
                 run(ids[n_fill + i])
                 times[name].append(time.perf_counter() - t0)
                 eng.truncate(n_fill)
-    ratio_lmax = (max(l for l, _ in HEADS) + 1) / eng.n_layer
+    ratio_lmax = (max(l for l, _ in heads) + 1) / eng.n_layer
     eng.close()
     return {name: float(np.median(t)) for name, t in times.items()}, ratio_lmax
 
@@ -68,14 +69,16 @@ def main():
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--n-gpu-layers", type=int, default=0)
     ap.add_argument("--flash-attn", action="store_true")
+    ap.add_argument("--head-map", default=None, help="QR heads from a head map (default: 6 fixed heads, L_max 20)")
     args = ap.parse_args()
     model = args.model or default_model_path()
-    print(f"model: {model}")
+    heads = list(load_head_map(args.head_map).to_config().qr_heads) if args.head_map else HEADS
+    print(f"model: {model}; heads: {args.head_map or HEADS}")
     print("| context | plain tok/s | bias / plain | capture / plain | probe time / plain step "
           "| probe target 1.1x(L_max+1)/L | DySCO step time / plain step |")
     print("|---|---|---|---|---|---|---|")
     for n in args.contexts:
-        t, r = measure(model, n, args.steps, args.threads, args.n_gpu_layers, args.flash_attn)
+        t, r = measure(model, n, args.steps, args.threads, args.n_gpu_layers, args.flash_attn, heads)
         print(f"| {n} | {1 / t['plain']:.1f} | {t['plain'] / t['bias']:.3f}x | {t['plain'] / t['capture']:.3f}x "
               f"| {t['probe'] / t['plain']:.3f} | {1.1 * r:.3f} | {t['step'] / t['plain']:.3f} |", flush=True)
 

@@ -7,6 +7,9 @@
 #include "ggml.h"
 #include "ggml-backend.h"
 
+#include <cstdlib>
+#include <cstring>
+
 static const char * const DYSCO_SCORE_NAME[DYSCO_CACHE_KINDS] = { "dysco_scores_base", "dysco_scores_swa" };
 static const char * const DYSCO_MASK_NAME[DYSCO_CACHE_KINDS]  = { "dysco_score_mask_base", "dysco_score_mask_swa" };
 static const char * const DYSCO_HEAD_MASK_NAME[DYSCO_CACHE_KINDS] = { "dysco_head_mask_base", "dysco_head_mask_swa" };
@@ -81,6 +84,30 @@ static ggml_tensor * dysco_head_probs(const llm_graph_context & g, ggml_tensor *
     return probs;
 }
 
+static bool dysco_score_per_head() {
+    const char * path = getenv("DYSCO_SCORE_PATH");
+    return path && strcmp(path, "head") == 0;
+}
+
+// softmax(scale * k.q + mask) of the ubatch's last token for every query head: [n_kv, 1, n_head]
+static ggml_tensor * dysco_layer_probs(const llm_graph_context & g, ggml_tensor * q, ggml_tensor * k, ggml_tensor * mask,
+                                       float kq_scale) {
+    ggml_tensor * q_last = ggml_view_3d(g.ctx0, q, q->ne[0], q->ne[1], 1, q->nb[1], q->nb[2],
+                                        (q->ne[2] - 1) * q->nb[2]);                          // [d, n_head, 1]
+    ggml_tensor * kq = ggml_mul_mat(g.ctx0, ggml_permute(g.ctx0, k, 0, 2, 1, 3),
+                                    ggml_permute(g.ctx0, q_last, 0, 2, 1, 3));                // [n_kv, 1, n_head]
+    ggml_prec_set_acc(kq, GGML_PREC_F32);
+    ggml_set_name(kq, "dysco_kq_layer");
+    if (g.hparams.attn_soft_cap) {
+        const float cap = g.hparams.f_attn_logit_softcapping;
+        kq = ggml_scale(g.ctx0, ggml_tanh(g.ctx0, ggml_scale(g.ctx0, kq, kq_scale / cap)), cap);
+        kq_scale = 1.0f;
+    }
+    ggml_tensor * probs = ggml_soft_max_ext(g.ctx0, kq, mask, kq_scale, 0.0f);               // [n_kv, 1, n_head]
+    ggml_set_name(probs, "dysco_probs_layer");
+    return probs;
+}
+
 static void dysco_graph_qr_scores(const llm_graph_context & g, dysco_state * st, ggml_tensor * q, ggml_tensor * k,
                                   float kq_scale, int il, int kind) {
     if (!st->scoring() || il >= (int) st->heads_by_layer.size() || st->heads_by_layer[il].empty()) {
@@ -93,9 +120,15 @@ static void dysco_graph_qr_scores(const llm_graph_context & g, dysco_state * st,
     // the last token of the ubatch is the one scored: [d, n_head]
     ggml_tensor * q_tok = ggml_view_2d(g.ctx0, q, q->ne[0], q->ne[1], q->nb[1], (q->ne[2] - 1) * q->nb[2]);
 
+    const auto & heads = st->heads_by_layer[il];
+    // several QR heads in a layer: one batched mat-vec and one softmax over all query heads beat a
+    // [n_kv] mat-vec + single-row softmax per head on a GPU (DYSCO_SCORE_PATH=head keeps the latter)
+    ggml_tensor * layer_probs = heads.size() > 1 && !dysco_score_per_head() ? dysco_layer_probs(g, q, k, mask, kq_scale) : nullptr;
     auto & acc = st->build[kind].acc;
-    for (int head : st->heads_by_layer[il]) {
-        ggml_tensor * probs = dysco_head_probs(g, q_tok, k, mask, head, kq_scale);
+    for (int head : heads) {
+        ggml_tensor * probs = layer_probs
+            ? ggml_view_2d(g.ctx0, layer_probs, n_kv, 1, layer_probs->nb[1], head * layer_probs->nb[2]) // [n_kv, 1]
+            : dysco_head_probs(g, q_tok, k, mask, head, kq_scale);
         if (acc) {
             ggml_set_name(acc, "dysco_scores_partial");
             acc->flags &= ~GGML_TENSOR_FLAG_OUTPUT;

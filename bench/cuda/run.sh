@@ -31,6 +31,11 @@ speed)
         --contexts ${CONTEXTS:-4096 16384 32768} --gen 64 --n-gpu-layers 99 --flash-attn 2>"$out/speed.err" | tee "$out/speed.md"
     tail -3 "$out/speed.err" ;;
 native)
-    python3 bench/bench_native.py --model /tmp/llama8b.gguf --contexts ${CONTEXTS:-4096 16384} --steps 48 \
-        --n-gpu-layers 99 --flash-attn 2>"$out/native.err" | tee "$out/native.md"; tail -3 "$out/native.err" ;;
+    python3 bench/bench_native.py --model /tmp/llama8b.gguf --head-map head_maps/llama-3.1-8b-instruct.json \
+        --contexts ${CONTEXTS:-4096 16384} --steps 48 --n-gpu-layers 99 --flash-attn 2>"$out/native.err" \
+        | tee "$out/native${DYSCO_SCORE_PATH:+-$DYSCO_SCORE_PATH}.md"; tail -3 "$out/native.err" ;;
+model)
+    m=/tmp/llama8b.gguf
+    [ -f $m ] || python3 bench/cuda/make_random_gguf.py --shape llama-3.1-8b --vocab-from .dev/device/tiny-qwen3-v1-f32.gguf --out $m > "$out/make.log" 2>&1
+    tail -2 "$out/make.log" ;;
 esac
