@@ -39,6 +39,9 @@ template <typename T> static void mask_add(T * row, int64_t j, float b);
 template <> void mask_add(float * row, int64_t j, float b)       { row[j] += b; }
 template <> void mask_add(ggml_fp16_t * row, int64_t j, float b) { row[j] = ggml_fp32_to_fp16(ggml_fp16_to_fp32(row[j]) + b); }
 
+static void mask_row_to_f32(const float * row, float * out, int64_t n)       { std::copy(row, row + n, out); }
+static void mask_row_to_f32(const ggml_fp16_t * row, float * out, int64_t n) { ggml_fp16_to_fp32_row(row, out, n); }
+
 // Where cell j's score and bias go: its position, or its slot under a slot layout.
 static int32_t cell_index(bool by_slot, const llama_kv_cells & cells, int64_t j) {
     return by_slot ? (int32_t) j : (int32_t) cells.pos_get(j);
@@ -51,10 +54,9 @@ static void mask_row_keep(dysco_mask_row & out, const T * row, int64_t n_kv, con
     out.mask.resize(n_kv);
     out.cell_pos.resize(n_kv);
     out.pos = by_slot ? (int32_t) n_kv - 1 : pos;
+    mask_row_to_f32(row, out.mask.data(), n_kv);
     for (int64_t j = 0; j < n_kv; ++j) {
-        const float m = mask_get(row, j);
-        out.mask[j]     = m;
-        out.cell_pos[j] = std::isinf(m) ? -1 : cell_index(by_slot, cells, j);
+        out.cell_pos[j] = std::isinf(out.mask[j]) ? -1 : cell_index(by_slot, cells, j);
     }
 }
 
@@ -88,13 +90,12 @@ static void mask_add_bias(const dysco_state & st, T * data, int64_t n_kv, const 
         const llama_kv_cells     & cells = kv.get_cells(ub.seq_id[i][0]);
         T * row = data + n_kv * i;
         for (int64_t j = 0; j < n_kv; ++j) {
-            if (std::isinf(mask_get(row, j))) {
+            // the bias is zero but on the selected positions: test it before touching the (F16) mask
+            const int32_t p = cells.is_empty(j) ? -1 : cell_index(st.slots.on, cells, j);
+            if (p < 0 || p >= (int32_t) bias.size() || bias[p] == 0.0f || std::isinf(mask_get(row, j))) {
                 continue;
             }
-            const int32_t p = cell_index(st.slots.on, cells, j);
-            if (p < (int32_t) bias.size()) {
-                mask_add(row, j, bias[p]);
-            }
+            mask_add(row, j, bias[p]);
         }
     }
 }

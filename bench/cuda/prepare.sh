@@ -14,5 +14,7 @@ site=$(python3 -c "import llama_cpp, os; print(os.path.dirname(llama_cpp.__file_
 mkdir -p "$dest/pylib/llama_cpp" && cp "$site"/*.py "$dest/pylib/llama_cpp/"
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d "$dest/wheels" cffi==2.0.0 pycparser
+# llama-cpp-python's llama_cache imports diskcache (pure Python)
+python3 -m pip download -q --no-deps --only-binary=:all: -d "$dest/wheels" diskcache
 cp "${DYSCO_TEST_MODELS:-$HOME/.cache/dysco-edge/test-models}/tiny-qwen3-v1-f32.gguf" "$dest/"
 du -sh "$dest"
