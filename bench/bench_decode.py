@@ -99,6 +99,17 @@ def run(eng, prompt, gen, config):
             "host_share": 1.0 - passes.seconds / (end - first)}
 
 
+def median_runs(runners, repeats: int) -> list[dict]:
+    """Each runner `repeats` times, alternating (so drift in machine load hits them alike);
+    per runner the median of every numeric result."""
+    results = [[] for _ in runners]
+    for _ in range(max(1, repeats)):
+        for out, runner in zip(results, runners):
+            out.append(runner())
+    return [{key: (float(np.median([r[key] for r in rs])) if rs[0][key] is not None else None) for key in rs[0]}
+            for rs in results]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--model", default=None)
@@ -108,6 +119,8 @@ def main():
     ap.add_argument("--n-gpu-layers", type=int, default=0)
     ap.add_argument("--flash-attn", action="store_true")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="plain and DySCO runs alternate this many times; medians are reported (noisy machines)")
     args = ap.parse_args()
     model = args.model or str(default_model_path())
     config = load_head_map(args.head_map).to_config()
@@ -122,8 +135,8 @@ def main():
                                           n_threads=args.threads))
         prompt = [int(t) for t in np.random.default_rng(n).integers(1000, 30000, size=n)]
         run(eng, prompt[:256], 4, config)  # warm up both graph kinds
-        plain = run(eng, prompt, args.gen, None)
-        dysco = run(eng, prompt, args.gen, config)
+        plain, dysco = median_runs([(lambda cfg=cfg: run(eng, prompt, args.gen, cfg)) for cfg in (None, config)],
+                                   args.repeats)
         bound = target / (1 + (config.l_max + 1) / eng.n_layer)
         ratio = dysco["decode_tps"] / plain["decode_tps"]
         print(f"| {n} | {plain['prefill_tps']:.0f} | {dysco['prefill_tps'] / plain['prefill_tps']:.3f}x "
