@@ -55,7 +55,7 @@ def main():
             rates[name].append(counts[name] / (time.perf_counter() - t0))
             generate(eng, prompt, cfg)
     plain, dysco = (float(np.median(rates[k])) for k in ("plain", "dysco"))
-    print(f"| context | plain prefill tok/s | DySCO prefill tok/s | DySCO / plain | runs |")
+    print("| context | plain prefill tok/s | DySCO prefill tok/s | DySCO / plain | runs |")
     print("|---|---|---|---|---|")
     print(f"| {args.context} | {plain:.0f} | {dysco:.0f} | {dysco / plain:.3f}x | {args.repeats} each, median |")
     eng.close()
