@@ -49,7 +49,7 @@ def run_case(engine: Engine, case: dict, harness: bool = True) -> dict:
     prompt = case["prompt_ids"]
     warm = plan_warmups(len(prompt), cfg.context_warmup, cfg.intervention_warmup)
     vocab = llama_cpp.llama_model_get_vocab(engine.model)
-    engine.clear()
+    engine.clear()  # the harness also needs a fresh cache: its slots are token indices
     target = reference_harness.ReferenceHarness(engine, prompt, warm.fed, REFERENCE_PAD_ID) if harness else engine
     trace = []
     try:

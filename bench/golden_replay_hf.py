@@ -16,7 +16,7 @@ G = json.load(open(ROOT.parent / 'shared' / 'golden' / 'smollm2_reference.json')
 model = oracle.load_hf(models.smollm2_f32())
 NEG = torch.finfo(torch.float32).min
 
-def fwd(x, keep, renumber, biases, heads, want_logits):
+def fwd(x, keep, renumber, biases, heads):
     n = len(x)
     keep_t = torch.tensor(list(keep) + [True] * (n - len(keep)))
     m = torch.zeros((n, n))
@@ -62,10 +62,10 @@ def run(case, pad=None, renumber=True, full_mask=False, update='spec', tmpl_pref
         a = a * (1 - d); a[:len(I)] += d * I; return a
     I = np.zeros(npre); biases = {}; steps = []; gen = []
     for q in range(npre, n - wi - 1):
-        a, _ = fwd(x[:q + 1], keep[:q + 1], renumber, {}, heads, False); I = upd(I, a)
+        a, _ = fwd(x[:q + 1], keep[:q + 1], renumber, {}, heads); I = upd(I, a)
     q = n - wi - 1
     while True:
-        a, _ = fwd(x[:q + 1], keep[:q + 1], renumber, {k: v for k, v in biases.items()}, heads, False)
+        a, _ = fwd(x[:q + 1], keep[:q + 1], renumber, {k: v for k, v in biases.items()}, heads)
         # probe row q unbiased
         I = upd(I, a)
         Inorm = I / I.sum()
@@ -83,7 +83,7 @@ def run(case, pad=None, renumber=True, full_mask=False, update='spec', tmpl_pref
         b[q] = math.log(cfg['strength']); biases[q] = b
         if maxsteps and len(steps) >= maxsteps: return gen, steps
         if q >= n - 1:
-            _, lg = fwd(x[:q + 1], keep + [True] * (q + 1 - len(keep)), renumber, biases, heads, True)
+            _, lg = fwd(x[:q + 1], keep + [True] * (q + 1 - len(keep)), renumber, biases, heads)
             gen.append(int(np.argmax(lg)))
             if len(gen) == case['max_new_tokens'] or gen[-1] == 2: return gen, steps
             x.append(gen[-1])

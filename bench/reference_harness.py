@@ -55,8 +55,9 @@ class _NativeByIndex:
 class ReferenceHarness:
     """Looks like an Engine to decode.dysco_tokens; feeds the model as the reference harness did.
 
-    `engine` needs two sequences on a unified cache (EngineOptions(n_seq_max=2)); the cache is
-    cleared here. `fed` is the number of prompt tokens the loop feeds one at a time (Wc + Wi).
+    `engine` needs two sequences on a unified cache (EngineOptions(n_seq_max=2)) and an empty
+    cache (slots are token indices only on a fresh one). `fed` is the number of prompt tokens the
+    loop feeds one at a time (Wc + Wi).
     """
 
     def __init__(self, engine, prompt: Sequence[int], fed: int, pad_id: int = 1):
@@ -71,7 +72,8 @@ class ReferenceHarness:
         self.displaced = ~keep[fed:]                     # prefix tokens at position 1
         self.n_unmasked = int(keep.sum())
         self.last_index = -1
-        engine.clear()
+        if engine.seq_pos_max(0) >= 0 or engine.seq_pos_max(SCRATCH_SEQ) >= 0:
+            raise ValueError("ReferenceHarness needs an empty KV cache: call engine.clear() first")
         engine.native.set_slot_layout(np.flatnonzero(~keep), view_seq=SCRATCH_SEQ)
         self.native = _NativeByIndex(self)
 

@@ -85,8 +85,11 @@ static ggml_tensor * dysco_head_probs(const llm_graph_context & g, ggml_tensor *
 }
 
 static bool dysco_score_per_head() {
-    const char * path = getenv("DYSCO_SCORE_PATH");
-    return path && strcmp(path, "head") == 0;
+    static const bool per_head = [] {
+        const char * path = getenv("DYSCO_SCORE_PATH");
+        return path && strcmp(path, "head") == 0;
+    }();
+    return per_head;
 }
 
 // softmax(scale * k.q + mask) of the ubatch's last token for every query head: [n_kv, 1, n_head]
@@ -117,13 +120,12 @@ static void dysco_graph_qr_scores(const llm_graph_context & g, dysco_state * st,
     // the attention input beside it already refuses reuse when n_kv changes
     ggml_tensor * mask = dysco_mask_input(g, st->build[kind].mask, st->row[kind].mask, n_kv, 1, DYSCO_MASK_NAME[kind], true);
 
-    // the last token of the ubatch is the one scored: [d, n_head]
-    ggml_tensor * q_tok = ggml_view_2d(g.ctx0, q, q->ne[0], q->ne[1], q->nb[1], (q->ne[2] - 1) * q->nb[2]);
-
     const auto & heads = st->heads_by_layer[il];
     // several QR heads in a layer: one batched mat-vec and one softmax over all query heads beat a
     // [n_kv] mat-vec + single-row softmax per head on a GPU (DYSCO_SCORE_PATH=head keeps the latter)
     ggml_tensor * layer_probs = heads.size() > 1 && !dysco_score_per_head() ? dysco_layer_probs(g, q, k, mask, kq_scale) : nullptr;
+    // otherwise the last token of the ubatch, the one scored: [d, n_head]
+    ggml_tensor * q_tok = layer_probs ? nullptr : ggml_view_2d(g.ctx0, q, q->ne[0], q->ne[1], q->nb[1], (q->ne[2] - 1) * q->nb[2]);
     auto & acc = st->build[kind].acc;
     for (int head : heads) {
         ggml_tensor * probs = layer_probs
