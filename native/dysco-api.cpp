@@ -1,6 +1,7 @@
 // The C API of dysco.h: state lifetime, QR heads, capture, probe, bias, score readout.
 #include "dysco.h"
 #include "dysco-hooks.h"
+#include "dysco-select.h"
 #include "dysco-state.h"
 
 #include "llama-context.h"
@@ -377,3 +378,82 @@ int32_t dysco_set_slot_layout(llama_context * ctx, bool on, const int32_t * hidd
 }
 
 } // extern "C"
+
+int32_t dysco_importance_reset(llama_context * ctx, int32_t n_positions) {
+    if (!ctx || n_positions < 0) {
+        return dysco_fail(DYSCO_ERR_ARGUMENT, "dysco_importance_reset: null context or n_positions = %d", n_positions);
+    }
+    dysco_state_of(ctx).importance.assign((size_t) n_positions, 0.0);
+    return dysco_ok();
+}
+
+int32_t dysco_importance_update(llama_context * ctx, double decay) {
+    if (!ctx || !std::isfinite(decay)) {
+        return dysco_fail(DYSCO_ERR_ARGUMENT, "dysco_importance_update: null context or decay = %g", decay);
+    }
+    auto & st = dysco_state_of(ctx);
+    if (!st.scores_valid) {
+        return dysco_fail(DYSCO_ERR_NO_SCORES, "dysco_importance_update: the last decode captured no scores");
+    }
+    if (st.scores.size() != st.importance.size() + 1) {
+        return dysco_fail(DYSCO_ERR_RANGE, "dysco_importance_update: scores cover %zu positions but the importance "
+                          "covers %zu; expected one more (reset it to the positions fed before the first scores)",
+                          st.scores.size(), st.importance.size());
+    }
+    if (!dysco_importance_step(st.importance, st.scores, decay)) {
+        return dysco_fail(DYSCO_ERR_ARGUMENT, "dysco_importance_update: the updated scores do not sum to a finite "
+                          "positive total (decay = %g)", decay);
+    }
+    return (int32_t) st.importance.size();
+}
+
+int32_t dysco_importance_get(llama_context * ctx, double * out, int32_t n_max) {
+    if (!ctx || (out && n_max < 0)) {
+        return dysco_fail(DYSCO_ERR_ARGUMENT, "dysco_importance_get: null context or n_max = %d", n_max);
+    }
+    const auto & imp = dysco_state_of(ctx).importance;
+    if (out) {
+        std::copy(imp.begin(), imp.begin() + std::min<size_t>(imp.size(), (size_t) n_max), out);
+    }
+    return (int32_t) imp.size();
+}
+
+int32_t dysco_importance_set(llama_context * ctx, const double * values, int32_t n) {
+    if (!ctx || n < 0 || (n > 0 && !values)) {
+        return dysco_fail(DYSCO_ERR_ARGUMENT, "dysco_importance_set: null context or values, n = %d", n);
+    }
+    for (int32_t i = 0; i < n; ++i) {
+        if (!(std::isfinite(values[i]) && values[i] >= 0.0)) {
+            return dysco_fail(DYSCO_ERR_ARGUMENT, "dysco_importance_set: value %d is %g; expected finite values >= 0",
+                              i, values[i]);
+        }
+    }
+    dysco_state_of(ctx).importance.assign(values, values + n);
+    return dysco_ok();
+}
+
+int32_t dysco_select_bias(llama_context * ctx, int32_t seq_id, int32_t pos, double top_p, int32_t top_k, double strength,
+                          double hard_strength, const uint8_t * template_mask, int32_t n_template, int32_t * selected,
+                          int32_t n_max) {
+    if (!ctx || seq_id < 0 || (top_p <= 0.0 && top_k <= 0) || top_p > 1.0 || !(strength > 0.0) ||
+        n_template < 0 || (n_template > 0 && !template_mask)) {
+        return dysco_fail(DYSCO_ERR_ARGUMENT, "dysco_select_bias: null context, seq_id = %d, top_p = %g, top_k = %d, "
+                          "strength = %g or n_template = %d out of range", seq_id, top_p, top_k, strength, n_template);
+    }
+    auto & st = dysco_state_of(ctx);
+    if (pos < 0 || pos + 1 != (int32_t) st.importance.size()) {
+        return dysco_fail(DYSCO_ERR_RANGE, "dysco_select_bias: pos = %d but the importance covers %zu positions; "
+                          "the bias is for the last of them (update the importance from this token's probe first)",
+                          pos, st.importance.size());
+    }
+    dysco_select(st.importance, top_p, top_k, st.select_scratch, st.selected);
+    dysco_bias_fill(st.selected, pos, strength, hard_strength, template_mask, n_template, st.bias_scratch);
+    const int32_t rc = dysco_set_bias(ctx, seq_id, st.bias_scratch.data(), (int32_t) st.bias_scratch.size());
+    if (rc != DYSCO_OK) {
+        return rc;
+    }
+    if (selected) {
+        std::copy(st.selected.begin(), st.selected.begin() + std::min<size_t>(st.selected.size(), (size_t) n_max), selected);
+    }
+    return (int32_t) st.selected.size();
+}

@@ -8,6 +8,7 @@
 #include "ggml-backend.h"
 
 #include <cstdlib>
+#include <algorithm>
 #include <cstring>
 
 static const char * const DYSCO_SCORE_NAME[DYSCO_CACHE_KINDS] = { "dysco_scores_base", "dysco_scores_swa" };
@@ -84,6 +85,7 @@ static ggml_tensor * dysco_head_probs(const llm_graph_context & g, ggml_tensor *
     return probs;
 }
 
+// DYSCO_SCORE_PATH=head scores each QR head on its own (the older path), for A/B timing; read once.
 static bool dysco_score_per_head() {
     static const bool per_head = [] {
         const char * path = getenv("DYSCO_SCORE_PATH");
@@ -92,23 +94,39 @@ static bool dysco_score_per_head() {
     return per_head;
 }
 
-// softmax(scale * k.q + mask) of the ubatch's last token for every query head: [n_kv, 1, n_head]
-static ggml_tensor * dysco_layer_probs(const llm_graph_context & g, ggml_tensor * q, ggml_tensor * k, ggml_tensor * mask,
-                                       float kq_scale) {
-    ggml_tensor * q_last = ggml_view_3d(g.ctx0, q, q->ne[0], q->ne[1], 1, q->nb[1], q->nb[2],
-                                        (q->ne[2] - 1) * q->nb[2]);                          // [d, n_head, 1]
-    ggml_tensor * kq = ggml_mul_mat(g.ctx0, ggml_permute(g.ctx0, k, 0, 2, 1, 3),
-                                    ggml_permute(g.ctx0, q_last, 0, 2, 1, 3));                // [n_kv, 1, n_head]
+// softmax(scale * k.q + mask) of the last token for the query heads of KV heads
+// [kv_first, kv_first + n_groups): [n_kv, 1, n_groups * n_gqa], query heads in order.
+// One mat-mul and one softmax per layer: on an H100 at 32K a [n_kv] mat-vec (strided rows)
+// and a single-row softmax per QR head cost tens of microseconds each, a batch hardly more.
+static ggml_tensor * dysco_range_probs(const llm_graph_context & g, ggml_tensor * q_tok, ggml_tensor * k,
+                                       ggml_tensor * mask, int64_t kv_first, int64_t n_groups, float kq_scale) {
+    const int64_t n_gqa = q_tok->ne[1] / k->ne[1];
+    ggml_tensor * q_r = ggml_view_3d(g.ctx0, q_tok, q_tok->ne[0], n_gqa, n_groups, q_tok->nb[1], n_gqa * q_tok->nb[1],
+                                     kv_first * n_gqa * q_tok->nb[1]);                        // [d, n_gqa, n_groups]
+    ggml_tensor * k_r = ggml_view_3d(g.ctx0, k, k->ne[0], n_groups, k->ne[2], k->nb[1], k->nb[2],
+                                     kv_first * k->nb[1]);                                    // [d, n_groups, n_kv]
+    ggml_tensor * kq  = ggml_mul_mat(g.ctx0, ggml_permute(g.ctx0, k_r, 0, 2, 1, 3), q_r);   // [n_kv, n_gqa, n_groups]
     ggml_prec_set_acc(kq, GGML_PREC_F32);
-    ggml_set_name(kq, "dysco_kq_layer");
+    ggml_set_name(kq, "dysco_kq_range");
     if (g.hparams.attn_soft_cap) {
         const float cap = g.hparams.f_attn_logit_softcapping;
         kq = ggml_scale(g.ctx0, ggml_tanh(g.ctx0, ggml_scale(g.ctx0, kq, kq_scale / cap)), cap);
         kq_scale = 1.0f;
     }
-    ggml_tensor * probs = ggml_soft_max_ext(g.ctx0, kq, mask, kq_scale, 0.0f);               // [n_kv, 1, n_head]
-    ggml_set_name(probs, "dysco_probs_layer");
+    // one row per query head, so that the single mask row broadcasts over them
+    kq = ggml_reshape_3d(g.ctx0, kq, kq->ne[0], 1, n_gqa * n_groups);                        // [n_kv, 1, n_gqa * n_groups]
+    ggml_tensor * probs = ggml_soft_max_ext(g.ctx0, kq, mask, kq_scale, 0.0f);               // [n_kv, 1, n_gqa * n_groups]
+    ggml_set_name(probs, "dysco_probs_range");
     return probs;
+}
+
+static ggml_tensor * dysco_acc_add(const llm_graph_context & g, ggml_tensor * acc, ggml_tensor * probs) {
+    if (!acc) {
+        return probs;
+    }
+    ggml_set_name(acc, "dysco_scores_partial");
+    acc->flags &= ~GGML_TENSOR_FLAG_OUTPUT;
+    return ggml_add(g.ctx0, acc, probs);
 }
 
 static void dysco_graph_qr_scores(const llm_graph_context & g, dysco_state * st, ggml_tensor * q, ggml_tensor * k,
@@ -121,23 +139,20 @@ static void dysco_graph_qr_scores(const llm_graph_context & g, dysco_state * st,
     ggml_tensor * mask = dysco_mask_input(g, st->build[kind].mask, st->row[kind].mask, n_kv, 1, DYSCO_MASK_NAME[kind], true);
 
     const auto & heads = st->heads_by_layer[il];
-    // several QR heads in a layer: one batched mat-vec and one softmax over all query heads beat a
-    // [n_kv] mat-vec + single-row softmax per head on a GPU (DYSCO_SCORE_PATH=head keeps the latter)
-    ggml_tensor * layer_probs = heads.size() > 1 && !dysco_score_per_head() ? dysco_layer_probs(g, q, k, mask, kq_scale) : nullptr;
-    // otherwise the last token of the ubatch, the one scored: [d, n_head]
-    ggml_tensor * q_tok = layer_probs ? nullptr : ggml_view_2d(g.ctx0, q, q->ne[0], q->ne[1], q->nb[1], (q->ne[2] - 1) * q->nb[2]);
+    const int64_t n_gqa = q->ne[1] / k->ne[1];
+    // the last token of the ubatch, the one scored: [d, n_head]
+    ggml_tensor * q_tok = ggml_view_2d(g.ctx0, q, q->ne[0], q->ne[1], q->nb[1], (q->ne[2] - 1) * q->nb[2]);
+    // the KV heads from the first to the last one a QR head of this layer reads
+    const auto [lo, hi] = std::minmax_element(heads.begin(), heads.end());
+    const int64_t kv_first = *lo / n_gqa;
+    ggml_tensor * probs = dysco_score_per_head() ? nullptr
+        : dysco_range_probs(g, q_tok, k, mask, kv_first, *hi / n_gqa - kv_first + 1, kq_scale); // [n_kv, 1, n_rows]
     auto & acc = st->build[kind].acc;
-    for (int head : heads) {
-        ggml_tensor * probs = layer_probs
-            ? ggml_view_2d(g.ctx0, layer_probs, n_kv, 1, layer_probs->nb[1], head * layer_probs->nb[2]) // [n_kv, 1]
+    for (int head : heads) { // in the map's order, so the sum rounds the same on every path
+        ggml_tensor * head_probs = probs
+            ? ggml_view_2d(g.ctx0, probs, n_kv, 1, probs->nb[1], (head - kv_first * n_gqa) * probs->nb[2]) // [n_kv, 1]
             : dysco_head_probs(g, q_tok, k, mask, head, kq_scale);
-        if (acc) {
-            ggml_set_name(acc, "dysco_scores_partial");
-            acc->flags &= ~GGML_TENSOR_FLAG_OUTPUT;
-            acc = ggml_add(g.ctx0, acc, probs);
-        } else {
-            acc = probs;
-        }
+        acc = dysco_acc_add(g, acc, head_probs);
     }
     ggml_set_name(acc, DYSCO_SCORE_NAME[kind]);
     ggml_set_output(acc);

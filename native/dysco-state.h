@@ -99,6 +99,11 @@ struct dysco_state {
     llm_graph_result_ptr   probe_res;
     llm_graph_result *     probe_active = nullptr;
 
+    std::vector<double>  importance;       // [positions seen] host-side bookkeeping (dysco_importance_*)
+    std::vector<double>  select_scratch;   // the largest importance values of a selection
+    std::vector<int32_t> selected;         // S of the last dysco_select_bias
+    std::vector<float>   bias_scratch;     // [pos + 1]
+
     dysco_head_capture heads_cap;
     float              attn_scale = 1.0f; // multiplies every attention logit (AttnTS baseline); 1 = off
     dysco_slot_layout  slots;

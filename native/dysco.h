@@ -77,6 +77,27 @@ int32_t dysco_get_head_scores(struct llama_context * ctx, float * out, int64_t n
 // 1 turns it off.
 int32_t dysco_set_attn_scale(struct llama_context * ctx, float scale);
 
+// Host-side bookkeeping in the context, for long contexts where numpy's per-step cost shows:
+// the importance vector over positions, updated from the last scores, and the selection and
+// bias of one step (python/dysco_edge/selection.py does the same with the same bits).
+// Resets the importance to n_positions zeros.
+int32_t dysco_importance_reset(struct llama_context * ctx, int32_t n_positions);
+// importance := (scores[0..q-1] + decay * importance, scores[q]) / sum, from the last scores
+// (which must cover one position more than the importance). Returns the new length.
+int32_t dysco_importance_update(struct llama_context * ctx, double decay);
+// Copies min(n_max, length) values to out (out may be NULL); returns the length.
+int32_t dysco_importance_get(struct llama_context * ctx, double * out, int32_t n_max);
+// Replaces the importance with n values (finite, >= 0), e.g. to restore a saved one.
+int32_t dysco_importance_set(struct llama_context * ctx, const double * values, int32_t n);
+// Selects S from the importance (top_p <= 0: no nucleus, top_k <= 0: no top-k, not both) and
+// sets the bias of `seq_id` over positions 0..pos as dysco_set_bias would: log(strength) on S
+// minus the template positions (template_mask[p] != 0, p < n_template) and on pos; with
+// strength >= hard_strength, 0 on S and pos and -INFINITY elsewhere. pos is the last position
+// the importance covers (the token just probed). Writes S (ascending) to `selected` when not NULL (n_max at most); returns |S|.
+int32_t dysco_select_bias(struct llama_context * ctx, int32_t seq_id, int32_t pos, double top_p, int32_t top_k,
+                          double strength, double hard_strength, const uint8_t * template_mask, int32_t n_template,
+                          int32_t * selected, int32_t n_max);
+
 // Slot layout, for replaying a reference harness (conformance tests), not for decoding:
 // cells are addressed by slot instead of position (on a fresh unified KV cache the i-th token
 // fed sits in slot i), so scores and bias are indexed by slot; the `hidden` slots are masked

@@ -63,6 +63,24 @@ def test_scores_equal_transformers_attention(f32_model, flash_attn):
     assert abs(float(probe_scores.sum()) - 1.0) <= 1e-4
 
 
+# Several QR heads on one KV head of a layer (scored from one softmax over the KV group), a
+# lone head beside them, and heads in map order that is not ascending.
+GROUPED_HEADS = [(1, 5), (1, 2), (1, 0), (2, 7), (3, 3), (3, 1)]
+
+
+@pytest.mark.slow
+def test_scores_of_heads_sharing_a_kv_head(f32_model):
+    name, path = f32_model
+    with _engine(path, flash_attn=True) as eng:
+        ids = _prompt(eng, 300, seed=1)
+        eng.decode(ids[:-1], 0, want_logits=False)
+        eng.native.set_heads(GROUPED_HEADS)
+        eng.native.probe(ids[-1], len(ids) - 1)
+        probe_scores = eng.native.scores()
+    expected = oracle.last_token_attention(oracle.load_hf(path), ids, GROUPED_HEADS)
+    assert np.max(np.abs(probe_scores - expected)) <= SCORE_TOL[True]
+
+
 def _random_bias(n, seed, hard=False):
     rng = np.random.default_rng(seed)
     if hard:

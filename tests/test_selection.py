@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from dysco_edge.selection import (
+    ImportanceBuffer,
     bias_vector,
     select_nucleus,
     select_positions,
@@ -106,6 +107,25 @@ def test_update_refuses_wrong_length_and_zero_mass():
         update_importance(np.zeros(3), np.ones(3), 0.75)
     with pytest.raises(ValueError, match=r"attn: the updated scores sum to 0"):
         update_importance(np.zeros(2), np.zeros(3), 0.75)
+
+
+def test_importance_buffer_gives_the_same_bits_as_update_importance():
+    rng = np.random.default_rng(7)
+    buffer = ImportanceBuffer(3, capacity=4)  # grows twice on the way
+    importance = np.zeros(3)
+    for step in range(40):
+        attn = random_importance(rng, importance.size + 1, 0.3).astype(np.float32)
+        importance = update_importance(importance, attn, 0.75)
+        buffer.update(attn, 0.75)
+        np.testing.assert_array_equal(buffer.values, importance)
+
+
+def test_importance_buffer_refuses_wrong_length_and_zero_mass():
+    buffer = ImportanceBuffer(3)
+    with pytest.raises(ValueError, match=r"attn: expected 4 entries"):
+        buffer.update(np.ones(3), 0.75)
+    with pytest.raises(ValueError, match=r"attn: the updated scores sum to 0"):
+        buffer.update(np.zeros(4), 0.75)
 
 
 # ---- selection ----

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On the lent GPU machine, from the repository root, after bench/cuda/prepare.sh ran here and
 # .dev was carried: build with CUDA, check against the CPU backend, then measure speed.
-#   bench/cuda/run.sh build|check|speed
+#   bench/cuda/run.sh build|check|speed|native|profile|kernels|model
 set -uo pipefail
 out=${OUT:-/tmp/out}; mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .dev/device/wheels/*.whl >/dev/null 2>&1
@@ -34,6 +34,19 @@ native)
     python3 bench/bench_native.py --model /tmp/llama8b.gguf --head-map head_maps/llama-3.1-8b-instruct.json \
         --contexts ${CONTEXTS:-4096 16384} --steps 48 --n-gpu-layers 99 --flash-attn 2>"$out/native.err" \
         | tee "$out/native${DYSCO_SCORE_PATH:+-$DYSCO_SCORE_PATH}.md"; tail -3 "$out/native.err" ;;
+profile)
+    for c in ${CONTEXTS:-32768}; do
+        python3 bench/cuda/step_profile.py /tmp/llama8b.gguf head_maps/llama-3.1-8b-instruct.json --context $c \
+            2>>"$out/profile.err" | tee -a "$out/profile${DYSCO_SCORE_PATH:+-$DYSCO_SCORE_PATH}.md"
+    done; tail -3 "$out/profile.err" ;;
+kernels)
+    for part in ${PARTS:-probe plain capture}; do
+        ${NCU:-$(command -v ncu || ls /usr/local/cuda*/bin/ncu | head -1)} --profile-from-start off --metrics gpu__time_duration.sum --csv --log-file "$out/ncu-$part.csv" \
+            python3 bench/cuda/kernel_profile.py /tmp/llama8b.gguf head_maps/llama-3.1-8b-instruct.json \
+            --context ${CONTEXTS:-32768} --part $part > "$out/kernels-$part.txt" 2>"$out/kernels-$part.err"
+        python3 bench/cuda/kernel_profile.py --summarize "$out/ncu-$part.csv" >> "$out/kernels-$part.txt"
+        head -30 "$out/kernels-$part.txt"
+    done ;;
 model)
     m=/tmp/llama8b.gguf
     [ -f $m ] || python3 bench/cuda/make_random_gguf.py --shape llama-3.1-8b --vocab-from .dev/device/tiny-qwen3-v1-f32.gguf --out $m > "$out/make.log" 2>&1

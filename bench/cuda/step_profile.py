@@ -12,7 +12,8 @@ from collections import defaultdict
 
 import numpy as np
 
-from dysco_edge.decode import dysco_tokens, plain_tokens, plan_warmups
+from dysco_edge import decode
+from dysco_edge.decode import DyscoRun, dysco_tokens, plain_tokens, plan_warmups
 from dysco_edge.engine import Engine, EngineOptions
 from dysco_edge.head_maps import load_head_map
 from dysco_edge.sampling import Sampler
@@ -20,28 +21,37 @@ from dysco_edge.sampling import Sampler
 import llama_cpp
 
 
+PARTS = ("decode", "probe", "observe", "select+bias", "clear_bias", "sample", "python rest")
+
+
 class Timers:
     def __init__(self, eng, sampler, sync):
         self.t = defaultdict(float)
         self.on, self.ctx, self.sync = False, eng.ctx, sync
-        for obj, name in ((eng, "decode"), (eng.native, "probe"), (eng.native, "scores"),
-                          (eng.native, "set_bias"), (eng.native, "clear_bias"), (sampler, "sample")):
-            setattr(obj, name, self.wrap(name, getattr(obj, name)))
+        # (object, attribute, label, host-only): host-only steps are timed without a synchronize
+        targets = ((eng, "decode", "decode", False), (eng.native, "probe", "probe", False),
+                   (eng.native, "clear_bias", "clear_bias", False), (sampler, "sample", "sample", False),
+                   (DyscoRun, "observe", "observe", True), (DyscoRun, "set_bias", "select+bias", True))
+        for obj, attr, label, host in targets:
+            original = getattr(obj, attr)
+            original = getattr(original, "__wrapped_original__", original)
+            setattr(obj, attr, self.wrap(label, original, host))
 
-    def wrap(self, name, fn):
+    def wrap(self, name, fn, host=False):
         def timed(*a, **k):
             t0 = time.perf_counter()
             try:
                 return fn(*a, **k)
             finally:
                 if self.on:
-                    if self.sync:
+                    if self.sync and not host:
                         llama_cpp.llama_synchronize(self.ctx)
                     self.t[name] += time.perf_counter() - t0
+        timed.__wrapped_original__ = fn
         return timed
 
 
-def run(eng, prompt, gen, config, sync):
+def run(eng, prompt, gen, config, sync, in_context=None):
     eng.clear()
     sampler = Sampler()
     timers = Timers(eng, sampler, sync)
@@ -50,7 +60,8 @@ def run(eng, prompt, gen, config, sync):
         it = plain_tokens(eng, prompt, reuse=0, sampler=sampler, max_new_tokens=gen, is_end=never)
     else:
         warm = plan_warmups(len(prompt), config.context_warmup, 4)
-        it = dysco_tokens(eng, prompt, config, warm, reuse=0, sampler=sampler, max_new_tokens=gen, is_end=never)
+        it = dysco_tokens(eng, prompt, config, warm, reuse=0, sampler=sampler, max_new_tokens=gen, is_end=never,
+                          in_context=in_context)
     count, first = 0, None
     for _ in it:
         count += 1
@@ -73,16 +84,16 @@ def main():
     config = load_head_map(args.head_map).to_config()
     rng = np.random.default_rng(0)
     prompt = [int(t) for t in rng.integers(100, 30000, size=args.context)]
-    print(f"| context {args.context} | sync | ms/step | " + " | ".join(
-        ["decode", "probe", "scores", "set_bias", "clear_bias", "sample", "python rest"]) + " |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print(f"| context {args.context} | sync | ms/step | " + " | ".join(PARTS) + " |")
+    print("|---|---|---|" + "---|" * len(PARTS))
+    # "dysco numpy": the importance and selection in numpy instead of the context (A/B)
+    variants = (("plain", None, None), ("dysco", config, None), ("dysco numpy", config, False))
     for sync in (False, True):
-        for name, cfg in (("plain", None), ("dysco", config)):
+        for name, cfg, in_context in variants:
             eng = Engine(args.model, EngineOptions(n_ctx=args.context + args.gen + 16, n_gpu_layers=99, flash_attn=True))
-            run(eng, prompt[:512], 8, cfg, sync)  # warm up graphs
-            ms, parts = run(eng, prompt, args.gen, cfg, sync)
-            cells = " | ".join(f"{parts.get(k, 0.0):.3f}" for k in
-                               ("decode", "probe", "scores", "set_bias", "clear_bias", "sample", "python rest"))
+            run(eng, prompt[:512], 8, cfg, sync, in_context)  # warm up graphs
+            ms, parts = run(eng, prompt, args.gen, cfg, sync, in_context)
+            cells = " | ".join(f"{parts.get(k, 0.0):.3f}" for k in PARTS)
             print(f"| {name} | {sync} | {ms:.3f} | {cells} |", flush=True)
             eng.close()
 

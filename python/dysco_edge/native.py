@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 from cffi import FFI
 
+from .config import HARD_MASK_STRENGTH
+
 _CDEF = """
 const char * dysco_last_error(void);
 int32_t dysco_set_heads(void * ctx, const int32_t * layers, const int32_t * heads, int32_t n_heads);
@@ -28,6 +30,13 @@ int32_t dysco_head_scores_shape(void * ctx, int32_t * n_layer, int32_t * n_head,
 int32_t dysco_get_head_scores(void * ctx, float * out, int64_t n_max);
 int32_t dysco_set_attn_scale(void * ctx, float scale);
 int32_t dysco_set_slot_layout(void * ctx, bool on, const int32_t * hidden, int32_t n_hidden, int32_t view_seq);
+int32_t dysco_importance_reset(void * ctx, int32_t n_positions);
+int32_t dysco_importance_update(void * ctx, double decay);
+int32_t dysco_importance_get(void * ctx, double * out, int32_t n_max);
+int32_t dysco_importance_set(void * ctx, const double * values, int32_t n);
+int32_t dysco_select_bias(void * ctx, int32_t seq_id, int32_t pos, double top_p, int32_t top_k, double strength,
+                          double hard_strength, const uint8_t * template_mask, int32_t n_template,
+                          int32_t * selected, int32_t n_max);
 """
 
 ERR_ARGUMENT, ERR_HEAD, ERR_NO_HEADS, ERR_RANGE, ERR_DECODE, ERR_NO_SCORES, ERR_UNSUPPORTED = range(-1, -8, -1)
@@ -161,3 +170,41 @@ class NativeContext:
 
     def clear_slot_layout(self) -> None:
         _check(self._lib.dysco_set_slot_layout(self._ctx, False, _ffi.NULL, 0, -1), "dysco_set_slot_layout")
+
+    # ---- host-side bookkeeping in the context (selection.py's twin in C, same bits) ----
+
+    def importance_reset(self, n_positions: int) -> None:
+        _check(self._lib.dysco_importance_reset(self._ctx, int(n_positions)), "dysco_importance_reset")
+
+    def importance_update(self, decay: float) -> int:
+        """Update the importance from the last scores; returns its new length."""
+        return _check(self._lib.dysco_importance_update(self._ctx, float(decay)), "dysco_importance_update")
+
+    def importance(self) -> np.ndarray:
+        """The importance vector kept in the context (a float64 copy)."""
+        n = _check(self._lib.dysco_importance_get(self._ctx, _ffi.NULL, 0), "dysco_importance_get")
+        out = np.empty(n, dtype=np.float64)
+        _check(self._lib.dysco_importance_get(self._ctx, _ffi.cast("double *", _ffi.from_buffer(out)), n),
+               "dysco_importance_get")
+        return out
+
+    def set_importance(self, values: np.ndarray) -> None:
+        """Replace the importance kept in the context (finite values >= 0)."""
+        arr = np.ascontiguousarray(values, dtype=np.float64)
+        _check(self._lib.dysco_importance_set(self._ctx, _ffi.cast("const double *", _ffi.from_buffer(arr)), arr.size),
+               "dysco_importance_set")
+
+    def select_bias(self, pos: int, top_p: float | None, top_k: int | None, strength: float,
+                    template: np.ndarray, *, want_selected: bool = False, seq_id: int = 0):
+        """Select S from the importance (over 0..pos) and set the bias for the token at `pos`.
+
+        Returns S (ascending int64) when `want_selected`, else its size."""
+        mask = np.ascontiguousarray(template, dtype=np.uint8)
+        out = np.empty(pos + 1 if want_selected else 0, dtype=np.int32)
+        rc = self._lib.dysco_select_bias(
+            self._ctx, int(seq_id), int(pos), -1.0 if top_p is None else float(top_p),
+            -1 if top_k is None else int(top_k), float(strength), HARD_MASK_STRENGTH,
+            _ffi.cast("const uint8_t *", _ffi.from_buffer(mask)), mask.size,
+            _ffi.cast("int32_t *", _ffi.from_buffer(out)) if want_selected else _ffi.NULL, out.size)
+        count = _check(rc, "dysco_select_bias")
+        return out[:count].astype(np.int64) if want_selected else count

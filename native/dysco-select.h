@@ -1,0 +1,21 @@
+// Host-side DySCO bookkeeping: the importance update and the selection S (DYSCO_SPEC.md "State",
+// "Procedure" 3.2-3.3), the C twin of python/dysco_edge/selection.py with the same bits.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+// importance := (attn[0..q-1] + decay * importance, attn[q]) / their sum, for q = importance.size()
+// and attn of q + 1 entries. False (importance untouched) when the sum is not finite and > 0.
+bool dysco_importance_step(std::vector<double> & importance, const std::vector<float> & attn, double decay);
+
+// S in ascending positions: the nucleus of mass top_p (top_p > 0), the top_k largest (top_k > 0),
+// or, with both, the nucleus unless it holds more than top_k positions. Ties at the boundary keep
+// the lower positions. `scratch` is reused between calls.
+void dysco_select(const std::vector<double> & importance, double top_p, int32_t top_k,
+                  std::vector<double> & scratch, std::vector<int32_t> & out);
+
+// The bias over positions 0..pos: soft (strength < hard_strength) log(strength) on S minus the
+// template positions and on pos, 0 elsewhere; hard 0 on S and pos, -inf elsewhere.
+void dysco_bias_fill(const std::vector<int32_t> & selected, int32_t pos, double strength, double hard_strength,
+                     const uint8_t * template_mask, int32_t n_template, std::vector<float> & bias);
