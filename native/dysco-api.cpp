@@ -377,8 +377,6 @@ int32_t dysco_set_slot_layout(llama_context * ctx, bool on, const int32_t * hidd
     return dysco_ok();
 }
 
-} // extern "C"
-
 int32_t dysco_importance_reset(llama_context * ctx, int32_t n_positions) {
     if (!ctx || n_positions < 0) {
         return dysco_fail(DYSCO_ERR_ARGUMENT, "dysco_importance_reset: null context or n_positions = %d", n_positions);
@@ -400,7 +398,7 @@ int32_t dysco_importance_update(llama_context * ctx, double decay) {
                           "covers %zu; expected one more (reset it to the positions fed before the first scores)",
                           st.scores.size(), st.importance.size());
     }
-    if (!dysco_importance_step(st.importance, st.scores, decay)) {
+    if (!dysco_importance_step(st.importance, st.importance_next, st.scores, decay)) {
         return dysco_fail(DYSCO_ERR_ARGUMENT, "dysco_importance_update: the updated scores do not sum to a finite "
                           "positive total (decay = %g)", decay);
     }
@@ -457,3 +455,5 @@ int32_t dysco_select_bias(llama_context * ctx, int32_t seq_id, int32_t pos, doub
     }
     return (int32_t) st.selected.size();
 }
+
+} // extern "C"

@@ -37,9 +37,10 @@ static double sum_pairwise(const double * a, size_t n) {
     return sum_pairwise(a, half) + sum_pairwise(a + half, n - half);
 }
 
-bool dysco_importance_step(std::vector<double> & importance, const std::vector<float> & attn, double decay) {
+bool dysco_importance_step(std::vector<double> & importance, std::vector<double> & next, const std::vector<float> & attn,
+                           double decay) {
     const size_t q = importance.size();
-    std::vector<double> next(q + 1);
+    next.resize(q + 1);
     for (size_t i = 0; i < q; ++i) {
         next[i] = importance[i] * decay + (double) attn[i];
     }
@@ -88,7 +89,8 @@ static void largest_unordered(const std::vector<double> & x, size_t m, std::vect
     if (out.size() < m) { // the floor was too high (or not tried): every value is a candidate
         out.assign(x.begin(), x.end());
     }
-    if (m < out.size()) {
+    // also when m is every candidate: out[m - 1] must be the m-th largest
+    if (m > 0 && m <= out.size()) {
         std::nth_element(out.begin(), out.begin() + (std::ptrdiff_t) m - 1, out.end(), std::greater<double>());
         out.resize(m);
     }
@@ -100,20 +102,18 @@ static void largest_descending(const std::vector<double> & x, size_t m, std::vec
     std::sort(out.begin(), out.end(), std::greater<double>());
 }
 
-// Hybrid selection when the k largest hold at most top_p of the mass, so S is the top k: true
-// and the k-th largest value. Decided on their sum in any order, so no sort, with a margin far
-// above the rounding by which it differs from selection.py's sorted running sum (k * 2^-52).
-static bool top_k_fits_nucleus(const std::vector<double> & x, size_t k, double top_p, std::vector<double> & top,
-                               double & kth) {
-    if (k >= x.size()) {
-        return false;
-    }
-    largest_unordered(x, k, top);
+// Given the k + 1 largest values (any order, top[k] the smallest): whether the k largest hold at
+// most top_p of the mass, so that the hybrid S is the top k, and the k-th largest value. Decided
+// on their sum in any order, so no sort, with a margin far above the rounding by which it differs
+// from selection.py's sorted running sum (k * 2^-52).
+static bool top_k_fits_nucleus(const std::vector<double> & top, double top_p, double & kth) {
+    const size_t k = top.size() - 1;
     double sum = 0.0;
-    for (double v : top) {
-        sum += v;
+    kth = top[0];
+    for (size_t i = 0; i < k; ++i) {
+        sum += top[i];
+        kth = std::min(kth, top[i]);
     }
-    kth = top[k - 1];
     return sum <= top_p - 1e-9;
 }
 
@@ -159,15 +159,10 @@ void dysco_select(const std::vector<double> & x, double top_p, int32_t top_k, st
     const size_t n = x.size();
     size_t count = 0;
     double cum = 0.0;
-    double kth = 0.0;
     if (top_p <= 0.0) {
         count = std::min<size_t>((size_t) top_k, n);
         largest_unordered(x, count, desc);
         positions_of_largest(x, count, desc[count - 1], out);
-        return;
-    }
-    if (top_k > 0 && top_k_fits_nucleus(x, (size_t) top_k, top_p, desc, kth)) {
-        positions_of_largest(x, (size_t) top_k, kth, out);
         return;
     }
     if (top_k <= 0) {
@@ -178,7 +173,14 @@ void dysco_select(const std::vector<double> & x, double top_p, int32_t top_k, st
             count = nucleus_count(desc, top_p, cum);
         }
     } else {
-        largest_descending(x, std::min(n, (size_t) top_k + 1), desc);
+        const size_t m = std::min(n, (size_t) top_k + 1);
+        largest_unordered(x, m, desc);
+        double kth = 0.0;
+        if (m == (size_t) top_k + 1 && top_k_fits_nucleus(desc, top_p, kth)) {
+            positions_of_largest(x, (size_t) top_k, kth, out);
+            return;
+        }
+        std::sort(desc.begin(), desc.end(), std::greater<double>());
         count = std::min(nucleus_count(desc, top_p, cum), (size_t) top_k);
     }
     positions_of_largest(x, count, desc[count - 1], out);

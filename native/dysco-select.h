@@ -6,8 +6,10 @@
 #include <vector>
 
 // importance := (attn[0..q-1] + decay * importance, attn[q]) / their sum, for q = importance.size()
-// and attn of q + 1 entries. False (importance untouched) when the sum is not finite and > 0.
-bool dysco_importance_step(std::vector<double> & importance, const std::vector<float> & attn, double decay);
+// and attn of q + 1 entries, computed in `next` and swapped in. False (importance untouched) when
+// the sum is not finite and > 0.
+bool dysco_importance_step(std::vector<double> & importance, std::vector<double> & next, const std::vector<float> & attn,
+                           double decay);
 
 // S in ascending positions: the nucleus of mass top_p (top_p > 0), the top_k largest (top_k > 0),
 // or, with both, the nucleus unless it holds more than top_k positions. Ties at the boundary keep

@@ -100,6 +100,7 @@ struct dysco_state {
     llm_graph_result *     probe_active = nullptr;
 
     std::vector<double>  importance;       // [positions seen] host-side bookkeeping (dysco_importance_*)
+    std::vector<double>  importance_next;  // the update's output, swapped in (no allocation per step)
     std::vector<double>  select_scratch;   // the largest importance values of a selection
     std::vector<int32_t> selected;         // S of the last dysco_select_bias
     std::vector<float>   bias_scratch;     // [pos + 1]

@@ -29,7 +29,8 @@ def filled():
         yield eng
 
 
-SELECTIONS = [(0.975, 4096), (0.9, 64), (None, 300), (0.5, None), (1.0, None), (0.999, None), (0.3, 1)]
+SELECTIONS = [(0.975, 4096), (0.9, 64), (None, 300), (None, N), (0.5, None), (1.0, None), (0.999, None), (0.3, 1),
+              (0.9, N + 10)]
 
 
 @pytest.mark.parametrize("seed", range(12))

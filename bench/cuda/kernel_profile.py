@@ -82,6 +82,10 @@ def run(args):
     eng.close()
 
 
+# ncu writes gpu__time_duration in a unit of its choosing (the name differs between versions)
+UNIT_US = {"ns": 1e-3, "nsecond": 1e-3, "us": 1.0, "usecond": 1.0, "ms": 1e3, "msecond": 1e3}
+
+
 def summarize(path):
     totals, counts = defaultdict(float), defaultdict(int)
     with open(path, newline="") as f:
@@ -89,7 +93,10 @@ def summarize(path):
     for row in csv.DictReader(rows):
         if row.get("Metric Name") != "gpu__time_duration.sum":
             continue
-        scale = {"nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3}.get(row["Metric Unit"], 1.0)
+        unit = row["Metric Unit"]
+        if unit not in UNIT_US:
+            sys.exit(f"kernel_profile: unknown time unit {unit!r} in {path}; expected one of {sorted(UNIT_US)}")
+        scale = UNIT_US[unit]
         name = row["Kernel Name"].split("(")[0].split("<")[0][:60]
         totals[name] += float(row["Metric Value"].replace(",", "")) * scale
         counts[name] += 1

@@ -28,25 +28,24 @@ class StepTrace:
 class DyscoRun:
     """DySCO's state for one generation: importance, static selection, trace.
 
-    The importance lives in `scores` (numpy), or with `in_context` in the llama context, where
+    The importance lives in `scores` (numpy), or, with `scores` None, in the llama context, where
     dysco_select_bias also selects and sets the bias (same bits, fewer passes over every
     position: the update went from 0.26 to 0.15 ms a step at 32K on the GPU machine's host).
     """
     config: DyscoConfig
     template: np.ndarray                # [n_prompt] bool
-    scores: ImportanceBuffer            # importance over the positions seen (unused when in_context)
+    scores: Optional[ImportanceBuffer]  # importance over the positions seen; None: kept in the context
     static_selection: Optional[np.ndarray] = None
     trace: Optional[list[StepTrace]] = None
-    in_context: bool = False
 
     def __post_init__(self):
         if self.in_context and not self.config.dynamic:
-            raise ValueError("in_context bookkeeping is for dynamic DySCO; static DySCO selects once in numpy")
+            raise ValueError("in-context bookkeeping is for dynamic DySCO; static DySCO selects once in numpy")
         self.template_u8 = np.ascontiguousarray(self.template, dtype=np.uint8)
 
-    def start(self, native, n_positions: int) -> None:
-        if self.in_context:
-            native.importance_reset(n_positions)
+    @property
+    def in_context(self) -> bool:
+        return self.scores is None
 
     def importance(self, native) -> np.ndarray:  # [positions seen]
         return native.importance() if self.in_context else self.scores.values
@@ -188,10 +187,10 @@ def dysco_tokens(engine: Engine, prompt: Sequence[int], config: DyscoConfig, war
     engine.native.set_heads(config.qr_heads)
     if in_context is None:
         in_context = config.dynamic and type(engine.native) is NativeContext
-    run = DyscoRun(config, template_mask(prompt, config.template_sequences),
-                   ImportanceBuffer(0 if in_context else start_fed, capacity=0 if in_context else engine.n_ctx + 1),
-                   trace=trace, in_context=in_context)
-    run.start(engine.native, start_fed)
+    if in_context:
+        engine.native.importance_reset(start_fed)
+    scores = None if in_context else ImportanceBuffer(start_fed, capacity=engine.n_ctx + 1)
+    run = DyscoRun(config, template_mask(prompt, config.template_sequences), scores, trace=trace)
     warm_context(engine, run, prompt, start_fed, first_iv)
     for pos in range(first_iv, n):
         intervene(engine, run, prompt[pos], pos, want_logits=pos == n - 1)

@@ -100,6 +100,13 @@ class NativeContext:
         self._ctx = _ffi.cast("void *", ctx_address)
         self._scores = np.zeros(0, dtype=np.float32)
 
+    def _read_vector(self, getter, dtype, c_type: str, what: str) -> np.ndarray:
+        """A vector from a C getter that returns its length when given a null buffer."""
+        n = _check(getter(self._ctx, _ffi.NULL, 0), what)
+        out = np.empty(n, dtype=dtype)
+        _check(getter(self._ctx, _ffi.cast(c_type, _ffi.from_buffer(out)), n), what)
+        return out
+
     def set_heads(self, heads) -> None:
         pairs = [(int(layer), int(head)) for layer, head in heads]
         layers = _ffi.new("int32_t[]", [p[0] for p in pairs])
@@ -129,11 +136,7 @@ class NativeContext:
 
     def scores(self) -> np.ndarray:
         """Mean QR-head attention of the last scored token over positions 0..p (a copy)."""
-        n = _check(self._lib.dysco_get_scores(self._ctx, _ffi.NULL, 0), "dysco_get_scores")
-        out = np.empty(n, dtype=np.float32)
-        _check(self._lib.dysco_get_scores(self._ctx, _ffi.cast("float *", _ffi.from_buffer(out)), n),
-               "dysco_get_scores")
-        return out
+        return self._read_vector(self._lib.dysco_get_scores, np.float32, "float *", "dysco_get_scores")
 
     def scores_pos(self) -> int:
         return _check(self._lib.dysco_scores_pos(self._ctx), "dysco_scores_pos")
@@ -182,11 +185,7 @@ class NativeContext:
 
     def importance(self) -> np.ndarray:
         """The importance vector kept in the context (a float64 copy)."""
-        n = _check(self._lib.dysco_importance_get(self._ctx, _ffi.NULL, 0), "dysco_importance_get")
-        out = np.empty(n, dtype=np.float64)
-        _check(self._lib.dysco_importance_get(self._ctx, _ffi.cast("double *", _ffi.from_buffer(out)), n),
-               "dysco_importance_get")
-        return out
+        return self._read_vector(self._lib.dysco_importance_get, np.float64, "double *", "dysco_importance_get")
 
     def set_importance(self, values: np.ndarray) -> None:
         """Replace the importance kept in the context (finite values >= 0)."""
