@@ -11,11 +11,19 @@
 bool dysco_importance_step(std::vector<double> & importance, std::vector<double> & next, const std::vector<float> & attn,
                            double decay);
 
+// Reused between selections (no allocation per step).
+struct dysco_select_scratch {
+    std::vector<double>  values;    // candidate values, in position order
+    std::vector<int32_t> positions; // their positions
+    std::vector<double>  top;       // the largest candidate values, descending; the floor's sample before that
+    std::vector<uint64_t> keys;     // their bits, in the radix select
+};
+
 // S in ascending positions: the nucleus of mass top_p (top_p > 0), the top_k largest (top_k > 0),
 // or, with both, the nucleus unless it holds more than top_k positions. Ties at the boundary keep
-// the lower positions. `scratch` is reused between calls.
+// the lower positions.
 void dysco_select(const std::vector<double> & importance, double top_p, int32_t top_k,
-                  std::vector<double> & scratch, std::vector<int32_t> & out);
+                  dysco_select_scratch & scratch, std::vector<int32_t> & out);
 
 // The bias over positions 0..pos: soft (strength < hard_strength) log(strength) on S minus the
 // template positions and on pos, 0 elsewhere; hard 0 on S and pos, -inf elsewhere.

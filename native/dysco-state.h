@@ -6,6 +6,7 @@
 #include "llama-graph.h"
 
 #include "ggml-cpp.h"
+#include "dysco-select.h"
 
 #include <cstdint>
 #include <map>
@@ -101,7 +102,7 @@ struct dysco_state {
 
     std::vector<double>  importance;       // [positions seen] host-side bookkeeping (dysco_importance_*)
     std::vector<double>  importance_next;  // the update's output, swapped in (no allocation per step)
-    std::vector<double>  select_scratch;   // the largest importance values of a selection
+    dysco_select_scratch select_scratch;   // candidates of a selection
     std::vector<int32_t> selected;         // S of the last dysco_select_bias
     std::vector<float>   bias_scratch;     // [pos + 1]
 

@@ -16,16 +16,28 @@ from dysco_edge.selection import ImportanceBuffer, select_positions
 from test_selection import random_importance, tied_importance
 
 N = 5000  # past selection.py's 4096-value nucleus probe, so both of its branches run
+N_LARGE = 20000  # past 8192, where the C selection filters candidates by a sampled floor
 HEADS = [(1, 5), (1, 2), (2, 7), (3, 0)]
+
+
+def filled_context(n):
+    """A tiny model's context holding n - 1 positions, with QR heads set."""
+    eng = Engine(models.tiny_llama_f32(), EngineOptions(n_ctx=n + 64, n_batch=2048))
+    rng = np.random.default_rng(0)
+    eng.decode([int(t) for t in rng.integers(100, 30000, size=n - 1)], 0, want_logits=False)
+    eng.native.set_heads(HEADS)
+    return eng
 
 
 @pytest.fixture(scope="module")
 def filled():
-    """A tiny model's context holding N - 1 positions, with QR heads set."""
-    with Engine(models.tiny_llama_f32(), EngineOptions(n_ctx=N + 64)) as eng:
-        rng = np.random.default_rng(0)
-        eng.decode([int(t) for t in rng.integers(100, 30000, size=N - 1)], 0, want_logits=False)
-        eng.native.set_heads(HEADS)
+    with filled_context(N) as eng:
+        yield eng
+
+
+@pytest.fixture(scope="module")
+def filled_large():
+    with filled_context(N_LARGE) as eng:
         yield eng
 
 
@@ -36,14 +48,24 @@ SELECTIONS = [(0.975, 4096), (0.9, 64), (None, 300), (None, N), (0.5, None), (1.
 @pytest.mark.parametrize("seed", range(12))
 @pytest.mark.parametrize("top_p,top_k", SELECTIONS)
 def test_select_bias_picks_what_select_positions_picks(filled, seed, top_p, top_k):
-    rng = np.random.default_rng(seed)
-    x = (tied_importance(rng, N) if seed % 3 == 0 else random_importance(rng, N, [0.02, 0.3, 5.0][seed % 3]))
-    filled.native.set_importance(x)
-    template = rng.random(N // 2) < 0.1
-    selected = filled.native.select_bias(N - 1, top_p, top_k, 2.0, template, want_selected=True)
+    check_select_bias(filled, N, np.random.default_rng(seed), seed, top_p, top_k)
+
+
+# the hybrid's nucleus smaller than top_k, the nucleus alone, top-k alone, among 20000 positions
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("top_p,top_k", [(0.975, 4096), (0.5, 4096), (0.2, 64), (0.9, None), (None, 300)])
+def test_select_bias_over_sampled_candidates(filled_large, seed, top_p, top_k):
+    check_select_bias(filled_large, N_LARGE, np.random.default_rng(100 + seed), seed, top_p, top_k)
+
+
+def check_select_bias(eng, n, rng, seed, top_p, top_k):
+    x = (tied_importance(rng, n) if seed % 3 == 0 else random_importance(rng, n, [0.02, 0.3, 5.0][seed % 3]))
+    eng.native.set_importance(x)
+    template = rng.random(n // 2) < 0.1
+    selected = eng.native.select_bias(n - 1, top_p, top_k, 2.0, template, want_selected=True)
     np.testing.assert_array_equal(selected, select_positions(x, top_p, top_k))
-    assert filled.native.select_bias(N - 1, top_p, top_k, 2.0, template) == selected.size
-    filled.native.clear_bias()
+    assert eng.native.select_bias(n - 1, top_p, top_k, 2.0, template) == selected.size
+    eng.native.clear_bias()
 
 
 def test_importance_update_has_numpy_bits(filled):

@@ -1,12 +1,20 @@
 #!/usr/bin/env bash
 # On the lent GPU machine, from the repository root, after bench/cuda/prepare.sh ran here and
 # .dev was carried: build with CUDA, check against the CPU backend, then measure speed.
-#   bench/cuda/run.sh build|check|speed|native|profile|kernels|model
+#   bench/cuda/run.sh build|check|speed|native|profile|kernels|model|select
+# SHAPE=llama-3.1-8b (default) or qwen3-8b picks the random-weight model and its published heads.
 set -uo pipefail
 out=${OUT:-/tmp/out}; mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .dev/device/wheels/*.whl >/dev/null 2>&1
 export PYTHONPATH=/tmp/site:$PWD/python:$PWD/.dev/device/pylib
 export DYSCO_EDGE_LIB_DIR=$PWD/build/cuda/bin PYTHONUNBUFFERED=1
+shape=${SHAPE:-llama-3.1-8b}
+m=/tmp/$shape.gguf
+case "$shape" in llama-3.1-8b) heads=head_maps/llama-3.1-8b-instruct.json ;; *) heads=head_maps/$shape.json ;; esac
+make_model() {
+    [ -f $m ] || python3 bench/cuda/make_random_gguf.py --shape $shape --vocab-from .dev/device/tiny-qwen3-v1-f32.gguf --out $m > "$out/make.log" 2>&1
+    tail -2 "$out/make.log"
+}
 case "$1" in
 build)
     nvidia-smi -L | tee "$out/device.txt"
@@ -24,31 +32,30 @@ check)
     DYSCO_SCHED_REPORT=1 python3 bench/cuda/check_cuda.py .dev/device/tiny-qwen3-v1-f32.gguf > "$out/check.md" 2> "$out/check.err"
     rc=$?; cat "$out/check.md"; sort "$out/check.err" | uniq -c | grep "dysco sched" | head; tail -3 "$out/check.err"; exit $rc ;;
 speed)
-    m=/tmp/llama8b.gguf
-    [ -f $m ] || python3 bench/cuda/make_random_gguf.py --shape llama-3.1-8b --vocab-from .dev/device/tiny-qwen3-v1-f32.gguf --out $m > "$out/make.log" 2>&1
-    tail -2 "$out/make.log"
-    python3 bench/bench_decode.py --model $m --head-map head_maps/llama-3.1-8b-instruct.json \
-        --contexts ${CONTEXTS:-4096 16384 32768} --gen 64 --n-gpu-layers 99 --flash-attn 2>"$out/speed.err" | tee "$out/speed.md"
-    tail -3 "$out/speed.err" ;;
+    make_model
+    python3 bench/bench_decode.py --model $m --head-map $heads --contexts ${CONTEXTS:-4096 16384 32768} \
+        --gen ${GEN:-64} --repeats ${REPEATS:-1} --n-gpu-layers 99 --flash-attn 2>"$out/speed-$shape.err" | tee "$out/speed-$shape.md"
+    tail -3 "$out/speed-$shape.err" ;;
 native)
-    python3 bench/bench_native.py --model /tmp/llama8b.gguf --head-map head_maps/llama-3.1-8b-instruct.json \
+    python3 bench/bench_native.py --model $m --head-map $heads \
         --contexts ${CONTEXTS:-4096 16384} --steps 48 --n-gpu-layers 99 --flash-attn 2>"$out/native.err" \
         | tee "$out/native${DYSCO_SCORE_PATH:+-$DYSCO_SCORE_PATH}.md"; tail -3 "$out/native.err" ;;
 profile)
     for c in ${CONTEXTS:-32768}; do
-        python3 bench/cuda/step_profile.py /tmp/llama8b.gguf head_maps/llama-3.1-8b-instruct.json --context $c \
+        python3 bench/cuda/step_profile.py $m $heads --context $c \
             2>>"$out/profile.err" | tee -a "$out/profile${DYSCO_SCORE_PATH:+-$DYSCO_SCORE_PATH}.md"
     done; tail -3 "$out/profile.err" ;;
 kernels)
     for part in ${PARTS:-probe plain capture}; do
         ${NCU:-$(command -v ncu || ls /usr/local/cuda*/bin/ncu | head -1)} --profile-from-start off --metrics gpu__time_duration.sum --csv --log-file "$out/ncu-$part.csv" \
-            python3 bench/cuda/kernel_profile.py /tmp/llama8b.gguf head_maps/llama-3.1-8b-instruct.json \
+            python3 bench/cuda/kernel_profile.py $m $heads \
             --context ${CONTEXTS:-32768} --part $part > "$out/kernels-$part.txt" 2>"$out/kernels-$part.err"
         python3 bench/cuda/kernel_profile.py --summarize "$out/ncu-$part.csv" >> "$out/kernels-$part.txt"
         head -30 "$out/kernels-$part.txt"
     done ;;
 model)
-    m=/tmp/llama8b.gguf
-    [ -f $m ] || python3 bench/cuda/make_random_gguf.py --shape llama-3.1-8b --vocab-from .dev/device/tiny-qwen3-v1-f32.gguf --out $m > "$out/make.log" 2>&1
-    tail -2 "$out/make.log" ;;
+    make_model ;;
+select)
+    g++ -O2 -ffp-contract=off -ftree-vectorize -Inative bench/select_timing.cpp native/dysco-select.cpp -o /tmp/select_timing \
+        && /tmp/select_timing ${CONTEXTS:-32768} | tee "$out/select_timing.md" ;;
 esac
