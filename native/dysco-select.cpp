@@ -90,11 +90,9 @@ static void candidates_collect(const std::vector<double> & x, double floor, bool
     c.positions.resize(kept);
 }
 
-// The rank-th largest (1 <= rank <= size) of non-negative doubles, whose bit patterns order them
-// as integers: a radix select, 8 bits a round, from the highest bit where the values differ. No
-// data-dependent branches: std::nth_element mispredicted its way to 125 us on 6400 values.
-static double kth_largest(const std::vector<double> & values, size_t rank, dysco_select_scratch & c) {
-    std::vector<uint64_t> & keys = c.keys;
+// The bit patterns of `values` into `keys`; returns the bits on which they differ (a digit with
+// none needs no counting: every key falls in one bucket).
+static uint64_t keys_from_values(const std::vector<double> & values, std::vector<uint64_t> & keys) {
     keys.resize(values.size());
     std::memcpy(keys.data(), values.data(), values.size() * sizeof(double));
     uint64_t all_and = ~(uint64_t) 0, all_or = 0;
@@ -102,8 +100,26 @@ static double kth_largest(const std::vector<double> & values, size_t rank, dysco
         all_and &= k;
         all_or |= k;
     }
-    const uint64_t differ = all_and ^ all_or;
-    uint64_t kth = all_and & all_or; // the bits every value shares
+    return all_and ^ all_or;
+}
+
+// Keeps the keys whose 8-bit digit at `shift` is `digit` (branch-free, in place).
+static void keys_keep_digit(std::vector<uint64_t> & keys, int shift, uint64_t digit) {
+    size_t kept = 0;
+    for (uint64_t k : keys) {
+        keys[kept] = k;
+        kept += (size_t) (((k >> shift) & 255) == digit);
+    }
+    keys.resize(kept);
+}
+
+// The rank-th largest (1 <= rank <= size) of non-negative doubles, whose bit patterns order them
+// as integers: a radix select, 8 bits a round, from the highest bit where the values differ. No
+// data-dependent branches: std::nth_element mispredicted its way to 125 us on 6400 values.
+static double kth_largest(const std::vector<double> & values, size_t rank, dysco_select_scratch & c) {
+    std::vector<uint64_t> & keys = c.keys;
+    const uint64_t differ = keys_from_values(values, keys);
+    uint64_t kth = keys.empty() ? 0 : keys[0] & ~differ; // the bits every value shares
     for (int shift = 56; shift >= 0; shift -= 8) {
         if (((differ >> shift) & 255) == 0) {
             continue;
@@ -127,12 +143,7 @@ static double kth_largest(const std::vector<double> & values, size_t rank, dysco
             rank -= in_digit;
         }
         kth = (kth & ~((uint64_t) 255 << shift)) | (digit << shift);
-        size_t kept = 0;
-        for (uint64_t k : keys) {
-            keys[kept] = k;
-            kept += (size_t) (((k >> shift) & 255) == digit);
-        }
-        keys.resize(kept);
+        keys_keep_digit(keys, shift, digit);
     }
     double value;
     std::memcpy(&value, &kth, sizeof value);
@@ -220,20 +231,15 @@ static const size_t NUCLEUS_PROBE = 4096;
 // only a sort decides those.
 static bool nucleus_by_mass(dysco_select_scratch & c, double top_p, size_t & count, double & t) {
     std::vector<uint64_t> & keys = c.keys;
-    keys.resize(c.values.size());
-    std::memcpy(keys.data(), c.values.data(), c.values.size() * sizeof(double));
-    uint64_t all_and = ~(uint64_t) 0, all_or = 0;
     double total = 0.0;
-    for (size_t i = 0; i < keys.size(); ++i) {
-        all_and &= keys[i];
-        all_or |= keys[i];
-        total += c.values[i];
+    for (double v : c.values) {
+        total += v;
     }
     if (total <= top_p + 1e-9) {
         return false; // every candidate fits, or nearly
     }
     // a digit every key shares holds all the remaining mass, which crosses top_p: nothing to count
-    const uint64_t differ = all_and ^ all_or;
+    const uint64_t differ = keys_from_values(c.values, keys);
     double mass_above = 0.0;
     size_t n_above = 0;
     for (int shift = 56; shift >= 0; shift -= 8) {
@@ -256,12 +262,7 @@ static bool nucleus_by_mass(dysco_select_scratch & c, double top_p, size_t & cou
         if (digit < 0) {
             return false; // every candidate fits
         }
-        size_t kept = 0;
-        for (uint64_t k : keys) {
-            keys[kept] = k;
-            kept += (size_t) (((k >> shift) & 255) == (uint64_t) digit);
-        }
-        keys.resize(kept);
+        keys_keep_digit(keys, shift, (uint64_t) digit);
     }
     std::memcpy(&t, &keys[0], sizeof t);
     // copies of t that fit: fewer than all of them, or the descent would have passed them
