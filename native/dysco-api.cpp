@@ -215,11 +215,10 @@ int32_t dysco_probe(llama_context * ctx, int32_t token, int32_t pos, int32_t seq
     return dysco_ok();
 }
 
-int32_t dysco_set_bias(llama_context * ctx, int32_t seq_id, const float * bias, int32_t n_bias) {
-    if (!ctx || seq_id < 0 || n_bias < 0 || (n_bias > 0 && !bias)) {
-        return dysco_fail(DYSCO_ERR_ARGUMENT, "dysco_set_bias: null context or bias, seq_id = %d, n_bias = %d", seq_id, n_bias);
-    }
-    auto & st = dysco_state_of(ctx);
+// Whether a bias of n_bias entries fits sequence seq_id: at most the next token's positions (or
+// the context's slots under a slot layout).
+static int32_t dysco_bias_check(llama_context * ctx, int32_t seq_id, int32_t n_bias) {
+    const auto & st = dysco_state_of(ctx);
     if (st.slots.on && n_bias > (int32_t) llama_n_ctx(ctx)) {
         return dysco_fail(DYSCO_ERR_RANGE, "bias covers %d slots but the context has %u", n_bias, llama_n_ctx(ctx));
     }
@@ -228,7 +227,18 @@ int32_t dysco_set_bias(llama_context * ctx, int32_t seq_id, const float * bias, 
         return dysco_fail(DYSCO_ERR_RANGE, "bias covers %d positions but sequence %d holds positions 0-%d; "
                           "a bias may cover at most the next token (%d positions)", n_bias, seq_id, pos_max, pos_max + 2);
     }
-    st.bias_by_seq[seq_id].assign(bias, bias + n_bias);
+    return dysco_ok();
+}
+
+int32_t dysco_set_bias(llama_context * ctx, int32_t seq_id, const float * bias, int32_t n_bias) {
+    if (!ctx || seq_id < 0 || n_bias < 0 || (n_bias > 0 && !bias)) {
+        return dysco_fail(DYSCO_ERR_ARGUMENT, "dysco_set_bias: null context or bias, seq_id = %d, n_bias = %d", seq_id, n_bias);
+    }
+    const int32_t rc = dysco_bias_check(ctx, seq_id, n_bias);
+    if (rc != DYSCO_OK) {
+        return rc;
+    }
+    dysco_state_of(ctx).bias_by_seq[seq_id].assign(bias, bias + n_bias);
     return dysco_ok();
 }
 
@@ -444,12 +454,13 @@ int32_t dysco_select_bias(llama_context * ctx, int32_t seq_id, int32_t pos, doub
                           "the bias is for the last of them (update the importance from this token's probe first)",
                           pos, st.importance.size());
     }
-    dysco_select(st.importance, top_p, top_k, st.select_scratch, st.selected);
-    dysco_bias_fill(st.selected, pos, strength, hard_strength, template_mask, n_template, st.bias_scratch);
-    const int32_t rc = dysco_set_bias(ctx, seq_id, st.bias_scratch.data(), (int32_t) st.bias_scratch.size());
+    const int32_t rc = dysco_bias_check(ctx, seq_id, pos + 1);
     if (rc != DYSCO_OK) {
         return rc;
     }
+    dysco_select(st.importance, top_p, top_k, st.select_scratch, st.selected);
+    // filled where the mask hook reads it: no second copy of a vector over every position per step
+    dysco_bias_fill(st.selected, pos, strength, hard_strength, template_mask, n_template, st.bias_by_seq[seq_id]);
     if (selected) {
         std::copy(st.selected.begin(), st.selected.begin() + std::min<size_t>(st.selected.size(), (size_t) n_max), selected);
     }

@@ -104,7 +104,6 @@ struct dysco_state {
     std::vector<double>  importance_next;  // the update's output, swapped in (no allocation per step)
     dysco_select_scratch select_scratch;   // candidates of a selection
     std::vector<int32_t> selected;         // S of the last dysco_select_bias
-    std::vector<float>   bias_scratch;     // [pos + 1]
 
     dysco_head_capture heads_cap;
     float              attn_scale = 1.0f; // multiplies every attention logit (AttnTS baseline); 1 = off
