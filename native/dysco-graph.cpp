@@ -129,14 +129,24 @@ static ggml_tensor * dysco_acc_add(const llm_graph_context & g, ggml_tensor * ac
     return ggml_add(g.ctx0, acc, probs);
 }
 
+// The unbiased mask row of the scored token. A probe (never biased) reads the attention's own KQ
+// mask; a capture pass, which a bias may share, gets a copy taken before the bias: [n_kv, 1]
+static ggml_tensor * dysco_score_mask(const llm_graph_context & g, dysco_state * st, ggml_tensor * kq_mask,
+                                      int64_t n_kv, int kind) {
+    if (st->scores_read_kq_mask(kq_mask) && kq_mask->ne[0] == n_kv) {
+        return ggml_view_2d(g.ctx0, kq_mask, n_kv, 1, kq_mask->nb[1], (kq_mask->ne[1] - 1) * kq_mask->nb[1]);
+    }
+    // the attention input beside it already refuses reuse when n_kv changes
+    return dysco_mask_input(g, st->build[kind].mask, st->row[kind].mask, n_kv, 1, DYSCO_MASK_NAME[kind], true);
+}
+
 static void dysco_graph_qr_scores(const llm_graph_context & g, dysco_state * st, ggml_tensor * q, ggml_tensor * k,
-                                  float kq_scale, int il, int kind) {
+                                  ggml_tensor * kq_mask, float kq_scale, int il, int kind) {
     if (!st->scoring() || il >= (int) st->heads_by_layer.size() || st->heads_by_layer[il].empty()) {
         return;
     }
     const int64_t n_kv = k->ne[2];
-    // the attention input beside it already refuses reuse when n_kv changes
-    ggml_tensor * mask = dysco_mask_input(g, st->build[kind].mask, st->row[kind].mask, n_kv, 1, DYSCO_MASK_NAME[kind], true);
+    ggml_tensor * mask = dysco_score_mask(g, st, kq_mask, n_kv, kind);
 
     const auto & heads = st->heads_by_layer[il];
     const int64_t n_gqa = q->ne[1] / k->ne[1];
@@ -191,7 +201,8 @@ static void dysco_graph_capture_heads(const llm_graph_context & g, dysco_state *
     ggml_build_forward_expand(g.gf, sum);
 }
 
-float dysco_graph_attn(const llm_graph_context & g, ggml_tensor * q, ggml_tensor * k, float kq_scale, int il, bool is_swa) {
+float dysco_graph_attn(const llm_graph_context & g, ggml_tensor * q, ggml_tensor * k, ggml_tensor * kq_mask, float kq_scale,
+                       int il, bool is_swa) {
     dysco_state * st = g.cparams.dysco;
     if (!st) {
         return kq_scale;
@@ -200,7 +211,7 @@ float dysco_graph_attn(const llm_graph_context & g, ggml_tensor * q, ggml_tensor
     // scores follow one sequence: a ubatch spread over several KV streams is not scored
     if (k->ne[3] == 1) {
         const int kind = is_swa ? DYSCO_CACHE_SWA : DYSCO_CACHE_BASE;
-        dysco_graph_qr_scores(g, st, q, k, kq_scale, il, kind);
+        dysco_graph_qr_scores(g, st, q, k, kq_mask, kq_scale, il, kind);
         dysco_graph_capture_heads(g, st, q, k, kq_scale, il, kind);
     }
     return kq_scale;

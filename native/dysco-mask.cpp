@@ -42,21 +42,29 @@ template <> void mask_add(ggml_fp16_t * row, int64_t j, float b) { row[j] = ggml
 static void mask_row_to_f32(const float * row, float * out, int64_t n)       { std::copy(row, row + n, out); }
 static void mask_row_to_f32(const ggml_fp16_t * row, float * out, int64_t n) { ggml_fp16_to_fp32_row(row, out, n); }
 
+// -inf or +inf, read from the bits (no conversion of an F16 row)
+static bool mask_is_inf(float v)       { return std::isinf(v); }
+static bool mask_is_inf(ggml_fp16_t h) { return (h & 0x7FFF) == 0x7C00; }
+
 // Where cell j's score and bias go: its position, or its slot under a slot layout.
 static int32_t cell_index(bool by_slot, const llama_kv_cells & cells, int64_t j) {
     return by_slot ? (int32_t) j : (int32_t) cells.pos_get(j);
 }
 
-// Keeps the unbiased row of the ubatch's last token and which position each cell holds.
+// Keeps which position each cell of the ubatch's last row holds and, for a capture pass (its score
+// mask is a copy: a bias may share the pass), the unbiased row itself. A probe's scores read the KQ
+// mask in the graph.
 template <typename T>
 static void mask_row_keep(dysco_mask_row & out, const T * row, int64_t n_kv, const llama_kv_cells & cells, llama_pos pos,
-                          bool by_slot) {
-    out.mask.resize(n_kv);
+                          bool by_slot, bool keep_values) {
     out.cell_pos.resize(n_kv);
     out.pos = by_slot ? (int32_t) n_kv - 1 : pos;
-    mask_row_to_f32(row, out.mask.data(), n_kv);
+    if (keep_values) {
+        out.mask.resize(n_kv);
+        mask_row_to_f32(row, out.mask.data(), n_kv);
+    }
     for (int64_t j = 0; j < n_kv; ++j) {
-        out.cell_pos[j] = std::isinf(out.mask[j]) ? -1 : cell_index(by_slot, cells, j);
+        out.cell_pos[j] = mask_is_inf(row[j]) ? -1 : cell_index(by_slot, cells, j);
     }
 }
 
@@ -126,7 +134,8 @@ static void head_rows_keep(const dysco_head_capture & cap, dysco_head_rows & out
 }
 
 template <typename T>
-static void mask_apply(dysco_state & st, T * data, int64_t n_kv, const llama_kv_cache & kv, const llama_ubatch & ub, int kind) {
+static void mask_apply(dysco_state & st, T * data, int64_t n_kv, const llama_kv_cache & kv, const llama_ubatch & ub, int kind,
+                       bool keep_row) {
     const uint32_t last = ub.n_tokens - 1;
     if (st.slots.on) {
         slot_layout_apply(st.slots, data, n_kv, kv, ub);
@@ -136,7 +145,7 @@ static void mask_apply(dysco_state & st, T * data, int64_t n_kv, const llama_kv_
     }
     if (st.scoring()) {
         mask_row_keep(st.row[kind], data + n_kv * last, n_kv, kv.get_cells(ub.seq_id[last][0]), ub.pos[last],
-                      st.slots.on);
+                      st.slots.on, keep_row);
     }
     // a probe reads the unbiased model: the bias only enters full passes
     if (st.probe_layers == 0 && !st.bias_by_seq.empty()) {
@@ -153,10 +162,11 @@ void dysco_mask_apply(const llama_cparams & cparams, const llama_kv_cache_contex
     const int     kind = is_swa ? DYSCO_CACHE_SWA : DYSCO_CACHE_BASE;
     const int64_t n_kv = kq_mask->ne[0];
     const llama_kv_cache & kv = *mctx->get_kv_cache();
+    const bool keep_row = !st->scores_read_kq_mask(kq_mask);
     if (kq_mask->type == GGML_TYPE_F16) {
-        mask_apply(*st, (ggml_fp16_t *) kq_mask->data, n_kv, kv, *ubatch, kind);
+        mask_apply(*st, (ggml_fp16_t *) kq_mask->data, n_kv, kv, *ubatch, kind, keep_row);
     } else {
-        mask_apply(*st, (float *) kq_mask->data, n_kv, kv, *ubatch, kind);
+        mask_apply(*st, (float *) kq_mask->data, n_kv, kv, *ubatch, kind, keep_row);
     }
 }
 

@@ -110,5 +110,8 @@ struct dysco_state {
     dysco_slot_layout  slots;
 
     bool scoring() const { return n_heads > 0 && (capture || probe_layers > 0); }
+    // a probe's scores read the last row of the attention's KQ mask [n_kv, n_tokens, 1, 1] in the
+    // graph; other scoring passes read a copy of that row taken before any bias
+    bool scores_read_kq_mask(const ggml_tensor * kq_mask) const;
     uint64_t graph_key() const;
 };

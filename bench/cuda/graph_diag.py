@@ -1,0 +1,82 @@
+"""Whether plain and DySCO decode steps replay CUDA graphs: counts ggml-cuda's debug lines
+("CUDA Graph id N reused", "warmup complete", "warmup reset") per decode phase, and the
+step time of each phase with and without a synchronize.
+
+    python bench/cuda/graph_diag.py MODEL.gguf HEAD_MAP.json [--context 8192] [--gen 32]
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import time
+from collections import Counter
+
+import numpy as np
+
+from dysco_edge.decode import dysco_tokens, plain_tokens, plan_warmups
+from dysco_edge.engine import Engine, EngineOptions
+from dysco_edge.head_maps import load_head_map
+from dysco_edge.sampling import Sampler
+
+import llama_cpp
+
+KEYS = ("reused", "warmup complete", "warmup reset", "disabling")
+
+
+class GraphLog:
+    """A llama/ggml log callback that counts ggml-cuda's CUDA-graph lines while `on`."""
+
+    def __init__(self):
+        self.on, self.count = False, Counter()
+        self._cb = llama_cpp.llama_log_callback(self._log)  # kept alive: ggml holds the pointer
+        llama_cpp.llama_log_set(self._cb, ctypes.c_void_p(0))
+
+    def _log(self, level, text, user_data):
+        if self.on and text:
+            line = text.decode(errors="replace")
+            for key in KEYS:
+                if key in line:
+                    self.count[key] += 1
+
+
+def run(eng, prompt, gen, config, log):
+    eng.clear()
+    sampler = Sampler()
+    never = lambda t: False
+    if config is None:
+        it = plain_tokens(eng, prompt, reuse=0, sampler=sampler, max_new_tokens=gen, is_end=never)
+    else:
+        warm = plan_warmups(len(prompt), config.context_warmup, 4)
+        it = dysco_tokens(eng, prompt, config, warm, reuse=0, sampler=sampler, max_new_tokens=gen, is_end=never)
+    log.count.clear()
+    count, first = 0, None
+    for _ in it:
+        count += 1
+        if first is None:
+            first, log.on = time.perf_counter(), True
+    log.on = False
+    sampler.close()
+    return 1e3 * (time.perf_counter() - first) / (count - 1), count - 1, dict(log.count)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("model")
+    ap.add_argument("head_map")
+    ap.add_argument("--context", type=int, default=8192)
+    ap.add_argument("--gen", type=int, default=32)
+    args = ap.parse_args()
+    config = load_head_map(args.head_map).to_config()
+    prompt = [int(t) for t in np.random.default_rng(0).integers(100, 30000, size=args.context)]
+    eng = Engine(args.model, EngineOptions(n_ctx=args.context + args.gen + 16, n_gpu_layers=99, flash_attn=True))
+    log = GraphLog()
+    print(f"| context {args.context} | ms/step | steps | " + " | ".join(KEYS) + " |")
+    print("|---|---|---|" + "---|" * len(KEYS))
+    for name, cfg in (("plain", None), ("dysco", config), ("plain", None), ("dysco", config)):
+        ms, steps, counts = run(eng, prompt, args.gen, cfg, log)
+        print(f"| {name} | {ms:.3f} | {steps} | " + " | ".join(str(counts.get(k, 0)) for k in KEYS) + " |", flush=True)
+    eng.close()
+
+
+if __name__ == "__main__":
+    main()
