@@ -133,7 +133,9 @@ static ggml_tensor * dysco_acc_add(const llm_graph_context & g, ggml_tensor * ac
 // mask; a capture pass, which a bias may share, gets a copy taken before the bias: [n_kv, 1]
 static ggml_tensor * dysco_score_mask(const llm_graph_context & g, dysco_state * st, ggml_tensor * kq_mask,
                                       int64_t n_kv, int kind) {
-    if (st->scores_read_kq_mask(kq_mask) && kq_mask->ne[0] == n_kv) {
+    if (st->scores_read_kq_mask(kq_mask)) {
+        // the host keeps no row copy then (dysco_mask_apply asks the same question): no fallback here
+        GGML_ASSERT(kq_mask->ne[0] == n_kv);
         return ggml_view_2d(g.ctx0, kq_mask, n_kv, 1, kq_mask->nb[1], (kq_mask->ne[1] - 1) * kq_mask->nb[1]);
     }
     // the attention input beside it already refuses reuse when n_kv changes

@@ -13,12 +13,12 @@ from collections import Counter
 
 import numpy as np
 
-from dysco_edge.decode import dysco_tokens, plain_tokens, plan_warmups
 from dysco_edge.engine import Engine, EngineOptions
 from dysco_edge.head_maps import load_head_map
 from dysco_edge.sampling import Sampler
 
 import llama_cpp
+from step_profile import generation  # beside this script
 
 KEYS = ("reused", "warmup complete", "warmup reset", "disabling")
 
@@ -42,12 +42,7 @@ class GraphLog:
 def run(eng, prompt, gen, config, log):
     eng.clear()
     sampler = Sampler()
-    never = lambda t: False
-    if config is None:
-        it = plain_tokens(eng, prompt, reuse=0, sampler=sampler, max_new_tokens=gen, is_end=never)
-    else:
-        warm = plan_warmups(len(prompt), config.context_warmup, 4)
-        it = dysco_tokens(eng, prompt, config, warm, reuse=0, sampler=sampler, max_new_tokens=gen, is_end=never)
+    it = generation(eng, prompt, gen, config, sampler)
     log.count.clear()
     count, first = 0, None
     for _ in it:

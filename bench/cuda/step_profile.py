@@ -51,17 +51,21 @@ class Timers:
         return timed
 
 
+def generation(eng, prompt, gen, config, sampler, in_context=None):
+    """The token stream of one generation: plain (config None) or DySCO, never stopping early."""
+    never = lambda t: False
+    if config is None:
+        return plain_tokens(eng, prompt, reuse=0, sampler=sampler, max_new_tokens=gen, is_end=never)
+    warm = plan_warmups(len(prompt), config.context_warmup, 4)
+    return dysco_tokens(eng, prompt, config, warm, reuse=0, sampler=sampler, max_new_tokens=gen, is_end=never,
+                        in_context=in_context)
+
+
 def run(eng, prompt, gen, config, sync, in_context=None):
     eng.clear()
     sampler = Sampler()
     timers = Timers(eng, sampler, sync)
-    never = lambda t: False
-    if config is None:
-        it = plain_tokens(eng, prompt, reuse=0, sampler=sampler, max_new_tokens=gen, is_end=never)
-    else:
-        warm = plan_warmups(len(prompt), config.context_warmup, 4)
-        it = dysco_tokens(eng, prompt, config, warm, reuse=0, sampler=sampler, max_new_tokens=gen, is_end=never,
-                          in_context=in_context)
+    it = generation(eng, prompt, gen, config, sampler, in_context)
     count, first = 0, None
     for _ in it:
         count += 1

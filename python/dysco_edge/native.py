@@ -199,11 +199,12 @@ class NativeContext:
 
         Returns S (ascending int64) when `want_selected`, else its size."""
         mask = np.ascontiguousarray(template, dtype=np.uint8)
-        out = np.empty(pos + 1 if want_selected else 0, dtype=np.int32)
+        # called every decode step: no output array unless S is wanted
+        out = np.empty(pos + 1, dtype=np.int32) if want_selected else None
         rc = self._lib.dysco_select_bias(
             self._ctx, int(seq_id), int(pos), -1.0 if top_p is None else float(top_p),
             -1 if top_k is None else int(top_k), float(strength), HARD_MASK_STRENGTH,
             _ffi.cast("const uint8_t *", _ffi.from_buffer(mask)), mask.size,
-            _ffi.cast("int32_t *", _ffi.from_buffer(out)) if want_selected else _ffi.NULL, out.size)
+            _ffi.NULL if out is None else _ffi.cast("int32_t *", _ffi.from_buffer(out)), 0 if out is None else out.size)
         count = _check(rc, "dysco_select_bias")
-        return out[:count].astype(np.int64) if want_selected else count
+        return count if out is None else out[:count].astype(np.int64)
