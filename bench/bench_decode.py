@@ -1,8 +1,8 @@
 """End-to-end decoding speed: plain llama.cpp decoding against exact DySCO, same model,
 context, prompt and greedy sampler, measured in one run. Reports prefill tok/s, decode
 tok/s, the DySCO/plain ratio against the target 0.9 (CPU) / 0.95 (GPU) x plain/(1+(L_max+1)/L),
-the share of a DySCO decode step spent on the host outside llama.cpp passes (selection,
-bias, loop), and GPU memory where nvidia-smi exists.
+the share of a DySCO decode step spent on the host outside llama.cpp calls (the loop; with the
+selection between the passes, also selection and bias), and GPU memory where nvidia-smi exists.
 
     python bench/bench_decode.py --model M.gguf --head-map head_maps/llama-3.1-8b-instruct.json \
         --contexts 4096 16384 --gen 64 [--n-gpu-layers 99 --flash-attn]
@@ -46,16 +46,19 @@ class Clock:
 
 
 class PassTimer:
-    """Time spent inside llama.cpp passes (full decodes and probes) once `active`; the rest of
-    a decode step is host work (selection, bias, the loop, score readout)."""
+    """Time spent inside llama.cpp calls (full decodes and probes) once `active`; the rest of a
+    decode step is host work outside them (the loop; selection and bias unless the full pass makes
+    them, dysco_probe_select)."""
 
     def __init__(self, eng):
         self.active, self.seconds, self.ctx = False, 0.0, eng.ctx
-        self.decode, self.probe = eng.decode, eng.native.probe
-        eng.decode = self.wrap(self.decode)
-        eng.native.probe = self.wrap(self.probe)
+        self.decode, self.probe, self.probe_select = eng.decode, eng.native.probe, eng.native.probe_select
+        eng.decode = self.wrap(self.decode, sync=True)
+        eng.native.probe = self.wrap(self.probe, sync=True)
+        # no wait: the full pass after it overlaps the probe on a GPU, and waits for it inside its own call
+        eng.native.probe_select = self.wrap(self.probe_select, sync=False)
 
-    def wrap(self, fn):
+    def wrap(self, fn, sync):
         def timed(*args, **kwargs):
             t = time.perf_counter()
             try:
@@ -63,12 +66,13 @@ class PassTimer:
             finally:
                 if self.active:
                     # a GPU pass returns before it ends: wait, so its time is not counted as host time
-                    llama_cpp.llama_synchronize(self.ctx)
+                    if sync:
+                        llama_cpp.llama_synchronize(self.ctx)
                     self.seconds += time.perf_counter() - t
         return timed
 
     def remove(self, eng):
-        eng.decode, eng.native.probe = self.decode, self.probe
+        eng.decode, eng.native.probe, eng.native.probe_select = self.decode, self.probe, self.probe_select
 
 
 def run(eng, prompt, gen, config):

@@ -7,6 +7,9 @@
 #include "llama-context.h"
 #include "llama-model.h"
 
+#include "ggml.h"
+
+#include <algorithm>
 #include <cmath>
 #include <cstdarg>
 #include <cstdio>
@@ -34,10 +37,37 @@ static int32_t dysco_ok() {
 dysco_state::dysco_state(const llama_model * model) :
     model(model),
     heads_by_layer(llama_model_n_layer(model)),
-    probe_batch(llama_batch_init(1, 0, 1)) {}
+    probe_batch(llama_batch_init(1, 0, 1)) {
+    timeline.on = getenv("DYSCO_HOST_TIMELINE") != nullptr;
+}
 
 dysco_state::~dysco_state() {
+    timeline.print();
     llama_batch_free(probe_batch);
+}
+
+void dysco_timeline::mark(int point, bool count_it) {
+    if (!on) {
+        return;
+    }
+    const int64_t now = ggml_time_us();
+    if (last > 0 && count_it) {
+        us[point].push_back((float) (now - last));
+    }
+    last = now;
+}
+
+void dysco_timeline::print() const {
+    static const char * names[DYSCO_MARKS] = {
+        "probe start (since the pass launched)", "probe: to its mask", "probe: mask hook", "probe: to its launch",
+        "probe: after launch", "pass: to its mask", "pass: probe scores (waits for the probe)", "pass: selection",
+        "pass: bias", "pass: to its launch"};
+    for (int i = 0; on && i < DYSCO_MARKS; ++i) {
+        std::vector<float> v = us[i];
+        std::sort(v.begin(), v.end());
+        fprintf(stderr, "dysco timeline | %s | median %.1f us | p90 %.1f us | %zu |\n", names[i],
+                v.empty() ? 0.0 : v[v.size() / 2], v.empty() ? 0.0 : v[v.size() * 9 / 10], v.size());
+    }
 }
 
 static uint64_t key_mix(uint64_t key, uint64_t value) {
@@ -196,6 +226,36 @@ struct dysco_graph_swap {
     }
 };
 
+// The probe itself; with defer_scores its scores stay in its graph until the pass selection reads
+// them (only on the probe's own graph: a shared one is rebuilt by the full pass).
+static int32_t dysco_probe_run(llama_context * ctx, dysco_state & st, int32_t token, int32_t pos, int32_t seq_id,
+                               bool defer_scores) {
+    st.timeline.mark(DYSCO_MARK_PROBE_START);
+    st.probe_layers = st.l_max + 1;
+    dysco_key_refresh(ctx);
+    const bool own_graph = dysco_graph_swap::swap(*ctx, st);
+    st.scores_deferred   = defer_scores && own_graph;
+    const int32_t rc     = dysco_probe_decode(ctx, st, token, pos, seq_id);
+    if (own_graph) {
+        dysco_graph_swap::swap(*ctx, st);
+    }
+    st.probe_layers = 0;
+    dysco_key_refresh(ctx);
+    // the probe must leave no trace: the full pass writes this position's KV cell for real
+    llama_memory_seq_rm(llama_get_memory(ctx), seq_id, pos, -1);
+    st.timeline.mark(DYSCO_MARK_PROBE_END);
+    if (rc != 0) {
+        st.scores_valid    = false;
+        st.scores_deferred = false;
+        for (auto & row : st.row) { // a row kept before the failure points into a buffer no longer ours
+            row.src.data        = nullptr;
+            row.positions_ready = false;
+        }
+        return dysco_fail(DYSCO_ERR_DECODE, "probe decode of token %d at position %d failed (llama_decode returned %d)", token, pos, rc);
+    }
+    return dysco_ok();
+}
+
 int32_t dysco_probe(llama_context * ctx, int32_t token, int32_t pos, int32_t seq_id) {
     if (!ctx || pos < 0 || seq_id < 0) {
         return dysco_fail(DYSCO_ERR_ARGUMENT, "dysco_probe: null context or negative pos (%d) / seq_id (%d)", pos, seq_id);
@@ -204,22 +264,8 @@ int32_t dysco_probe(llama_context * ctx, int32_t token, int32_t pos, int32_t seq
     if (st.n_heads == 0) {
         return dysco_fail(DYSCO_ERR_NO_HEADS, "a probe needs QR heads: set them first (dysco_set_heads)");
     }
-    st.probe_layers = st.l_max + 1;
-    dysco_key_refresh(ctx);
-    const bool    own_graph = dysco_graph_swap::swap(*ctx, st);
-    const int32_t rc        = dysco_probe_decode(ctx, st, token, pos, seq_id);
-    if (own_graph) {
-        dysco_graph_swap::swap(*ctx, st);
-    }
-    st.probe_layers = 0;
-    dysco_key_refresh(ctx);
-    // the probe must leave no trace: the full pass writes this position's KV cell for real
-    llama_memory_seq_rm(llama_get_memory(ctx), seq_id, pos, -1);
-    if (rc != 0) {
-        st.scores_valid = false;
-        return dysco_fail(DYSCO_ERR_DECODE, "probe decode of token %d at position %d failed (llama_decode returned %d)", token, pos, rc);
-    }
-    return dysco_ok();
+    st.pass_select = dysco_pass_select();
+    return dysco_probe_run(ctx, st, token, pos, seq_id, false);
 }
 
 // Whether a bias of n_bias entries fits sequence seq_id: at most the next token's positions (or
@@ -258,6 +304,9 @@ int32_t dysco_clear_bias(llama_context * ctx, int32_t seq_id) {
         st.bias_by_seq.clear();
     } else {
         st.bias_by_seq.erase(seq_id);
+    }
+    if (seq_id < 0 || st.pass_select.seq_id == seq_id) {
+        st.pass_select.armed = false;
     }
     return dysco_ok();
 }
@@ -447,11 +496,16 @@ int32_t dysco_importance_set(llama_context * ctx, const double * values, int32_t
     return dysco_ok();
 }
 
+static bool select_args_ok(int32_t seq_id, double top_p, int32_t top_k, double strength, const uint8_t * template_mask,
+                           int32_t n_template) {
+    return seq_id >= 0 && (top_p > 0.0 || top_k > 0) && top_p <= 1.0 && strength > 0.0 && n_template >= 0 &&
+           (n_template == 0 || template_mask);
+}
+
 int32_t dysco_select_bias(llama_context * ctx, int32_t seq_id, int32_t pos, double top_p, int32_t top_k, double strength,
                           double hard_strength, const uint8_t * template_mask, int32_t n_template, int32_t * selected,
                           int32_t n_max) {
-    if (!ctx || seq_id < 0 || (top_p <= 0.0 && top_k <= 0) || top_p > 1.0 || !(strength > 0.0) ||
-        n_template < 0 || (n_template > 0 && !template_mask)) {
+    if (!ctx || !select_args_ok(seq_id, top_p, top_k, strength, template_mask, n_template)) {
         return dysco_fail(DYSCO_ERR_ARGUMENT, "dysco_select_bias: null context, seq_id = %d, top_p = %g, top_k = %d, "
                           "strength = %g or n_template = %d out of range", seq_id, top_p, top_k, strength, n_template);
     }
@@ -465,6 +519,7 @@ int32_t dysco_select_bias(llama_context * ctx, int32_t seq_id, int32_t pos, doub
     if (rc != DYSCO_OK) {
         return rc;
     }
+    st.pass_select.armed = false;
     dysco_select(st.importance, top_p, top_k, st.select_scratch, st.selected);
     // filled where the mask hook reads it: no second copy of a vector over every position per step
     dysco_bias_fill(st.selected, pos, strength, hard_strength, template_mask, n_template, st.bias_by_seq[seq_id]);
@@ -472,6 +527,65 @@ int32_t dysco_select_bias(llama_context * ctx, int32_t seq_id, int32_t pos, doub
         std::copy(st.selected.begin(), st.selected.begin() + std::min<size_t>(st.selected.size(), (size_t) n_max), selected);
     }
     return (int32_t) st.selected.size();
+}
+
+int32_t dysco_probe_select(llama_context * ctx, int32_t token, int32_t pos, int32_t seq_id, double decay, double top_p,
+                           int32_t top_k, double strength, double hard_strength, const uint8_t * template_mask,
+                           int32_t n_template) {
+    if (!ctx || pos < 0 || !std::isfinite(decay) || !select_args_ok(seq_id, top_p, top_k, strength, template_mask, n_template)) {
+        return dysco_fail(DYSCO_ERR_ARGUMENT, "dysco_probe_select: null context, pos = %d, seq_id = %d, decay = %g, "
+                          "top_p = %g, top_k = %d, strength = %g or n_template = %d out of range",
+                          pos, seq_id, decay, top_p, top_k, strength, n_template);
+    }
+    auto & st = dysco_state_of(ctx);
+    if (st.n_heads == 0) {
+        return dysco_fail(DYSCO_ERR_NO_HEADS, "a probe needs QR heads: set them first (dysco_set_heads)");
+    }
+    if (pos != (int32_t) st.importance.size()) {
+        return dysco_fail(DYSCO_ERR_RANGE, "dysco_probe_select: pos = %d but the importance covers %zu positions; "
+                          "the probe's token must be the one after them", pos, st.importance.size());
+    }
+    const int32_t rc = dysco_bias_check(ctx, seq_id, pos + 1);
+    if (rc != DYSCO_OK) {
+        return rc;
+    }
+    auto & ps = st.pass_select;
+    ps = dysco_pass_select();
+    ps.armed  = true;
+    ps.seq_id = seq_id;
+    ps.pos    = pos;
+    ps.decay  = decay;
+    ps.top_p  = top_p;
+    ps.top_k  = top_k;
+    ps.strength      = strength;
+    ps.hard_strength = hard_strength;
+    ps.template_mask.assign(template_mask, template_mask + n_template);
+    const int32_t probe_rc = dysco_probe_run(ctx, st, token, pos, seq_id, true);
+    if (probe_rc != DYSCO_OK) {
+        ps.armed = false;
+    }
+    return probe_rc;
+}
+
+int32_t dysco_pass_selection(llama_context * ctx, int32_t * selected, int32_t n_max) {
+    if (!ctx || (selected && n_max < 0)) {
+        return dysco_fail(DYSCO_ERR_ARGUMENT, "dysco_pass_selection: null context or n_max = %d", n_max);
+    }
+    auto & ps = dysco_state_of(ctx).pass_select;
+    if (!ps.armed) {
+        return dysco_fail(DYSCO_ERR_NO_SCORES, "no pass selection is pending: call dysco_probe_select, then decode the token");
+    }
+    ps.armed = false;
+    if (!ps.done) {
+        return dysco_fail(DYSCO_ERR_NO_SCORES, "the full pass at position %d of sequence %d did not select: %s", ps.pos,
+                          ps.seq_id, ps.error.empty() ? "it has not run (decode that token after dysco_probe_select)" : ps.error.c_str());
+    }
+    const auto & sel = dysco_state_of(ctx).selected;
+    if (selected) {
+        std::copy(sel.begin(), sel.begin() + std::min<size_t>(sel.size(), (size_t) n_max), selected);
+    }
+    g_last_error.clear();
+    return (int32_t) sel.size();
 }
 
 } // extern "C"

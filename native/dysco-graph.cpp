@@ -136,7 +136,16 @@ static ggml_tensor * dysco_score_mask(const llm_graph_context & g, dysco_state *
     if (st->scores_read_kq_mask(kq_mask)) {
         // the host keeps no row copy then (dysco_mask_apply asks the same question): no fallback here
         GGML_ASSERT(kq_mask->ne[0] == n_kv);
-        return ggml_view_2d(g.ctx0, kq_mask, n_kv, 1, kq_mask->nb[1], (kq_mask->ne[1] - 1) * kq_mask->nb[1]);
+        // a view of a host input is one more upload per view: the one-token mask itself is the row, and
+        // a longer ubatch shares one view between the layers
+        if (kq_mask->ne[1] == 1) {
+            return kq_mask;
+        }
+        ggml_tensor *& row = st->build[kind].mask;
+        if (!row) {
+            row = ggml_view_2d(g.ctx0, kq_mask, n_kv, 1, kq_mask->nb[1], (kq_mask->ne[1] - 1) * kq_mask->nb[1]); // [n_kv, 1]
+        }
+        return row;
     }
     // the attention input beside it already refuses reuse when n_kv changes
     return dysco_mask_input(g, st->build[kind].mask, st->row[kind].mask, n_kv, 1, DYSCO_MASK_NAME[kind], true);

@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <map>
 #include <string>
+#include <type_traits>
 
 
 template <typename T> static float mask_get(const T * row, int64_t j);
@@ -35,9 +36,27 @@ template <typename T> static float mask_hidden();
 template <> float mask_hidden<float>()       { return -FLT_MAX; }
 template <> float mask_hidden<ggml_fp16_t>() { return -65504.0f; }
 
-template <typename T> static void mask_add(T * row, int64_t j, float b);
-template <> void mask_add(float * row, int64_t j, float b)       { row[j] += b; }
-template <> void mask_add(ggml_fp16_t * row, int64_t j, float b) { row[j] = ggml_fp32_to_fp16(ggml_fp16_to_fp32(row[j]) + b); }
+// Adds a bias to attended mask values. Those are almost always 0, where 0 + b is b: an F16 row then
+// converts each distinct b once instead of converting every value both ways (same bits).
+template <typename T> struct mask_adder;
+template <> struct mask_adder<float> {
+    void add(float * row, int64_t j, float b) { row[j] += b; }
+};
+template <> struct mask_adder<ggml_fp16_t> {
+    float       b_last = NAN;
+    ggml_fp16_t h_last = 0;
+    void add(ggml_fp16_t * row, int64_t j, float b) {
+        if ((row[j] & 0x7FFF) != 0) {
+            row[j] = ggml_fp32_to_fp16(ggml_fp16_to_fp32(row[j]) + b);
+            return;
+        }
+        if (!(b == b_last)) {
+            b_last = b;
+            h_last = ggml_fp32_to_fp16(b);
+        }
+        row[j] = h_last;
+    }
+};
 
 static void mask_row_to_f32(const float * row, float * out, int64_t n)       { std::copy(row, row + n, out); }
 static void mask_row_to_f32(const ggml_fp16_t * row, float * out, int64_t n) { ggml_fp16_to_fp32_row(row, out, n); }
@@ -51,20 +70,56 @@ static int32_t cell_index(bool by_slot, const llama_kv_cells & cells, int64_t j)
     return by_slot ? (int32_t) j : (int32_t) cells.pos_get(j);
 }
 
-// Keeps which position each cell of the ubatch's last row holds and, for a capture pass (its score
-// mask is a copy: a bias may share the pass), the unbiased row itself. A probe's scores read the KQ
-// mask in the graph.
+// cell -> position of every attended cell of the row, and position -> cell back.
+template <typename T>
+static void row_positions_fill(dysco_mask_row & out, const T * row) {
+    const auto &  src   = out.src;
+    const int64_t n_kv  = src.n_kv;
+    out.cell_pos.resize(n_kv);
+    out.pos_cell.assign(std::max<int32_t>(out.pos, (int32_t) n_kv - 1) + 1, -1);
+    out.pos_unique = true;
+    for (int64_t j = 0; j < n_kv; ++j) {
+        const int32_t p = mask_is_inf(row[j]) ? -1 : cell_index(src.by_slot, *src.cells, j);
+        out.cell_pos[j] = p;
+        if (p < 0) {
+            continue;
+        }
+        if (p >= (int32_t) out.pos_cell.size()) {
+            out.pos_unique = false; // a row attending past its own position (not causal): no map
+        } else {
+            out.pos_unique &= out.pos_cell[p] < 0;
+            out.pos_cell[p] = (int32_t) j;
+        }
+    }
+    out.src.data        = nullptr;
+    out.positions_ready = true;
+}
+
+static void row_positions_fill(dysco_mask_row & out) {
+    if (!out.src.data) {
+        return;
+    }
+    if (out.src.f16) {
+        row_positions_fill(out, (const ggml_fp16_t *) out.src.data);
+    } else {
+        row_positions_fill(out, (const float *) out.src.data);
+    }
+}
+
+// Keeps the scored row of the ubatch's last token: for a capture pass (its score mask is a copy: a
+// bias may share the pass) the unbiased values and the positions now; for a probe, whose scores read
+// the KQ mask in the graph, where the row is, for dysco_ubatch_done to map once the graph is launched.
 template <typename T>
 static void mask_row_keep(dysco_mask_row & out, const T * row, int64_t n_kv, const llama_kv_cells & cells, llama_pos pos,
-                          bool by_slot, bool keep_values) {
-    out.cell_pos.resize(n_kv);
+                          llama_seq_id seq, bool by_slot, bool keep_values) {
     out.pos = by_slot ? (int32_t) n_kv - 1 : pos;
+    out.seq = seq;
+    out.src = {row, std::is_same<T, ggml_fp16_t>::value, n_kv, &cells, by_slot};
+    out.positions_ready = false;
     if (keep_values) {
         out.mask.resize(n_kv);
         mask_row_to_f32(row, out.mask.data(), n_kv);
-    }
-    for (int64_t j = 0; j < n_kv; ++j) {
-        out.cell_pos[j] = mask_is_inf(row[j]) ? -1 : cell_index(by_slot, cells, j);
+        row_positions_fill(out, row);
     }
 }
 
@@ -86,24 +141,72 @@ static void slot_layout_apply(const dysco_slot_layout & lay, T * data, int64_t n
     }
 }
 
-// b[pos(cell)] on every attended cell of the rows that belong to a biased sequence.
+// b[pos(cell)] on every attended cell of the row.
 template <typename T>
-static void mask_add_bias(const dysco_state & st, T * data, int64_t n_kv, const llama_kv_cache & kv, const llama_ubatch & ub) {
+static void row_add_bias_dense(const std::vector<float> & bias, T * row, int64_t n_kv, const llama_kv_cells & cells,
+                               bool by_slot) {
+    mask_adder<T> adder;
+    for (int64_t j = 0; j < n_kv; ++j) {
+        // the bias is zero but on the selected positions: test it before touching the mask
+        const int32_t p = cells.is_empty(j) ? -1 : cell_index(by_slot, cells, j);
+        if (p < 0 || p >= (int32_t) bias.size() || bias[p] == 0.0f || mask_is_inf(row[j])) {
+            continue;
+        }
+        adder.add(row, j, bias[p]);
+    }
+}
+
+// The same through the scored row's position -> cell map, over the bias's few non-zero positions: the
+// row of the token just probed attends the cells its probe attended. False (row untouched) when a cell
+// no longer holds the position the map says.
+template <typename T>
+static bool row_add_bias_sparse(const std::vector<float> & bias, const std::vector<int32_t> & nonzero,
+                                const dysco_mask_row & ref, T * row, int64_t n_kv, const llama_kv_cells & cells) {
+    for (int32_t p : nonzero) {
+        const int32_t j = p < (int32_t) ref.pos_cell.size() ? ref.pos_cell[p] : -1;
+        if (j >= 0 && (j >= n_kv || cells.is_empty(j) || cells.pos_get(j) != p)) {
+            return false;
+        }
+    }
+    mask_adder<T> adder;
+    for (int32_t p : nonzero) {
+        const int32_t j = p < (int32_t) ref.pos_cell.size() ? ref.pos_cell[p] : -1;
+        if (j >= 0 && !mask_is_inf(row[j])) {
+            adder.add(row, j, bias[p]);
+        }
+    }
+    return true;
+}
+
+// Non-zero positions of the bias, or false when there are too many for the sparse path to pay.
+static bool bias_nonzero_collect(const std::vector<float> & bias, int64_t n_kv, std::vector<int32_t> & out) {
+    out.clear();
+    for (int32_t p = 0; p < (int32_t) bias.size(); ++p) {
+        if (bias[p] != 0.0f) {
+            out.push_back(p);
+        }
+    }
+    return (int64_t) out.size() * 2 <= n_kv;
+}
+
+// Adds the bias of each row's sequence; a row whose token was the one scored last (its probe) goes
+// through that row's position map when it is exact.
+template <typename T>
+static void mask_add_bias(dysco_state & st, T * data, int64_t n_kv, const llama_kv_cache & kv, const llama_ubatch & ub, int kind) {
+    const dysco_mask_row & ref = st.row[kind];
     for (uint32_t i = 0; i < ub.n_tokens; ++i) {
-        const auto it = st.bias_by_seq.find(ub.seq_id[i][0]);
+        const llama_seq_id seq = ub.seq_id[i][0];
+        const auto it = st.bias_by_seq.find(seq);
         if (it == st.bias_by_seq.end() || it->second.empty()) {
             continue;
         }
         const std::vector<float> & bias  = it->second;
-        const llama_kv_cells     & cells = kv.get_cells(ub.seq_id[i][0]);
+        const llama_kv_cells     & cells = kv.get_cells(seq);
         T * row = data + n_kv * i;
-        for (int64_t j = 0; j < n_kv; ++j) {
-            // the bias is zero but on the selected positions: test it before touching the (F16) mask
-            const int32_t p = cells.is_empty(j) ? -1 : cell_index(st.slots.on, cells, j);
-            if (p < 0 || p >= (int32_t) bias.size() || bias[p] == 0.0f || std::isinf(mask_get(row, j))) {
-                continue;
-            }
-            mask_add(row, j, bias[p]);
+        const bool by_ref = !st.slots.on && ref.positions_ready && ref.pos_unique && ref.seq == seq &&
+                            ref.pos == ub.pos[i] && bias_nonzero_collect(bias, n_kv, st.bias_nonzero);
+        if (!by_ref || !row_add_bias_sparse(bias, st.bias_nonzero, ref, row, n_kv, cells)) {
+            row_add_bias_dense(bias, row, n_kv, cells, st.slots.on);
         }
     }
 }
@@ -145,11 +248,23 @@ static void mask_apply(dysco_state & st, T * data, int64_t n_kv, const llama_kv_
     }
     if (st.scoring()) {
         mask_row_keep(st.row[kind], data + n_kv * last, n_kv, kv.get_cells(ub.seq_id[last][0]), ub.pos[last],
-                      st.slots.on, keep_row);
+                      ub.seq_id[last][0], st.slots.on, keep_row);
     }
     // a probe reads the unbiased model: the bias only enters full passes
     if (st.probe_layers == 0 && !st.bias_by_seq.empty()) {
-        mask_add_bias(st, data, n_kv, kv, ub);
+        mask_add_bias(st, data, n_kv, kv, ub, kind);
+    }
+}
+
+// An armed selection runs in the full pass of its token, before the bias is added to the mask. A
+// scoring pass in between would overwrite the probe's mask rows: the selection fails instead.
+static void pass_select_check(dysco_state & st, const llama_ubatch & ub) {
+    auto & ps = st.pass_select;
+    const uint32_t last = ub.n_tokens - 1;
+    if (ub.seq_id[last][0] == ps.seq_id && ub.pos[last] == ps.pos) {
+        dysco_pass_select_run(st);
+    } else if (st.scoring()) {
+        ps.error = "a scoring pass ran between the probe at position " + std::to_string(ps.pos) + " and its full pass";
     }
 }
 
@@ -163,17 +278,25 @@ void dysco_mask_apply(const llama_cparams & cparams, const llama_kv_cache_contex
     const int64_t n_kv = kq_mask->ne[0];
     const llama_kv_cache & kv = *mctx->get_kv_cache();
     const bool keep_row = !st->scores_read_kq_mask(kq_mask);
+    const bool probe    = st->probe_layers > 0;
+    const bool one_token = ubatch->n_tokens == 1; // decode steps; prefill ubatches are not timed
+    st->timeline.mark(probe ? DYSCO_MARK_PROBE_MASK_IN : DYSCO_MARK_PASS_MASK_IN, one_token);
+    if (!probe && st->pass_select.armed && !st->pass_select.done && st->pass_select.error.empty()) {
+        pass_select_check(*st, *ubatch);
+        st->timeline.mark(DYSCO_MARK_PASS_SELECTED, one_token);
+    }
     if (kq_mask->type == GGML_TYPE_F16) {
         mask_apply(*st, (ggml_fp16_t *) kq_mask->data, n_kv, kv, *ubatch, kind, keep_row);
     } else {
         mask_apply(*st, (float *) kq_mask->data, n_kv, kv, *ubatch, kind, keep_row);
     }
+    st->timeline.mark(probe ? DYSCO_MARK_PROBE_MASK_OUT : DYSCO_MARK_PASS_MASK_OUT, one_token);
 }
 
 // Adds one cache kind's [n_kv] probability sums into the per-position score vector.
 static bool scores_gather(dysco_state & st, ggml_tensor * t, ggml_backend_sched_t sched, int kind) {
     const auto & row = st.row[kind];
-    if (!t || (int64_t) row.cell_pos.size() != t->ne[0]) {
+    if (!t || !row.positions_ready || (int64_t) row.cell_pos.size() != t->ne[0]) {
         return false;
     }
     st.readback.resize(t->ne[0]);
@@ -243,12 +366,15 @@ static void heads_capture_done(dysco_state & st, const llama_ubatch & ub, ggml_c
     cap.pos_last = std::max(cap.pos_last, (int32_t) ub.pos[i0 + n_sel - 1]);
 }
 
+static bool scores_read(dysco_state & st, ggml_cgraph * gf, ggml_backend_sched_t sched);
+
 void dysco_ubatch_done(const llama_cparams & cparams, const llm_graph_result * res, const llama_ubatch & ubatch,
                        ggml_backend_sched_t sched) {
     dysco_state * st = cparams.dysco;
     if (!st) {
         return;
     }
+    st->timeline.mark(st->probe_layers > 0 ? DYSCO_MARK_PROBE_LAUNCHED : DYSCO_MARK_PASS_LAUNCHED, ubatch.n_tokens == 1);
     if (st->heads_cap.on) {
         heads_capture_done(*st, ubatch, res->get_gf(), sched);
     }
@@ -256,24 +382,64 @@ void dysco_ubatch_done(const llama_cparams & cparams, const llm_graph_result * r
     if (!st->scoring()) {
         return;
     }
+    // the graph runs on the device meanwhile; the kept row is still in the input buffer
+    for (auto & row : st->row) {
+        row_positions_fill(row);
+    }
     ggml_cgraph * gf  = res->get_gf();
     static const bool report = getenv("DYSCO_SCHED_REPORT") != nullptr;
     if (report) {
         sched_report(gf, sched);
     }
-    const int32_t pos = st->row[DYSCO_CACHE_BASE].pos >= 0 ? st->row[DYSCO_CACHE_BASE].pos : st->row[DYSCO_CACHE_SWA].pos;
-    st->scores.assign(pos + 1, 0.0f);
-    bool found = false;
-    for (int kind = 0; kind < DYSCO_CACHE_KINDS; ++kind) {
-        found |= scores_gather(*st, ggml_graph_get_tensor(gf, dysco_score_name(kind)), sched, kind);
-    }
-    if (!found) {
+    // the pass selection reads them: waiting here would keep the next pass's host work off the device's time
+    if (st->probe_layers > 0 && st->scores_deferred) {
         return;
     }
-    const float inv = 1.0f / (float) st->n_heads;
-    for (float & s : st->scores) {
+    scores_read(*st, gf, sched);
+}
+
+// Reads the score vector of the scored token from a finished (or in-flight) graph.
+static bool scores_read(dysco_state & st, ggml_cgraph * gf, ggml_backend_sched_t sched) {
+    const int32_t pos = st.row[DYSCO_CACHE_BASE].pos >= 0 ? st.row[DYSCO_CACHE_BASE].pos : st.row[DYSCO_CACHE_SWA].pos;
+    st.scores.assign(pos + 1, 0.0f);
+    bool found = false;
+    for (int kind = 0; kind < DYSCO_CACHE_KINDS; ++kind) {
+        found |= scores_gather(st, ggml_graph_get_tensor(gf, dysco_score_name(kind)), sched, kind);
+    }
+    if (!found) {
+        return false;
+    }
+    const float inv = 1.0f / (float) st.n_heads;
+    for (float & s : st.scores) {
         s *= inv;
     }
-    st->scores_pos   = pos;
-    st->scores_valid = true;
+    st.scores_pos   = pos;
+    st.scores_valid = true;
+    return true;
+}
+
+void dysco_pass_select_run(dysco_state & st) {
+    auto & ps = st.pass_select;
+    if (st.scores_deferred) {
+        st.scores_deferred = false;
+        scores_read(st, st.probe_res->get_gf(), st.probe_sched.get());
+    }
+    st.timeline.mark(DYSCO_MARK_PASS_SCORES);
+    if (!st.scores_valid || st.scores_pos != ps.pos) {
+        ps.error = "the probe at position " + std::to_string(ps.pos) + " left no scores";
+        return;
+    }
+    if (st.scores.size() != st.importance.size() + 1) {
+        ps.error = "the scores cover " + std::to_string(st.scores.size()) + " positions but the importance covers " +
+                   std::to_string(st.importance.size()) + "; expected one more";
+        return;
+    }
+    if (!dysco_importance_step(st.importance, st.importance_next, st.scores, ps.decay)) {
+        ps.error = "the updated scores do not sum to a finite positive total";
+        return;
+    }
+    dysco_select(st.importance, ps.top_p, ps.top_k, st.select_scratch, st.selected);
+    dysco_bias_fill(st.selected, ps.pos, ps.strength, ps.hard_strength, ps.template_mask.data(),
+                    (int32_t) ps.template_mask.size(), st.bias_by_seq[ps.seq_id]);
+    ps.done = true;
 }

@@ -10,6 +10,7 @@
 
 #include <cstdint>
 #include <map>
+#include <string>
 #include <vector>
 
 struct ggml_tensor;
@@ -19,12 +20,27 @@ enum dysco_cache_kind { DYSCO_CACHE_BASE = 0, DYSCO_CACHE_SWA = 1, DYSCO_CACHE_K
 // Graph name of the score accumulator of one cache kind.
 const char * dysco_score_name(int kind);
 
+struct llama_kv_cells;
+
 // What the host kept of one KV mask when it was filled: the scored token's unbiased row
-// and which position each of its cells holds (-1: not attended).
+// and which position each of its cells holds (-1: not attended), and back.
 struct dysco_mask_row {
-    std::vector<float>   mask;      // [n_kv]
-    std::vector<int32_t> cell_pos;  // [n_kv]
-    int32_t              pos = -1;  // position of the scored token
+    std::vector<float>   mask;         // [n_kv]
+    std::vector<int32_t> cell_pos;     // [n_kv]
+    std::vector<int32_t> pos_cell;     // [pos + 1] the cell holding each position (-1: none attended)
+    bool                 pos_unique = false; // no two attended cells hold one position (pos_cell is exact)
+    int32_t              pos = -1;     // position of the scored token
+    int32_t              seq = -1;     // its sequence
+
+    // A probe's row is read once its graph is launched (off the device's idle time): where it is.
+    struct source {
+        const void *           data  = nullptr; // the mask row (F16 or F32), still in the input buffer
+        bool                   f16   = false;
+        int64_t                n_kv  = 0;
+        const llama_kv_cells * cells = nullptr;
+        bool                   by_slot = false;
+    } src;
+    bool positions_ready = false; // cell_pos and pos_cell describe this row
 };
 
 // Graph nodes of the build in progress (reset at every graph build).
@@ -68,6 +84,37 @@ struct dysco_slot_layout {
     int32_t              view_seq = -1;   // rows of this sequence attend every occupied cell
 };
 
+// A selection made by the full pass of (seq_id, pos) right after its KV mask is filled
+// (dysco_probe_select): the probe's scores are read there, so that the pass's host work before
+// that point (batch, graph reuse, mask fill) runs while the probe is still on the device.
+struct dysco_pass_select {
+    bool    armed  = false; // waiting for its full pass, or for dysco_pass_selection
+    bool    done   = false; // the pass selected S and set the bias
+    int32_t seq_id = -1;
+    int32_t pos    = -1;
+    double  decay = 0.0, top_p = 0.0, strength = 0.0, hard_strength = 0.0;
+    int32_t top_k = 0;
+    std::vector<uint8_t> template_mask;
+    std::string          error;  // why the pass could not select ("" when it did)
+};
+
+// DYSCO_HOST_TIMELINE=1: host time between the hook points of the decode steps, averaged and printed
+// to stderr when the context is freed (where a step's host time goes, on machines without a profiler).
+enum dysco_mark {
+    DYSCO_MARK_PROBE_START, DYSCO_MARK_PROBE_MASK_IN, DYSCO_MARK_PROBE_MASK_OUT, DYSCO_MARK_PROBE_LAUNCHED,
+    DYSCO_MARK_PROBE_END, DYSCO_MARK_PASS_MASK_IN, DYSCO_MARK_PASS_SCORES, DYSCO_MARK_PASS_SELECTED, DYSCO_MARK_PASS_MASK_OUT,
+    DYSCO_MARK_PASS_LAUNCHED, DYSCO_MARKS
+};
+
+struct dysco_timeline {
+    bool    on   = false;
+    int64_t last = 0;                        // us of the previous mark
+    std::vector<float> us[DYSCO_MARKS];      // every interval (medians: a prefill's wait would swamp a mean)
+
+    void mark(int point, bool count = true); // adds the time since the previous mark to `point` (when count)
+    void print() const;
+};
+
 struct dysco_state {
     explicit dysco_state(const llama_model * model);
     ~dysco_state();
@@ -91,6 +138,7 @@ struct dysco_state {
     int32_t            scores_pos = -1;
     bool               scores_valid = false;
     std::vector<float> readback;       // [n_kv] scratch for the device->host copy
+    std::vector<int32_t> bias_nonzero; // positions of a sparse bias, scratch of the mask hook
 
     llama_batch probe_batch;
 
@@ -103,11 +151,14 @@ struct dysco_state {
     std::vector<double>  importance;       // [positions seen] host-side bookkeeping (dysco_importance_*)
     std::vector<double>  importance_next;  // the update's output, swapped in (no allocation per step)
     dysco_select_scratch select_scratch;   // candidates of a selection
-    std::vector<int32_t> selected;         // S of the last dysco_select_bias
+    std::vector<int32_t> selected;         // S of the last dysco_select_bias or pass selection
+    dysco_pass_select    pass_select;
+    bool                 scores_deferred = false; // the last probe's scores are still in its graph
 
     dysco_head_capture heads_cap;
     float              attn_scale = 1.0f; // multiplies every attention logit (AttnTS baseline); 1 = off
     dysco_slot_layout  slots;
+    dysco_timeline     timeline;
 
     bool scoring() const { return n_heads > 0 && (capture || probe_layers > 0); }
     // a probe's scores read the last row of the attention's KQ mask [n_kv, n_tokens, 1, 1] in the
@@ -115,3 +166,7 @@ struct dysco_state {
     bool scores_read_kq_mask(const ggml_tensor * kq_mask) const;
     uint64_t graph_key() const;
 };
+
+// Runs an armed pass selection (dysco-mask.cpp): reads the probe's scores, updates the importance,
+// selects S and sets the bias of the pass's sequence. Failures go to pass_select.error.
+void dysco_pass_select_run(dysco_state & st);

@@ -40,7 +40,8 @@ int32_t dysco_l_max(struct llama_context * ctx);
 int32_t dysco_set_capture(struct llama_context * ctx, bool on);
 
 // Probe: runs layers 0..L_max for one token at `pos` of sequence `seq_id`, without bias and
-// without logits, records its scores, then removes the token's KV cell again.
+// without logits, records its scores, then removes the token's KV cell again. Disarms a
+// selection armed by dysco_probe_select.
 int32_t dysco_probe(struct llama_context * ctx, int32_t token, int32_t pos, int32_t seq_id);
 
 // Additive bias over positions 0..n_bias-1 of `seq_id`, applied to every layer's and head's
@@ -97,6 +98,20 @@ int32_t dysco_importance_set(struct llama_context * ctx, const double * values, 
 int32_t dysco_select_bias(struct llama_context * ctx, int32_t seq_id, int32_t pos, double top_p, int32_t top_k,
                           double strength, double hard_strength, const uint8_t * template_mask, int32_t n_template,
                           int32_t * selected, int32_t n_max);
+
+// dysco_select_bias done by the full pass instead, for decoding: probes `token` at `pos` (as
+// dysco_probe) and arms a selection that the next llama_decode of that token at `pos` in
+// `seq_id` runs once its KV mask is filled: importance update with `decay` (as
+// dysco_importance_update), then S and bias (as dysco_select_bias). The probe's scores are read
+// there, so the pass's host work up to its mask overlaps the probe on a GPU. The importance must
+// cover positions 0..pos-1. Same bits as the three calls it replaces.
+int32_t dysco_probe_select(struct llama_context * ctx, int32_t token, int32_t pos, int32_t seq_id, double decay,
+                           double top_p, int32_t top_k, double strength, double hard_strength,
+                           const uint8_t * template_mask, int32_t n_template);
+// After that full pass: writes S (ascending, n_max at most) when `selected` is not NULL and returns
+// |S|, or DYSCO_ERR_NO_SCORES with the reason when the pass did not select (it then ran unbiased).
+// Disarms the selection; so does dysco_clear_bias of its sequence.
+int32_t dysco_pass_selection(struct llama_context * ctx, int32_t * selected, int32_t n_max);
 
 // Slot layout, for replaying a reference harness (conformance tests), not for decoding:
 // cells are addressed by slot instead of position (on a fresh unified KV cache the i-th token

@@ -6,6 +6,7 @@ import pytest
 
 import models
 import oracle
+from conftest import F32_MODELS
 from dysco_edge.engine import Engine, EngineOptions
 from dysco_edge.native import DyscoError, DyscoValueError
 
@@ -81,7 +82,7 @@ def test_scores_of_heads_sharing_a_kv_head(f32_model):
     assert np.max(np.abs(probe_scores - expected)) <= SCORE_TOL[True]
 
 
-def _random_bias(n, seed, hard=False):
+def _random_bias(n, seed, hard=False, density=0.25):
     rng = np.random.default_rng(seed)
     if hard:
         bias = np.full(n, -np.inf, dtype=np.float32)
@@ -89,7 +90,7 @@ def _random_bias(n, seed, hard=False):
         bias[-1] = 0.0
         return bias
     bias = np.zeros(n, dtype=np.float32)
-    chosen = rng.choice(n, size=n // 4, replace=False)
+    chosen = rng.choice(n, size=int(n * density), replace=False)
     bias[chosen] = rng.uniform(-2.0, 3.0, size=chosen.size).astype(np.float32)
     return bias
 
@@ -119,6 +120,30 @@ def test_bias_equals_transformers_additive_mask(f32_model, flash_attn, hard):
     plain = oracle.plain_logits(model, ids)
     assert _rel(ours, expected) <= LOGIT_TOL[flash_attn]
     assert _rel(plain, expected) > 10 * LOGIT_TOL[False]  # the bias really changed the answer
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flash_attn", [False, True], ids=["fa-off", "fa-on"])
+@pytest.mark.parametrize("model", ["tiny-qwen3", "smollm2", "gemma3"])
+def test_bias_right_after_its_probe_equals_transformers(flash_attn, model):
+    """The pass right after its token's probe adds a sparse bias through the probe's position map
+    instead of visiting every cell (gemma3: both its sliding and global masks): same oracle."""
+    path = models.gemma3_270m_f32() if model == "gemma3" else F32_MODELS[model]()
+    with _engine(path, flash_attn=flash_attn, n_ctx=1024) as eng:
+        ids = _prompt(eng, 700, seed=3)
+        bias = _random_bias(len(ids), seed=4, density=0.05)
+        bias[-1] = np.log(2.0)
+        eng.decode(ids[:-1], 0, want_logits=False)
+        eng.native.set_heads([(0, 1), (2, 0)])
+        eng.native.probe(ids[-1], len(ids) - 1)
+        eng.native.set_bias(bias)
+        try:
+            eng.decode(ids[-1:], len(ids) - 1)
+        finally:
+            eng.native.clear_bias()
+        ours = eng.logits()
+    model_hf = oracle.load_hf(path)
+    assert _rel(ours, oracle.logits_with_bias(model_hf, ids, bias.astype(np.float64))) <= LOGIT_TOL[flash_attn]
 
 
 @pytest.mark.parametrize("flash_attn", [False, True], ids=["fa-off", "fa-on"])

@@ -96,24 +96,91 @@ def test_bookkeeping_errors_name_the_offending_value(filled):
         eng.native.select_bias(9, 1.5, 8, 2.0, np.zeros(0, bool))
 
 
+def one_step(eng, importance, token, select_in_pass):
+    """Position N-1 from the given importance: probe, update, select, biased pass; S, importance, logits."""
+    pos, template = N - 1, np.arange(N // 3) % 7 == 0
+    eng.native.set_importance(importance)
+    try:
+        if select_in_pass:
+            eng.native.probe_select(token, pos, 0.75, 0.975, 4096, 2.0, template)
+            eng.decode([token], pos)
+            selected = eng.native.pass_selection(want_selected=True)
+        else:
+            eng.native.probe(token, pos)
+            eng.native.importance_update(0.75)
+            selected = eng.native.select_bias(pos, 0.975, 4096, 2.0, template, want_selected=True)
+            eng.decode([token], pos)
+        return selected, eng.native.importance(), eng.logits()
+    finally:
+        eng.native.clear_bias()
+        eng.truncate(pos)
+
+
+def test_pass_selection_has_the_bits_of_the_separate_calls(filled):
+    importance = random_importance(np.random.default_rng(8), N - 1, 0.3)
+    in_pass = one_step(filled, importance, 4242, True)
+    separate = one_step(filled, importance, 4242, False)
+    assert 0 < in_pass[0].size < N
+    for a, b in zip(in_pass, separate):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_pass_selection_errors_say_what_happened(filled):
+    eng, pos, no_template = filled, N - 1, np.zeros(0, bool)
+    eng.native.importance_reset(pos)
+    with pytest.raises(DyscoError, match="no pass selection is pending"):
+        eng.native.pass_selection()
+    with pytest.raises(DyscoValueError, match=r"pos = 7 but the importance covers 4999 positions"):
+        eng.native.probe_select(11, 7, 0.75, 0.9, 8, 2.0, no_template)
+    try:
+        # a pass whose last token is not the probed one leaves the selection pending
+        eng.native.probe_select(11, pos, 0.75, 0.9, 8, 2.0, no_template)
+        eng.decode([11, 12], pos, want_logits=False)
+        with pytest.raises(DyscoError, match=f"position {pos} of sequence 0 did not select: it has not run"):
+            eng.native.pass_selection()
+        eng.truncate(pos)
+        # a scoring pass in between would overwrite the probe's mask rows
+        eng.native.probe_select(11, pos, 0.75, 0.9, 8, 2.0, no_template)
+        eng.native.set_capture(True)
+        eng.decode([11, 12], pos, want_logits=False)
+        with pytest.raises(DyscoError, match=f"a scoring pass ran between the probe at position {pos}"):
+            eng.native.pass_selection()
+        eng.truncate(pos)
+        eng.native.set_capture(False)
+        # clearing the bias disarms it
+        eng.native.probe_select(11, pos, 0.75, 0.9, 8, 2.0, no_template)
+        eng.native.clear_bias()
+        with pytest.raises(DyscoError, match="no pass selection is pending"):
+            eng.native.pass_selection()
+    finally:
+        eng.native.set_capture(False)
+        eng.native.clear_bias()
+        eng.truncate(pos)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("strength", [2.0, 99.0], ids=["soft", "hard-mask"])
 def test_decoding_in_context_equals_decoding_in_numpy(strength):
+    """Both in-context paths (the full pass selecting, dysco_probe_select; and select_bias between
+    the passes) against the numpy bookkeeping."""
     config = DyscoConfig(qr_heads=HEADS, top_k=128, top_p=0.9, strength=strength, template_sequences=[[1, 2]])
+    variants = ({"in_context": True, "select_in_pass": True}, {"in_context": True, "select_in_pass": False},
+                {"in_context": False})
     results = []
     with Engine(models.tiny_llama_f32(), EngineOptions(n_ctx=1024)) as eng:
         prompt = [int(t) for t in np.random.default_rng(5).integers(100, 30000, size=700)]
-        for in_context in (True, False):
+        for variant in variants:
             eng.clear()
             trace = []
             tokens = list(dysco_tokens(eng, prompt, config, plan_warmups(len(prompt), 8, 4), reuse=0,
                                        sampler=Sampler(), max_new_tokens=24, is_end=lambda t: False,
-                                       trace=trace, in_context=in_context))
+                                       trace=trace, **variant))
             results.append((tokens, trace))
-    (tokens_c, trace_c), (tokens_np, trace_np) = results
-    assert tokens_c == tokens_np
-    assert len(trace_c) == len(trace_np) > 20
-    for c, n in zip(trace_c, trace_np):
-        assert c.pos == n.pos
-        np.testing.assert_array_equal(c.selected, n.selected)
-        np.testing.assert_array_equal(c.top_positions, n.top_positions)
+    tokens_np, trace_np = results[-1]
+    for tokens_c, trace_c in results[:-1]:
+        assert tokens_c == tokens_np
+        assert len(trace_c) == len(trace_np) > 20
+        for c, n in zip(trace_c, trace_np):
+            assert c.pos == n.pos
+            np.testing.assert_array_equal(c.selected, n.selected)
+            np.testing.assert_array_equal(c.top_positions, n.top_positions)

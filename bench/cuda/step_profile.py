@@ -1,6 +1,9 @@
 """Where a decode step's time goes, plain against DySCO, on the GPU: each llama.cpp call of the
 loop (full pass, probe, score readout, bias, sampler) timed with a synchronize after it; the
-rest of the step is Python. Also the step time with no synchronize at all.
+rest of the step is Python. Also the step time with no synchronize at all. With the selection in
+the pass (the default), "decode" holds the update, selection and bias, and "probe" the probe.
+With DYSCO_HOST_TIMELINE=1 each context prints, when freed, the host time between DySCO's hook
+points (native/dysco-state.h dysco_timeline), plain passes included.
 
     python bench/cuda/step_profile.py MODEL.gguf HEAD_MAP.json [--context 4096] [--gen 48]
 """
@@ -21,7 +24,7 @@ from dysco_edge.sampling import Sampler
 import llama_cpp
 
 
-PARTS = ("decode", "probe", "observe", "select+bias", "clear_bias", "sample", "python rest")
+PARTS = ("decode", "probe", "observe", "select+bias", "pass S", "clear_bias", "sample", "python rest")
 
 
 class Timers:
@@ -30,8 +33,10 @@ class Timers:
         self.on, self.ctx, self.sync = False, eng.ctx, sync
         # (object, attribute, label, host-only): host-only steps are timed without a synchronize
         targets = ((eng, "decode", "decode", False), (eng.native, "probe", "probe", False),
+                   (eng.native, "probe_select", "probe", False),
                    (eng.native, "clear_bias", "clear_bias", False), (sampler, "sample", "sample", False),
-                   (DyscoRun, "observe", "observe", True), (DyscoRun, "set_bias", "select+bias", True))
+                   (DyscoRun, "observe", "observe", True), (DyscoRun, "set_bias", "select+bias", True),
+                   (DyscoRun, "pass_selected", "pass S", True))
         for obj, attr, label, host in targets:
             original = getattr(obj, attr)
             original = getattr(original, "__wrapped_original__", original)
@@ -51,21 +56,21 @@ class Timers:
         return timed
 
 
-def generation(eng, prompt, gen, config, sampler, in_context=None):
+def generation(eng, prompt, gen, config, sampler, in_context=None, select_in_pass=None):
     """The token stream of one generation: plain (config None) or DySCO, never stopping early."""
     never = lambda t: False
     if config is None:
         return plain_tokens(eng, prompt, reuse=0, sampler=sampler, max_new_tokens=gen, is_end=never)
     warm = plan_warmups(len(prompt), config.context_warmup, 4)
     return dysco_tokens(eng, prompt, config, warm, reuse=0, sampler=sampler, max_new_tokens=gen, is_end=never,
-                        in_context=in_context)
+                        in_context=in_context, select_in_pass=select_in_pass)
 
 
-def run(eng, prompt, gen, config, sync, in_context=None):
+def run(eng, prompt, gen, config, sync, variant):
     eng.clear()
     sampler = Sampler()
     timers = Timers(eng, sampler, sync)
-    it = generation(eng, prompt, gen, config, sampler, in_context)
+    it = generation(eng, prompt, gen, config, sampler, **variant)
     count, first = 0, None
     for _ in it:
         count += 1
@@ -90,13 +95,16 @@ def main():
     prompt = [int(t) for t in rng.integers(100, 30000, size=args.context)]
     print(f"| context {args.context} | sync | ms/step | " + " | ".join(PARTS) + " |")
     print("|---|---|---|" + "---|" * len(PARTS))
-    # "dysco numpy": the importance and selection in numpy instead of the context (A/B)
-    variants = (("plain", None, None), ("dysco", config, None), ("dysco numpy", config, False))
+    # A/B: "select between": dysco_select_bias between the passes; "numpy": the bookkeeping in numpy
+    variants = (("plain", None, {}), ("dysco", config, {"select_in_pass": True}),
+                ("dysco select between", config, {"select_in_pass": False}), ("dysco numpy", config, {"in_context": False}))
     for sync in (False, True):
-        for name, cfg, in_context in variants:
+        for name, cfg, variant in variants:
             eng = Engine(args.model, EngineOptions(n_ctx=args.context + args.gen + 16, n_gpu_layers=99, flash_attn=True))
-            run(eng, prompt[:512], 8, cfg, sync, in_context)  # warm up graphs
-            ms, parts = run(eng, prompt, args.gen, cfg, sync, in_context)
+            if cfg is None:
+                eng.native.set_attn_scale(1.0)  # a DySCO state doing nothing: DYSCO_HOST_TIMELINE times plain passes too
+            run(eng, prompt[:512], 8, cfg, sync, variant)  # warm up graphs
+            ms, parts = run(eng, prompt, args.gen, cfg, sync, variant)
             cells = " | ".join(f"{parts.get(k, 0.0):.3f}" for k in PARTS)
             print(f"| {name} | {sync} | {ms:.3f} | {cells} |", flush=True)
             eng.close()

@@ -3,6 +3,7 @@ prefill, context warmup, probe, select, bias, full pass; and the plain loop besi
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Sequence
 
@@ -31,16 +32,21 @@ class DyscoRun:
     The importance lives in `scores` (numpy), or, with `scores` None, in the llama context, where
     dysco_select_bias also selects and sets the bias (same bits, fewer passes over every
     position: the update went from 0.26 to 0.15 ms a step at 32K on the GPU machine's host).
+    With `select_in_pass`, the full pass itself updates, selects and biases once its mask is
+    filled (dysco_probe_select): its host work before that overlaps the probe on a GPU.
     """
     config: DyscoConfig
     template: np.ndarray                # [n_prompt] bool
     scores: Optional[ImportanceBuffer]  # importance over the positions seen; None: kept in the context
     static_selection: Optional[np.ndarray] = None
     trace: Optional[list[StepTrace]] = None
+    select_in_pass: bool = False
 
     def __post_init__(self):
         if self.in_context and not self.config.dynamic:
             raise ValueError("in-context bookkeeping is for dynamic DySCO; static DySCO selects once in numpy")
+        if self.select_in_pass and not self.in_context:
+            raise ValueError("the full pass can only select from an importance kept in the context (scores=None)")
         self.template_u8 = np.ascontiguousarray(self.template, dtype=np.uint8)
 
     @property
@@ -73,6 +79,18 @@ class DyscoRun:
         else:
             selected = self.select()
             native.set_bias(bias_vector(selected, pos, cfg.strength, self.template))
+        if self.trace is not None:
+            self.record(pos, selected, self.importance(native))
+
+    def probe_select(self, native, token: int, pos: int) -> None:
+        """Spec 3.1-3.3 with the selection in the pass: probe now; the full pass of `token` at
+        `pos` updates the importance, selects S and biases itself."""
+        cfg = self.config
+        native.probe_select(token, pos, cfg.decay, cfg.top_p, cfg.top_k, cfg.strength, self.template_u8)
+
+    def pass_selected(self, native, pos: int) -> None:
+        """After that full pass: raise if it did not select; trace S."""
+        selected = native.pass_selection(want_selected=self.trace is not None)
         if self.trace is not None:
             self.record(pos, selected, self.importance(native))
 
@@ -132,14 +150,24 @@ def warm_context(engine: Engine, run: DyscoRun, tokens: Sequence[int], first: in
 
 def intervene(engine: Engine, run: DyscoRun, token: int, pos: int, want_logits: bool) -> None:
     """Spec step 3: probe, select, bias, full pass (static mode skips the probe)."""
-    if run.config.dynamic:
-        engine.native.probe(token, pos)
-        run.observe(engine.native)
-    run.set_bias(engine.native, pos)
+    if run.select_in_pass:
+        run.probe_select(engine.native, token, pos)
+    else:
+        if run.config.dynamic:
+            engine.native.probe(token, pos)
+            run.observe(engine.native)
+        run.set_bias(engine.native, pos)
     try:
         engine.decode([token], pos, want_logits=want_logits)
+        if run.select_in_pass:
+            run.pass_selected(engine.native, pos)
     finally:
         engine.native.clear_bias()
+
+
+def select_in_pass_default() -> bool:
+    """The full pass selects (dysco_probe_select) unless DYSCO_SELECT_IN_PASS=0, for A/B timing."""
+    return os.environ.get("DYSCO_SELECT_IN_PASS", "1") != "0"
 
 
 Feed = Callable[[int, int, bool], None]  # (token, pos, want_logits)
@@ -174,12 +202,14 @@ def plain_tokens(engine: Engine, prompt: Sequence[int], *, reuse: int, sampler: 
 def dysco_tokens(engine: Engine, prompt: Sequence[int], config: DyscoConfig, warmups: Warmups, *,
                  reuse: int, sampler: Sampler, max_new_tokens: int, is_end: Callable[[int], bool],
                  trace: Optional[list[StepTrace]] = None,
-                 progress: Optional[ProgressFn] = None, in_context: Optional[bool] = None) -> Iterator[int]:
+                 progress: Optional[ProgressFn] = None, in_context: Optional[bool] = None,
+                 select_in_pass: Optional[bool] = None) -> Iterator[int]:
     """DySCO decoding of one prompt, exactly as the spec's procedure.
 
     `in_context`: keep the importance and selection in the llama context (None: whenever the
     engine's native controls are the real ones and DySCO is dynamic; a wrapper that re-indexes
-    scores, like bench/reference_harness.py, keeps them in numpy)."""
+    scores, like bench/reference_harness.py, keeps them in numpy). `select_in_pass`: with the
+    importance in the context, let each full pass select for itself (None: select_in_pass_default)."""
     n = len(prompt)
     start_fed = n - warmups.fed
     first_iv = warmups.first_intervention(n)
@@ -190,7 +220,10 @@ def dysco_tokens(engine: Engine, prompt: Sequence[int], config: DyscoConfig, war
     if in_context:
         engine.native.importance_reset(start_fed)
     scores = None if in_context else ImportanceBuffer(start_fed, capacity=engine.n_ctx + 1)
-    run = DyscoRun(config, template_mask(prompt, config.template_sequences), scores, trace=trace)
+    if select_in_pass is None:
+        select_in_pass = select_in_pass_default()
+    run = DyscoRun(config, template_mask(prompt, config.template_sequences), scores, trace=trace,
+                   select_in_pass=in_context and select_in_pass)
     warm_context(engine, run, prompt, start_fed, first_iv)
     for pos in range(first_iv, n):
         intervene(engine, run, prompt[pos], pos, want_logits=pos == n - 1)

@@ -37,6 +37,10 @@ int32_t dysco_importance_set(void * ctx, const double * values, int32_t n);
 int32_t dysco_select_bias(void * ctx, int32_t seq_id, int32_t pos, double top_p, int32_t top_k, double strength,
                           double hard_strength, const uint8_t * template_mask, int32_t n_template,
                           int32_t * selected, int32_t n_max);
+int32_t dysco_probe_select(void * ctx, int32_t token, int32_t pos, int32_t seq_id, double decay, double top_p,
+                           int32_t top_k, double strength, double hard_strength, const uint8_t * template_mask,
+                           int32_t n_template);
+int32_t dysco_pass_selection(void * ctx, int32_t * selected, int32_t n_max);
 """
 
 ERR_ARGUMENT, ERR_HEAD, ERR_NO_HEADS, ERR_RANGE, ERR_DECODE, ERR_NO_SCORES, ERR_UNSUPPORTED = range(-1, -8, -1)
@@ -208,3 +212,25 @@ class NativeContext:
             _ffi.NULL if out is None else _ffi.cast("int32_t *", _ffi.from_buffer(out)), 0 if out is None else out.size)
         count = _check(rc, "dysco_select_bias")
         return count if out is None else out[:count].astype(np.int64)
+
+    def probe_select(self, token: int, pos: int, decay: float, top_p: float | None, top_k: int | None,
+                     strength: float, template: np.ndarray, seq_id: int = 0) -> None:
+        """Probe `token` at `pos`, and have the next full pass of that token update the importance,
+        select S and bias itself (importance_update + select_bias, run where the pass's mask is
+        filled, so the pass's host work overlaps the probe on a GPU)."""
+        mask = np.ascontiguousarray(template, dtype=np.uint8)
+        rc = self._lib.dysco_probe_select(
+            self._ctx, int(token), int(pos), int(seq_id), float(decay), -1.0 if top_p is None else float(top_p),
+            -1 if top_k is None else int(top_k), float(strength), HARD_MASK_STRENGTH,
+            _ffi.cast("const uint8_t *", _ffi.from_buffer(mask)), mask.size)
+        _check(rc, "dysco_probe_select")
+
+    def pass_selection(self, *, want_selected: bool = False):
+        """After the full pass of a probe_select: S (ascending int64) when `want_selected`, else |S|.
+        Raises DyscoError when that pass did not select (it then ran unbiased)."""
+        if not want_selected:
+            return _check(self._lib.dysco_pass_selection(self._ctx, _ffi.NULL, 0), "dysco_pass_selection")
+        out = np.empty(self._lib.dysco_importance_get(self._ctx, _ffi.NULL, 0), dtype=np.int32)
+        count = _check(self._lib.dysco_pass_selection(self._ctx, _ffi.cast("int32_t *", _ffi.from_buffer(out)), out.size),
+                       "dysco_pass_selection")
+        return out[:count].astype(np.int64)
