@@ -12,7 +12,7 @@ from dysco_edge.decode import dysco_tokens, plan_warmups
 from dysco_edge.engine import Engine, EngineOptions
 from dysco_edge.native import DyscoError, DyscoValueError
 from dysco_edge.sampling import Sampler
-from dysco_edge.selection import ImportanceBuffer, select_positions
+from dysco_edge.selection import ImportanceBuffer, bias_vector, select_positions
 from test_selection import random_importance, tied_importance
 
 N = 5000  # past selection.py's 4096-value nucleus probe, so both of its branches run
@@ -96,32 +96,35 @@ def test_bookkeeping_errors_name_the_offending_value(filled):
         eng.native.select_bias(9, 1.5, 8, 2.0, np.zeros(0, bool))
 
 
-def one_step(eng, importance, token, select_in_pass):
-    """Position N-1 from the given importance: probe, update, select, biased pass; S, importance, logits."""
+def one_step(eng, importance, token, in_pass):
+    """Position N-1 from the given importance: probe, update, select, biased pass; S, importance,
+    logits. In the pass (dysco_probe_select), or by selection.py from the probe's scores."""
     pos, template = N - 1, np.arange(N // 3) % 7 == 0
     eng.native.set_importance(importance)
     try:
-        if select_in_pass:
+        if in_pass:
             eng.native.probe_select(token, pos, 0.75, 0.975, 4096, 2.0, template)
             eng.decode([token], pos)
-            selected = eng.native.pass_selection(want_selected=True)
-        else:
-            eng.native.probe(token, pos)
-            eng.native.importance_update(0.75)
-            selected = eng.native.select_bias(pos, 0.975, 4096, 2.0, template, want_selected=True)
-            eng.decode([token], pos)
-        return selected, eng.native.importance(), eng.logits()
+            return eng.native.pass_selection(want_selected=True), eng.native.importance(), eng.logits()
+        eng.native.probe(token, pos)
+        book = ImportanceBuffer(pos)
+        book.values[:] = importance
+        book.update(eng.native.scores(), 0.75)
+        selected = select_positions(book.values, 0.975, 4096)
+        eng.native.set_bias(bias_vector(selected, pos, 2.0, template))
+        eng.decode([token], pos)
+        return selected, book.values.copy(), eng.logits()
     finally:
         eng.native.clear_bias()
         eng.truncate(pos)
 
 
-def test_pass_selection_has_the_bits_of_the_separate_calls(filled):
+def test_pass_selection_has_the_bits_of_numpy_bookkeeping(filled):
     importance = random_importance(np.random.default_rng(8), N - 1, 0.3)
     in_pass = one_step(filled, importance, 4242, True)
-    separate = one_step(filled, importance, 4242, False)
+    numpy_side = one_step(filled, importance, 4242, False)
     assert 0 < in_pass[0].size < N
-    for a, b in zip(in_pass, separate):
+    for a, b in zip(in_pass, numpy_side):
         np.testing.assert_array_equal(a, b)
 
 

@@ -6,19 +6,15 @@ step time of each phase with and without a synchronize.
 """
 from __future__ import annotations
 
-import argparse
 import ctypes
 import time
 from collections import Counter
 
-import numpy as np
-
 from dysco_edge.engine import Engine, EngineOptions
-from dysco_edge.head_maps import load_head_map
 from dysco_edge.sampling import Sampler
 
 import llama_cpp
-from step_profile import generation  # beside this script
+from step_profile import generation, setup  # beside this script
 
 KEYS = ("reused", "warmup complete", "warmup reset", "disabling")
 
@@ -55,14 +51,7 @@ def run(eng, prompt, gen, config, log):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("model")
-    ap.add_argument("head_map")
-    ap.add_argument("--context", type=int, default=8192)
-    ap.add_argument("--gen", type=int, default=32)
-    args = ap.parse_args()
-    config = load_head_map(args.head_map).to_config()
-    prompt = [int(t) for t in np.random.default_rng(0).integers(100, 30000, size=args.context)]
+    args, config, prompt = setup(__doc__, 8192, 32)
     eng = Engine(args.model, EngineOptions(n_ctx=args.context + args.gen + 16, n_gpu_layers=99, flash_attn=True))
     log = GraphLog()
     print(f"| context {args.context} | ms/step | steps | " + " | ".join(KEYS) + " |")

@@ -83,16 +83,21 @@ def run(eng, prompt, gen, config, sync, variant):
     return 1e3 * total / steps, parts
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__)
+def setup(description, context, gen):
+    """MODEL HEAD_MAP [--context] [--gen] from the command line: (args, DySCO config, random prompt)."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("model")
     ap.add_argument("head_map")
-    ap.add_argument("--context", type=int, default=4096)
-    ap.add_argument("--gen", type=int, default=48)
+    ap.add_argument("--context", type=int, default=context)
+    ap.add_argument("--gen", type=int, default=gen)
     args = ap.parse_args()
     config = load_head_map(args.head_map).to_config()
-    rng = np.random.default_rng(0)
-    prompt = [int(t) for t in rng.integers(100, 30000, size=args.context)]
+    prompt = [int(t) for t in np.random.default_rng(0).integers(100, 30000, size=args.context)]
+    return args, config, prompt
+
+
+def main():
+    args, config, prompt = setup(__doc__, 4096, 48)
     print(f"| context {args.context} | sync | ms/step | " + " | ".join(PARTS) + " |")
     print("|---|---|---|" + "---|" * len(PARTS))
     # A/B: "select between": dysco_select_bias between the passes; "numpy": the bookkeeping in numpy
