@@ -9,7 +9,7 @@ import argparse
 import resource
 
 from dysco_edge import Model
-from dysco_edge.head_maps import load_head_map
+from dysco_edge.heads.maps import load_head_map
 
 
 def rss_mib() -> float:

@@ -13,8 +13,8 @@ import time
 
 import numpy as np
 
-from dysco_edge.engine import Engine, EngineOptions
-from dysco_edge.head_maps import load_head_map
+from dysco_edge.runtime.engine import Engine, EngineOptions
+from dysco_edge.heads.maps import load_head_map
 from dysco_edge.models import default_model_path
 
 BLOCK = 8

@@ -13,11 +13,10 @@ import time
 
 import numpy as np
 
-from dysco_edge.decode import dysco_tokens, plain_tokens, plan_warmups
-from dysco_edge.engine import Engine, EngineOptions
-from dysco_edge.head_maps import load_head_map
+from dysco_edge.runtime.decode import dysco_tokens, plain_tokens, plan_warmups
+from dysco_edge.runtime.engine import Engine, EngineOptions, Sampler
+from dysco_edge.heads.maps import load_head_map
 from dysco_edge.models import default_model_path
-from dysco_edge.sampling import Sampler
 
 
 def generate(eng, prompt, config):

@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from dysco_edge.config import DyscoConfig
-from dysco_edge.decode import dysco_tokens, plan_warmups
-from dysco_edge.engine import Engine, EngineOptions
-from dysco_edge.sampling import Sampler
+from dysco_edge.runtime.bookkeeping import HostBookkeeping
+from dysco_edge.runtime.decode import dysco_tokens, plan_warmups
+from dysco_edge.runtime.engine import Engine, EngineOptions, Sampler
 
 import llama_cpp
 
@@ -48,14 +48,14 @@ def run_case(engine: Engine, case: dict, harness: bool = True) -> dict:
     cfg = DyscoConfig(qr_heads=tuple(map(tuple, case["qr_heads"])), **case["config"])
     prompt = case["prompt_ids"]
     warm = plan_warmups(len(prompt), cfg.context_warmup, cfg.intervention_warmup)
-    vocab = llama_cpp.llama_model_get_vocab(engine.model)
     engine.clear()  # the harness also needs a fresh cache: its slots are token indices
     target = reference_harness.ReferenceHarness(engine, prompt, warm.fed, REFERENCE_PAD_ID) if harness else engine
     trace = []
     try:
         tokens = list(dysco_tokens(target, prompt, cfg, warm, reuse=0, sampler=Sampler(),
                                    max_new_tokens=int(case["max_new_tokens"]),
-                                   is_end=lambda t: llama_cpp.llama_vocab_is_eog(vocab, t), trace=trace))
+                                   is_end=engine.is_end, trace=trace,
+                                   bookkeeping=HostBookkeeping if harness else None))
     finally:
         if harness:
             target.close()

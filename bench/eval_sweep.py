@@ -22,10 +22,10 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from dysco_edge.eval_methods import Method
-from dysco_edge.eval_results import read_records
-from dysco_edge.eval_run import EvalPlan, run_eval
-from dysco_edge.eval_tasks import TASKS
+from dysco_edge.eval.methods import Method
+from dysco_edge.eval.results import read_records
+from dysco_edge.eval.run import EvalPlan, run_eval
+from dysco_edge.eval.tasks import TASKS
 from dysco_edge.models import default_model_path
 
 FACTORS = (0.8, 0.9, 1.1, 1.2, 1.35, 1.5)

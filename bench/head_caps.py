@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
-from dysco_edge.head_maps import HeadMap, load_head_map
-from dysco_edge.qrscore import top_heads
+from dysco_edge.heads.maps import HeadMap, load_head_map
+from dysco_edge.heads.qrscore import top_heads
 
 
 def scores_of(head_map: HeadMap) -> np.ndarray:

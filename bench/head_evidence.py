@@ -21,14 +21,14 @@ import time
 from pathlib import Path
 
 import numpy as np
-from dysco_edge.calibration import make_examples
-from dysco_edge.chat import ChatTemplate
-from dysco_edge.engine import Engine, EngineOptions
-from dysco_edge.head_lookup import locate_head_map
-from dysco_edge.head_maps import ModelShape, load_head_map
+from dysco_edge.heads.calibration import make_examples
+from dysco_edge.runtime.chat import ChatTemplate
+from dysco_edge.runtime.engine import Engine, EngineOptions
+from dysco_edge.heads.lookup import locate_head_map
+from dysco_edge.heads.maps import ModelShape, load_head_map
 from dysco_edge.models import default_model_path
-from dysco_edge.qr_layout import PromptFormat
-from dysco_edge.qrhead import NativeAttention
+from dysco_edge.heads.layout import PromptFormat
+from dysco_edge.heads.detect import NativeAttention
 
 VIEWS = ("question rows", "answer rows", "last prompt token")
 
@@ -119,7 +119,7 @@ def main() -> None:
     args = ap.parse_args()
     path = Path(args.model) if args.model else default_model_path()
     with Engine(path, EngineOptions(n_ctx=4096, n_threads=args.n_threads)) as engine:
-        shape = ModelShape.from_gguf_metadata(engine.llm.metadata)
+        shape = ModelShape.from_gguf_metadata(engine.metadata)
         head_maps = [_labelled(spec) for spec in args.head_map] or [("detected", locate_head_map(shape, path).head_map)]
         fmt = PromptFormat.from_engine(engine, ChatTemplate.from_engine(engine))
         examples = make_examples(args.prompts, seed=args.seed, n_documents=args.documents)

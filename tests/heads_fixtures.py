@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from dysco_edge.head_maps import HeadMap, ModelShape
+from dysco_edge.heads.maps import HeadMap, ModelShape
 
 SHAPE = ModelShape(architecture="llama", n_layer=4, n_head=8, n_head_kv=2, n_embd=128)
 
@@ -15,7 +15,7 @@ def write_gguf(path: Path, *, shape: ModelShape = SHAPE, embedded: HeadMap | Non
     `embedded`: a head map written as dysco.* keys as is, unchecked (to test refusing misfits).
     """
     import gguf
-    from dysco_edge.gguf_heads import _gguf_type, head_map_keys
+    from dysco_edge.heads.gguf import _gguf_type, head_map_keys
     from gguf.quants import quantize
 
     writer = gguf.GGUFWriter(str(path), arch=shape.architecture)

@@ -84,7 +84,7 @@ _HF_CACHE_VERSION = "1"
 def _gguf_scalar_metadata(path: Path) -> dict:
     """The GGUF header's key/values without the tokenizer's large arrays (the package's reader;
     ``gguf.GGUFReader`` would parse the 262k-entry tokenizer arrays of Gemma 3 too)."""
-    from dysco_edge.gguf_meta import read_gguf_metadata
+    from dysco_edge.heads.gguf_meta import read_gguf_metadata
     return read_gguf_metadata(path, want=lambda key: not key.startswith("tokenizer.ggml.")
                               or key == "tokenizer.ggml.pre")
 

@@ -26,8 +26,7 @@ def test_document_session_reuses_prefix_and_matches_fresh_generation(model):
     assert session.n_document_tokens > 300
     first = session.ask("What did Sofia do on Friday?", dysco=config, max_new_tokens=12)
     again = session.ask("What did Sofia do on Friday?", dysco=config, max_new_tokens=12)
-    model.engine.clear()
-    model._clean = []
+    model.prefill([])  # an empty cache
     fresh = session.ask("What did Sofia do on Friday?", dysco=config, max_new_tokens=12)
     assert first.token_ids == again.token_ids == fresh.token_ids
 
@@ -63,8 +62,7 @@ def test_interrupt_leaves_model_usable(model):
     next(it)
     it.close()  # what a KeyboardInterrupt in the consumer does to the generator
     g1 = model.generate("Say hello.", dysco=config, max_new_tokens=6)
-    model.engine.clear()
-    model._clean = []
+    model.prefill([])  # an empty cache
     g2 = model.generate("Say hello.", dysco=config, max_new_tokens=6)
     assert g1.token_ids == g2.token_ids
 

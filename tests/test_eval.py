@@ -13,19 +13,19 @@ from pathlib import Path
 import models
 import numpy as np
 import pytest
-from dysco_edge.eval_methods import Method, parse_methods, random_heads, resolve
-from dysco_edge.eval_report import write_report
-from dysco_edge.eval_results import read_records
-from dysco_edge.eval_run import EvalPlan, run_eval
-from dysco_edge.eval_scoring import (
+from dysco_edge.eval.methods import Method, parse_methods, random_heads, resolve
+from dysco_edge.eval.report import write_report
+from dysco_edge.eval.results import read_records
+from dysco_edge.eval.run import EvalPlan, run_eval
+from dysco_edge.eval.scoring import (
     first_number,
     path_prefix,
     score,
     sequence_ratio,
     set_overlap,
 )
-from dysco_edge.eval_stats import bootstrap_group_mean, estimate, wilson
-from dysco_edge.eval_tasks import (
+from dysco_edge.eval.stats import bootstrap_group_mean, estimate, wilson
+from dysco_edge.eval.tasks import (
     HOPS,
     MRCR_REPEATS,
     TASKS,
@@ -33,7 +33,7 @@ from dysco_edge.eval_tasks import (
     fit_units,
     make_case,
 )
-from dysco_edge.head_maps import HeadMap, ModelShape
+from dysco_edge.heads.maps import HeadMap, ModelShape
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH_HEADS = REPO / "bench" / "smollm2-bench-heads.json"
@@ -320,7 +320,7 @@ def test_report_tables_and_plot(tmp_path):
 @pytest.mark.slow
 def test_prompt_lengths_with_the_real_tokenizers():
     from dysco_edge import Model
-    from dysco_edge.eval_prompts import PromptRenderer
+    from dysco_edge.eval.prompts import PromptRenderer
     for path, length in ((models.smollm2_q4_1(), 2048), (models.gemma3_270m(), 4096)):
         with Model(path, n_ctx=256, n_threads=1) as model:
             renderer = PromptRenderer(model)
@@ -355,7 +355,7 @@ def test_eval_smoke_on_smollm2(tmp_path):
 
 @pytest.mark.slow
 def test_attention_scaling_runs_on_its_own_cache_and_leaves_none_behind():
-    from dysco_edge.eval_run import CaseRunner, model_runner, pending_work
+    from dysco_edge.eval.run import CaseRunner, model_runner, pending_work
     plan = EvalPlan(models.smollm2_q4_1(), ("passkey",), (384,), "dev", 1,
                     parse_methods("plain,attnts:factor=0.5"), Path("unused.jsonl"), n_threads=2)
     with model_runner(plan) as runner:

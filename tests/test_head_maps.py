@@ -5,7 +5,7 @@ import json
 import pytest
 
 from dysco_edge.config import DyscoConfig
-from dysco_edge.head_maps import (
+from dysco_edge.heads.maps import (
     HeadMap,
     HeadMapError,
     HeadMapMismatch,

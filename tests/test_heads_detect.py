@@ -11,13 +11,13 @@ import oracle
 import pytest
 import torch
 from dysco_edge import Model, cli
-from dysco_edge.calibration import make_examples
-from dysco_edge.chat import ChatTemplate
-from dysco_edge.engine import Engine, EngineOptions
-from dysco_edge.gguf_heads import embed_head_map
-from dysco_edge.head_maps import load_head_map
-from dysco_edge.qr_layout import PromptFormat
-from dysco_edge.qrhead import NativeAttention, score_layouts
+from dysco_edge.heads.calibration import make_examples
+from dysco_edge.runtime.chat import ChatTemplate
+from dysco_edge.runtime.engine import Engine, EngineOptions
+from dysco_edge.heads.gguf import embed_head_map
+from dysco_edge.heads.maps import load_head_map
+from dysco_edge.heads.layout import PromptFormat
+from dysco_edge.heads.detect import NativeAttention, score_layouts
 
 F32 = int(gguf.GGMLQuantizationType.F32)  # an F32 KV cache, so llama.cpp and transformers see the same numbers
 TINY = {"tiny-llama": models.tiny_llama_f32, "tiny-qwen3": models.tiny_qwen3_f32}
@@ -87,7 +87,7 @@ def test_model_finds_the_embedded_map(tmp_path, monkeypatch):
 def test_native_attention_reuses_a_cached_prefix():
     options = EngineOptions(n_ctx=512, type_k=F32, type_v=F32, n_threads=2)
     with Engine(models.tiny_qwen3_f32(), options) as engine:
-        ids = engine.llm.tokenize(b"The lantern festival of Corinmoor is held every June. " * 8, add_bos=False)
+        ids = engine.tokenize("The lantern festival of Corinmoor is held every June. " * 8)
         reused = NativeAttention(engine)
         reused(ids[:40], ids[40:48])
         extended = reused(ids[:70], ids[70:75])  # decodes only positions 40..69 on top of the cache

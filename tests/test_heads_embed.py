@@ -3,15 +3,15 @@ from __future__ import annotations
 
 import gguf
 import pytest
-from dysco_edge.gguf_heads import (
+from dysco_edge.heads.gguf import (
     embed_head_map,
     head_map_from_keys,
     head_map_keys,
     model_shape,
     read_embedded_head_map,
 )
-from dysco_edge.gguf_meta import GGUFMetaError, read_gguf_metadata
-from dysco_edge.head_maps import HeadMapError, HeadMapMismatch, ModelShape
+from dysco_edge.heads.gguf_meta import GGUFMetaError, read_gguf_metadata
+from dysco_edge.heads.maps import HeadMapError, HeadMapMismatch, ModelShape
 from heads_fixtures import SHAPE, head_map, tensor_bytes, write_gguf
 
 

@@ -6,8 +6,8 @@ import json
 import pytest
 from dysco_edge import cli
 from dysco_edge.config import ConfigError
-from dysco_edge.head_import import detect_format, import_head_map
-from dysco_edge.head_maps import ModelShape, get_shipped_head_map, load_head_map
+from dysco_edge.heads.importing import detect_format, import_head_map
+from dysco_edge.heads.maps import ModelShape, get_shipped_head_map, load_head_map
 from heads_fixtures import SHAPE, write_gguf
 from test_config import DYSCO_YAML  # the authors' layout, with keys we ignore
 

@@ -5,12 +5,12 @@ import json
 
 import pytest
 from dysco_edge import cli
-from dysco_edge.head_lookup import (
+from dysco_edge.heads.lookup import (
     locate_head_map,
     no_head_map_message,
     user_head_map_dirs,
 )
-from dysco_edge.head_maps import (
+from dysco_edge.heads.maps import (
     HeadMapError,
     HeadMapMismatch,
     ModelShape,

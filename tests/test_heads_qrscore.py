@@ -6,10 +6,10 @@ import math
 import numpy as np
 import pytest
 from dysco_edge import cli
-from dysco_edge.calibration import make_examples
-from dysco_edge.head_maps import dump_head_map, get_shipped_head_map, load_head_map
-from dysco_edge.qr_layout import NULL_QUERY, PromptFormat
-from dysco_edge.qrscore import (
+from dysco_edge.heads.calibration import make_examples
+from dysco_edge.heads.maps import dump_head_map, get_shipped_head_map, load_head_map
+from dysco_edge.heads.layout import NULL_QUERY, PromptFormat
+from dysco_edge.heads.qrscore import (
     document_scores,
     example_qr_score,
     mean_qr_scores,

@@ -7,8 +7,8 @@ import pytest
 import models
 import oracle
 from conftest import F32_MODELS
-from dysco_edge.engine import Engine, EngineOptions
-from dysco_edge.native import DyscoError, DyscoValueError
+from dysco_edge.runtime.engine import Engine, EngineOptions
+from dysco_edge.runtime.native import DyscoError, DyscoValueError
 
 import llama_cpp
 
@@ -27,7 +27,7 @@ def _engine(path, *, flash_attn, type_kv=F32, n_ctx=2048):
 def _prompt(engine, n, seed=0):
     rng = np.random.default_rng(seed)
     # real text keeps attention patterns natural; random ids fill up to n
-    ids = engine.llm.tokenize(b"The harbour master counted the boats twice before the storm arrived. " * 8)
+    ids = engine.tokenize("The harbour master counted the boats twice before the storm arrived. " * 8, add_bos=True)
     extra = rng.integers(100, min(engine.n_vocab, 30000), size=max(0, n - len(ids)))
     return [int(t) for t in list(ids[:n]) + list(extra)]
 

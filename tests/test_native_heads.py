@@ -8,8 +8,8 @@ import torch
 
 import models
 import oracle
-from dysco_edge.engine import Engine, EngineOptions
-from dysco_edge.native import DyscoError, DyscoValueError
+from dysco_edge.runtime.engine import Engine, EngineOptions
+from dysco_edge.runtime.native import DyscoError, DyscoValueError
 
 import llama_cpp
 
@@ -25,7 +25,7 @@ def _engine(path, *, flash_attn=False, n_ctx=2048, n_batch=512):
 
 def _ids(engine, n, seed=0):
     rng = np.random.default_rng(seed)
-    text = engine.llm.tokenize(b"The ferry to the north island leaves at noon; the ferry to the south island at six. " * 12)
+    text = engine.tokenize("The ferry to the north island leaves at noon; the ferry to the south island at six. " * 12, add_bos=True)
     extra = rng.integers(100, min(engine.n_vocab, 30000), size=max(0, n - len(text)))
     return [int(t) for t in list(text[:n]) + list(extra)]
 

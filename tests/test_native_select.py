@@ -8,11 +8,11 @@ import pytest
 
 import models
 from dysco_edge.config import DyscoConfig
-from dysco_edge.decode import dysco_tokens, plan_warmups
-from dysco_edge.engine import Engine, EngineOptions
-from dysco_edge.native import DyscoError, DyscoValueError
-from dysco_edge.sampling import Sampler
-from dysco_edge.selection import ImportanceBuffer, bias_vector, select_positions
+from dysco_edge.runtime.bookkeeping import HostBookkeeping, InPassBookkeeping
+from dysco_edge.runtime.decode import dysco_tokens, plan_warmups
+from dysco_edge.runtime.engine import Engine, EngineOptions, Sampler
+from dysco_edge.runtime.native import DyscoError, DyscoValueError
+from dysco_edge.runtime.selection import ImportanceBuffer, bias_vector, select_positions
 from test_selection import random_importance, tied_importance
 
 N = 5000  # past selection.py's 4096-value nucleus probe, so both of its branches run
@@ -164,11 +164,9 @@ def test_pass_selection_errors_say_what_happened(filled):
 @pytest.mark.slow
 @pytest.mark.parametrize("strength", [2.0, 99.0], ids=["soft", "hard-mask"])
 def test_decoding_in_context_equals_decoding_in_numpy(strength):
-    """Both in-context paths (the full pass selecting, dysco_probe_select; and select_bias between
-    the passes) against the numpy bookkeeping."""
+    """The in-pass bookkeeping (the full pass selecting, dysco_probe_select) against the numpy one."""
     config = DyscoConfig(qr_heads=HEADS, top_k=128, top_p=0.9, strength=strength, template_sequences=[[1, 2]])
-    variants = ({"in_context": True, "select_in_pass": True}, {"in_context": True, "select_in_pass": False},
-                {"in_context": False})
+    variants = ({"bookkeeping": InPassBookkeeping}, {"bookkeeping": HostBookkeeping})
     results = []
     with Engine(models.tiny_llama_f32(), EngineOptions(n_ctx=1024)) as eng:
         prompt = [int(t) for t in np.random.default_rng(5).integers(100, 30000, size=700)]

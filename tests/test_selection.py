@@ -6,7 +6,7 @@ import time
 import numpy as np
 import pytest
 
-from dysco_edge.selection import (
+from dysco_edge.runtime.selection import (
     ImportanceBuffer,
     bias_vector,
     select_nucleus,

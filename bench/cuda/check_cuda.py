@@ -13,9 +13,8 @@ import sys
 import numpy as np
 
 from dysco_edge.config import DyscoConfig
-from dysco_edge.decode import dysco_tokens, plan_warmups
-from dysco_edge.engine import Engine, EngineOptions
-from dysco_edge.sampling import Sampler
+from dysco_edge.runtime.decode import dysco_tokens, plan_warmups
+from dysco_edge.runtime.engine import Engine, EngineOptions, Sampler
 
 import llama_cpp
 

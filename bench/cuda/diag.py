@@ -3,7 +3,7 @@ import sys
 
 import numpy as np
 
-from dysco_edge.engine import Engine, EngineOptions
+from dysco_edge.runtime.engine import Engine, EngineOptions
 
 path, gpu_layers, fa = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "fa"
 ids = [int(t) for t in np.random.default_rng(0).integers(100, 30000, size=200)]

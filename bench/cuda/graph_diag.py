@@ -10,8 +10,7 @@ import ctypes
 import time
 from collections import Counter
 
-from dysco_edge.engine import Engine, EngineOptions
-from dysco_edge.sampling import Sampler
+from dysco_edge.runtime.engine import Engine, EngineOptions, Sampler
 
 import llama_cpp
 from step_profile import generation, setup  # beside this script

@@ -51,8 +51,8 @@ def parts(eng, n, tok, bias):
 
 
 def run(args):
-    from dysco_edge.engine import Engine, EngineOptions  # before llama_cpp: it loads our libllama
-    from dysco_edge.head_maps import load_head_map
+    from dysco_edge.runtime.engine import Engine, EngineOptions  # before llama_cpp: it loads our libllama
+    from dysco_edge.heads.maps import load_head_map
 
     import llama_cpp
 

@@ -10,7 +10,8 @@ cp -r "$tree"/{CMakeLists.txt,LICENSE,cmake,include,src,vendor} "$dest/llama.cpp
 cp -r "$tree"/ggml/{CMakeLists.txt,cmake,include,.gitignore} "$dest/llama.cpp/ggml/" 2>/dev/null || true
 ( cd "$tree/ggml/src" && cp -r $(ls | grep -vE '^ggml-(blas|cann|et|hexagon|hip|metal|musa|opencl|openvino|rpc|sycl|virtgpu|vulkan|webgpu|zdnn|zendnn)$') "$OLDPWD/$dest/llama.cpp/ggml/src/" )
 cp -r "$tree"/gguf-py/gguf "$dest/pylib/gguf"
-site=$(python3 -c "import llama_cpp, os; print(os.path.dirname(llama_cpp.__file__))")
+# find_spec does not import llama_cpp: importing it needs a libllama (LLAMA_CPP_LIB_PATH) a fresh venv lacks
+site=$(python3 -c "import importlib.util, os; print(os.path.dirname(importlib.util.find_spec('llama_cpp').origin))")
 mkdir -p "$dest/pylib/llama_cpp" && cp "$site"/*.py "$dest/pylib/llama_cpp/"
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d "$dest/wheels" cffi==2.0.0 pycparser

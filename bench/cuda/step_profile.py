@@ -15,11 +15,10 @@ from collections import defaultdict
 
 import numpy as np
 
-from dysco_edge import decode
-from dysco_edge.decode import DyscoRun, dysco_tokens, plain_tokens, plan_warmups
-from dysco_edge.engine import Engine, EngineOptions
-from dysco_edge.head_maps import load_head_map
-from dysco_edge.sampling import Sampler
+from dysco_edge.runtime.bookkeeping import HostBookkeeping, InPassBookkeeping
+from dysco_edge.runtime.decode import dysco_tokens, plain_tokens, plan_warmups
+from dysco_edge.runtime.engine import Engine, EngineOptions, Sampler
+from dysco_edge.heads.maps import load_head_map
 
 import llama_cpp
 
@@ -35,8 +34,8 @@ class Timers:
         targets = ((eng, "decode", "decode", False), (eng.native, "probe", "probe", False),
                    (eng.native, "probe_select", "probe", False),
                    (eng.native, "clear_bias", "clear_bias", False), (sampler, "sample", "sample", False),
-                   (DyscoRun, "observe", "observe", True), (DyscoRun, "set_bias", "select+bias", True),
-                   (DyscoRun, "pass_selected", "pass S", True))
+                   (HostBookkeeping, "observe", "observe", True), (HostBookkeeping, "select", "select+bias", True),
+                   (InPassBookkeeping, "after_pass", "pass S", True))
         for obj, attr, label, host in targets:
             original = getattr(obj, attr)
             original = getattr(original, "__wrapped_original__", original)
@@ -56,14 +55,14 @@ class Timers:
         return timed
 
 
-def generation(eng, prompt, gen, config, sampler, in_context=None, select_in_pass=None):
+def generation(eng, prompt, gen, config, sampler, bookkeeping=None):
     """The token stream of one generation: plain (config None) or DySCO, never stopping early."""
     never = lambda t: False
     if config is None:
         return plain_tokens(eng, prompt, reuse=0, sampler=sampler, max_new_tokens=gen, is_end=never)
     warm = plan_warmups(len(prompt), config.context_warmup, 4)
     return dysco_tokens(eng, prompt, config, warm, reuse=0, sampler=sampler, max_new_tokens=gen, is_end=never,
-                        in_context=in_context, select_in_pass=select_in_pass)
+                        bookkeeping=bookkeeping)
 
 
 def run(eng, prompt, gen, config, sync, variant):
@@ -100,9 +99,9 @@ def main():
     args, config, prompt = setup(__doc__, 4096, 48)
     print(f"| context {args.context} | sync | ms/step | " + " | ".join(PARTS) + " |")
     print("|---|---|---|" + "---|" * len(PARTS))
-    # A/B: "select between": dysco_select_bias between the passes; "numpy": the bookkeeping in numpy
-    variants = (("plain", None, {}), ("dysco", config, {"select_in_pass": True}),
-                ("dysco select between", config, {"select_in_pass": False}), ("dysco numpy", config, {"in_context": False}))
+    # "numpy": the importance and selection on the host (HostBookkeeping)
+    variants = (("plain", None, {}), ("dysco", config, {"bookkeeping": InPassBookkeeping}),
+                ("dysco numpy", config, {"bookkeeping": HostBookkeeping}))
     for sync in (False, True):
         for name, cfg, variant in variants:
             eng = Engine(args.model, EngineOptions(n_ctx=args.context + args.gen + 16, n_gpu_layers=99, flash_attn=True))

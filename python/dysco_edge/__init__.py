@@ -3,6 +3,7 @@
 __version__ = "0.1.0"
 
 from .config import DyscoConfig  # noqa: E402
-from .api import ContextOverflow, DocumentSession, Generation, Model, NoHeadMap  # noqa: E402
+from .errors import ContextOverflow, DyscoEdgeError, NoHeadMap  # noqa: E402
+from .api import DocumentSession, Generation, Model  # noqa: E402
 
-__all__ = ["DyscoConfig", "Model", "DocumentSession", "Generation", "ContextOverflow", "NoHeadMap"]
+__all__ = ["DyscoConfig", "Model", "DocumentSession", "Generation", "ContextOverflow", "NoHeadMap", "DyscoEdgeError"]

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from .flat_yaml import FlatYamlError, parse_flow_list, parse_scalar, read_flat_yaml, unquote
+from .errors import ConfigError
 
 __all__ = [
     "AUTO",
@@ -31,10 +32,6 @@ AUTO = "auto"
 HARD_MASK_STRENGTH = 99.0  # the spec: strength >= 99 means "hard mask"
 
 HeadPair = tuple[int, int]
-
-
-class ConfigError(ValueError):
-    """An invalid DySCO option; the message names the field and the offending value."""
 
 
 @dataclass(frozen=True, kw_only=True)

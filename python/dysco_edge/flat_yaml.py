@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+from .errors import FlatYamlError
 
 __all__ = ["FlatYamlError", "read_flat_yaml", "parse_scalar", "parse_flow_list", "unquote"]
 
@@ -21,10 +22,6 @@ _KEY = re.compile(r"^([A-Za-z_][\w.-]*)\s*:(?:\s+(.*)|\s*)$")
 _INT = re.compile(r"[-+]?\d+")
 _FLOAT = re.compile(r"[-+]?(\d+\.\d*|\.\d+|\d+)([eE][-+]?\d+)?")
 _TRAILING_COMMA = re.compile(r",\s*([\]}])")
-
-
-class FlatYamlError(ValueError):
-    """Text that the flat-YAML reader cannot read; the message names the line or key."""
 
 
 def read_flat_yaml(text: str) -> dict[str, str]:

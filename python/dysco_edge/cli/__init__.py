@@ -1,0 +1,37 @@
+"""The `dysco-edge` command: a dispatcher; each verb lives in its own module
+(`cli/run.py`, `heads/cli.py`, `eval/cli.py`) with an `add_parser` and a handler."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional
+
+from ..errors import DyscoEdgeError
+from ..eval import cli as eval_cli
+from ..heads import cli as heads_cli
+from . import run as run_cli
+
+DESCRIPTION = "DySCO decoding for GGUF models on llama.cpp"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="dysco-edge", description=DESCRIPTION)
+    ap.add_argument("--debug", action="store_true", help="show the full traceback of any error")
+    sub = ap.add_subparsers(dest="command", required=True)
+    for verb in (run_cli, heads_cli, eval_cli):
+        verb.add_parser(sub)
+    return ap
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except (DyscoEdgeError, OSError) as e:  # the user's to fix; anything else is our bug: traceback
+        if args.debug:
+            raise
+        print(f"dysco-edge: error: {e}", file=sys.stderr)
+        return 2

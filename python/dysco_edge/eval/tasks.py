@@ -1,0 +1,305 @@
+"""Long-context evaluation tasks, generated locally from a seed at a requested length in tokens.
+
+Five tasks: multi-key passkey retrieval in filler prose, key-value lookup in a JSON object,
+path traversal (every city has one outgoing road; follow h hops), MRCR-style multi-round
+coreference (reproduce the n-th of several similar requests), and variable tracking.
+
+A task builder turns (rng, units) into a Draft; `make_case` picks the largest number of
+units whose prompt, measured with the caller's tokenizer, leaves room for the answer inside
+`length` tokens. A case's seed is a hash of (base seed, task, split, length, index), so dev
+and test cases are drawn from disjoint seeds and never share an instance.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import random
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import words
+from .scoring import SCORERS
+from ..errors import InputError
+
+SPLITS = ("dev", "test")
+Gold = str | tuple[str, ...]
+Measure = Callable[["Prompt"], int]  # prompt -> tokens the model sees, answer prefix included
+
+FIT_TOLERANCE = 0.005  # stop searching once the prompt is within 0.5% under its budget
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A conversation (role, content) and text the answer starts with (fed, not scored)."""
+    turns: tuple[tuple[str, str], ...]
+    answer_prefix: str = ""
+
+    def __post_init__(self):
+        if not self.turns or self.turns[-1][0] != "user":
+            raise InputError(f"a prompt must end with a user turn, got roles {[r for r, _ in self.turns]}")
+        for role, _ in self.turns:
+            if role not in ("system", "user", "assistant"):
+                raise InputError(f"unknown role {role!r}: use system, user or assistant")
+
+    def messages(self) -> list[dict[str, str]]:
+        return [{"role": role, "content": content} for role, content in self.turns]
+
+    def text(self) -> str:
+        """Every turn's content and the answer prefix, for checks that read the prompt."""
+        return "\n".join(content for _, content in self.turns) + "\n" + self.answer_prefix
+
+
+@dataclass(frozen=True)
+class Draft:
+    """One task instance before its length is known to fit."""
+    prompt: Prompt
+    gold: Gold
+    scorer: str
+    max_new_tokens: int
+    stop: tuple[str, ...] = ()
+    details: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.scorer not in SCORERS:
+            raise InputError(f"unknown scoring rule {self.scorer!r}; known: {', '.join(SCORERS)}")
+        if self.max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+@dataclass(frozen=True)
+class Case:
+    task: str
+    split: str
+    length: int
+    index: int
+    seed: int
+    draft: Draft
+    n_tokens: int  # the prompt as measured; n_tokens + draft.max_new_tokens <= length
+
+    def __post_init__(self):
+        check_split(self.split)
+        if self.n_tokens + self.draft.max_new_tokens > self.length:
+            raise InputError(f"case {self.task}@{self.length}#{self.index}: {self.n_tokens} prompt tokens + "
+                             f"{self.draft.max_new_tokens} answer tokens exceed the length")
+
+
+Builder = Callable[[random.Random, int], Draft]
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    build: Builder
+    min_units: int
+    about: str
+
+
+def check_split(split: str) -> str:
+    if split not in SPLITS:
+        raise InputError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    return split
+
+
+def case_seed(task: str, split: str, length: int, index: int, base_seed: int = 0) -> int:
+    """A 63-bit seed from the case's identity; the split is part of it, so splits never share one."""
+    check_split(split)
+    key = f"dysco-edge-eval|{base_seed}|{task}|{split}|{length}|{index}".encode()
+    return int.from_bytes(hashlib.sha256(key).digest()[:8], "big") >> 1
+
+
+def insert_at_depths(items: Sequence[Any], needles: Sequence[Any], depths: Sequence[float]) -> list[Any]:
+    """items with each needle inserted at depth*len(items); ties keep the needles' order."""
+    slots = sorted(range(len(needles)), key=lambda i: (round(depths[i] * len(items)), i))
+    out, taken = [], 0
+    for i in slots:
+        at = round(depths[i] * len(items))
+        out.extend(items[taken:at])
+        out.append(needles[i])
+        taken = at
+    out.extend(items[taken:])
+    return out
+
+
+def prose(sentences: Sequence[str], per_paragraph: int = 8) -> str:
+    return "\n\n".join(" ".join(sentences[i:i + per_paragraph]) for i in range(0, len(sentences), per_paragraph))
+
+
+# ---- the tasks ----
+
+PASSKEYS = 4
+HOPS = 3
+MRCR_REPEATS = 3
+VT_CHAIN, VT_CHAINS = 4, 2
+
+
+def build_passkey(rng: random.Random, units: int) -> Draft:
+    names = rng.sample(words.VAULT_NAMES, PASSKEYS)
+    values = words.distinct(rng, lambda r: words.number(r, 6), PASSKEYS, set())
+    depths = [rng.random() for _ in names]
+    target = rng.randrange(PASSKEYS)
+    needles = [f"The secret passkey of the {n} vault is {v}. Remember it." for n, v in zip(names, values)]
+    body = prose(insert_at_depths(words.filler_sentences(rng, units), needles, depths))
+    ask = f"What is the secret passkey of the {names[target]} vault?"
+    content = (f"Several secret passkeys are hidden in the text below. Memorize them; you will be asked "
+               f"for one.\n\n{body}\n\n{ask} Answer with the number only.")
+    prompt = Prompt((("user", content),), f"The secret passkey of the {names[target]} vault is")
+    return Draft(prompt, values[target], "first_number", 12, ("\n",),
+                 {"depth": round(depths[target], 4), "keys": PASSKEYS})
+
+
+def build_kv(rng: random.Random, units: int) -> Draft:
+    keys: set[str] = set()
+    values: set[str] = set()
+    key, value = _record(rng, keys, values)
+    depth = rng.random()
+    records = [_json_line(*_record(rng, keys, values)) for _ in range(units)]
+    lines = insert_at_depths(records, [_json_line(key, value)], [depth])
+    lines[-1] = lines[-1].rstrip(",")
+    ask = f'What is the value of the key "{key}" in the JSON object above?'
+    content = "Here is a JSON object of key-value pairs.\n\n{\n" + "\n".join(lines) + f"\n}}\n\n{ask}"
+    prompt = Prompt((("user", content),), f'The value of "{key}" is')
+    return Draft(prompt, value, "first_number", 12, ("\n",), {"depth": round(depth, 4)})
+
+
+def _record(rng: random.Random, keys: set, values: set) -> tuple[str, str]:
+    """A key and a value, each unlike any drawn before (keys and values are looked up by identity)."""
+    key = words.distinct(rng, words.record_key, 1, keys)[0]
+    return key, words.distinct(rng, lambda r: words.number(r, 6), 1, values)[0]
+
+
+def _json_line(key: str, value: str) -> str:
+    return f'  "{key}": "{value}",'
+
+
+def build_path(rng: random.Random, units: int) -> Draft:
+    taken: set[str] = set()
+    chain = words.distinct(rng, words.city_name, HOPS + 1, taken)
+    depths = [rng.random() for _ in chain]
+    pool, roads = list(chain), []
+    for _ in range(units):  # every city gets one outgoing road, to a city named before it
+        city = words.distinct(rng, words.city_name, 1, taken)[0]
+        roads.append(_road(city, rng.choice(pool)))
+        pool.append(city)
+    links = [_road(chain[i], chain[(i + 1) % len(chain)]) for i in range(len(chain))]
+    body = "\n".join(insert_at_depths(roads, links, depths))
+    ask = (f"Every city above has exactly one outgoing one-way road. Start in {chain[0]} and follow the "
+           f"roads for {HOPS} steps. Give the route as: city -> city -> city.")
+    content = f"Here is a list of one-way roads between cities.\n\n{body}\n\n{ask}"
+    prompt = Prompt((("user", content),), f"Route: {chain[0]} ->")
+    return Draft(prompt, tuple(chain[1:]), "path_prefix", 24, ("\n",),
+                 {"depth": round(depths[0], 4), "hops": HOPS})
+
+
+def _road(a: str, b: str) -> str:
+    return f"There is a one-way road from {a} to {b}."
+
+
+def build_mrcr(rng: random.Random, units: int) -> Draft:
+    kind, topic = rng.choice(words.KINDS), rng.choice(words.TOPICS)
+    nth = rng.randrange(MRCR_REPEATS) + 1
+    depths = sorted(rng.random() for _ in range(MRCR_REPEATS))
+    targets = words.distinct(rng, lambda r: words.piece(r, kind, topic), MRCR_REPEATS, set())
+    rounds = [_round(k, t, words.piece(rng, k, t)) for k, t in
+              (_other_request(rng, kind, topic) for _ in range(units))]
+    turns = [turn for pair in insert_at_depths(rounds, [_round(kind, topic, p) for p in targets], depths)
+             for turn in pair]
+    ask = (f"Reproduce the {_ORDINALS[nth]} {kind} about {topic} that you wrote in this conversation, "
+           f"exactly as written, and nothing else.")
+    prompt = Prompt(tuple(turns) + (("user", ask),))
+    return Draft(prompt, targets[nth - 1], "sequence_ratio", 48, (),
+                 {"depth": round(depths[nth - 1], 4), "nth": nth, "repeats": MRCR_REPEATS})
+
+
+_ORDINALS = {1: "first", 2: "second", 3: "third", 4: "fourth"}
+
+
+def _other_request(rng: random.Random, kind: str, topic: str) -> tuple[str, str]:
+    while True:
+        pair = (rng.choice(words.KINDS), rng.choice(words.TOPICS))
+        if pair != (kind, topic):
+            return pair
+
+
+def _round(kind: str, topic: str, text: str) -> tuple:
+    return (("user", f"Write a {kind} about {topic}."), ("assistant", text))
+
+
+def build_vt(rng: random.Random, units: int) -> Draft:
+    taken: set[str] = set()
+    values = words.distinct(rng, lambda r: words.number(r, 5), VT_CHAINS, set())
+    statements, depths, chains = [], [], []
+    for value in values:
+        names = words.distinct(rng, words.variable_name, VT_CHAIN, taken)
+        chains.append(names)
+        statements += [f"VAR {names[0]} = {value}."] + [f"VAR {b} = VAR {a}." for a, b in itertools.pairwise(names)]
+        depths += sorted(rng.random() for _ in names)
+    body = prose(insert_at_depths(words.filler_sentences(rng, units), statements, depths))
+    ask = (f"Find every variable that is assigned the value {values[0]}, directly or through other "
+           f"variables, in the text above.")
+    content = f"Memorize the variable assignments hidden in the text below.\n\n{body}\n\n{ask}"
+    prompt = Prompt((("user", content),), f"The variables that hold the value {values[0]} are:")
+    # no newline stop: models often start the list on a new line after the colon
+    return Draft(prompt, tuple(chains[0]), "set_overlap", 40, (),
+                 {"depth": round(depths[0], 4), "chain": VT_CHAIN})
+
+
+TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in (
+    TaskSpec("passkey", build_passkey, 8, "multi-key passkey retrieval in filler prose"),
+    TaskSpec("kv", build_kv, 8, "key-value lookup in a JSON object"),
+    TaskSpec("path", build_path, 8, f"path traversal, {HOPS} hops, one outgoing road per city"),
+    TaskSpec("mrcr", build_mrcr, 4, f"multi-round coreference: reproduce the n-th of {MRCR_REPEATS} requests"),
+    TaskSpec("vt", build_vt, 8, f"variable tracking, chains of {VT_CHAIN}"),
+)}
+
+
+def task_spec(name: str) -> TaskSpec:
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise InputError(f"unknown task {name!r}; known: {', '.join(TASKS)}") from None
+
+
+def make_case(task: str, *, split: str, length: int, index: int, measure: Measure, base_seed: int = 0) -> Case:
+    """The case `index` of a task at a length: its prompt is as long as fits, never longer."""
+    spec = task_spec(task)
+    seed = case_seed(task, split, length, index, base_seed)
+    sizes: dict[int, tuple[Draft, int]] = {}
+
+    def size(units: int) -> int:
+        if units not in sizes:
+            draft = spec.build(random.Random(seed), units)  # same seed: more units only adds filler
+            sizes[units] = (draft, measure(draft.prompt))
+        return sizes[units][1]
+
+    budget = length - spec.build(random.Random(seed), spec.min_units).max_new_tokens
+    if size(spec.min_units) > budget:
+        raise InputError(f"length {length} is too short for task {task}: its smallest prompt is "
+                         f"{size(spec.min_units)} tokens plus the answer; use a longer length")
+    units = fit_units(size, budget, spec.min_units)
+    draft, n_tokens = sizes[units]
+    return Case(task, split, length, index, seed, draft, n_tokens)
+
+
+def fit_units(size: Callable[[int], int], budget: int, low: int) -> int:
+    """The largest units with size(units) <= budget, to within FIT_TOLERANCE; size(low) must fit.
+
+    Interpolates between the largest size known to fit and the smallest known not to (or the
+    rate so far), since tokenizing a long prompt is the expensive part: 3-5 sizes at 32K tokens.
+    """
+    lo, hi = low, None
+    rate = max(1e-6, (size(low + 8) - size(low)) / 8)
+    while size(lo) < budget * (1 - FIT_TOLERANCE):
+        if hi is None:
+            guess = lo + max(1, int((budget - size(lo)) / rate))
+        else:
+            guess = lo + int((budget - size(lo)) * (hi - lo) / max(1, size(hi) - size(lo)))
+            guess = min(max(guess, lo + 1), hi - 1)
+        if hi is not None and hi - lo <= 1:
+            break
+        if size(guess) <= budget:
+            lo = guess
+            rate = max(1e-6, (size(lo) - size(low)) / (lo - low))
+        else:
+            hi = guess
+    return lo

@@ -1,0 +1,225 @@
+"""The only module that touches the DySCO C API (native/dysco.h), through cffi in ABI mode.
+
+The library is the same libllama that llama-cpp-python loaded, so a `llama_context *`
+obtained there is passed here as an integer address.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from cffi import FFI
+
+from ..config import HARD_MASK_STRENGTH
+from ..errors import DyscoError, DyscoValueError
+
+_CDEF = """
+const char * dysco_last_error(void);
+int32_t dysco_set_heads(void * ctx, const int32_t * layers, const int32_t * heads, int32_t n_heads);
+int32_t dysco_clear_heads(void * ctx);
+int32_t dysco_l_max(void * ctx);
+int32_t dysco_set_capture(void * ctx, bool on);
+int32_t dysco_probe(void * ctx, int32_t token, int32_t pos, int32_t seq_id);
+int32_t dysco_set_bias(void * ctx, int32_t seq_id, const float * bias, int32_t n_bias);
+int32_t dysco_clear_bias(void * ctx, int32_t seq_id);
+int32_t dysco_get_scores(void * ctx, float * out, int32_t n_max);
+int32_t dysco_scores_pos(void * ctx);
+int32_t dysco_set_head_capture(void * ctx, int32_t pos_begin, int32_t pos_end, int32_t layer_end);
+int32_t dysco_clear_head_capture(void * ctx);
+int32_t dysco_head_scores_shape(void * ctx, int32_t * n_layer, int32_t * n_head, int32_t * n_pos);
+int32_t dysco_get_head_scores(void * ctx, float * out, int64_t n_max);
+int32_t dysco_set_attn_scale(void * ctx, float scale);
+int32_t dysco_set_slot_layout(void * ctx, bool on, const int32_t * hidden, int32_t n_hidden, int32_t view_seq);
+int32_t dysco_importance_reset(void * ctx, int32_t n_positions);
+int32_t dysco_importance_update(void * ctx, double decay);
+int32_t dysco_importance_get(void * ctx, double * out, int32_t n_max);
+int32_t dysco_importance_set(void * ctx, const double * values, int32_t n);
+int32_t dysco_select_bias(void * ctx, int32_t seq_id, int32_t pos, double top_p, int32_t top_k, double strength,
+                          double hard_strength, const uint8_t * template_mask, int32_t n_template,
+                          int32_t * selected, int32_t n_max);
+int32_t dysco_probe_select(void * ctx, int32_t token, int32_t pos, int32_t seq_id, double decay, double top_p,
+                           int32_t top_k, double strength, double hard_strength, const uint8_t * template_mask,
+                           int32_t n_template);
+int32_t dysco_pass_selection(void * ctx, int32_t * selected, int32_t n_max);
+"""
+
+ERR_ARGUMENT, ERR_HEAD, ERR_NO_HEADS, ERR_RANGE, ERR_DECODE, ERR_NO_SCORES, ERR_UNSUPPORTED = range(-1, -8, -1)
+
+
+_VALUE_CODES = (ERR_ARGUMENT, ERR_HEAD, ERR_RANGE)
+
+
+def lib_dir() -> Path:
+    """Where libllama with the DySCO extension lives (DYSCO_EDGE_LIB_DIR overrides)."""
+    override = os.environ.get("DYSCO_EDGE_LIB_DIR")
+    return Path(override) if override else Path(__file__).resolve().parent.parent / "lib"
+
+
+def _library_file(directory: Path) -> Path:
+    for name in ("libllama.so", "libllama.dylib", "llama.dll"):
+        if (directory / name).exists():
+            return directory / name
+    raise ImportError(f"dysco-edge: no libllama in {directory}; reinstall the package "
+                      f"(see README) or point DYSCO_EDGE_LIB_DIR at a build's library folder")
+
+
+_ffi = FFI()
+_ffi.cdef(_CDEF)
+_lib = None
+
+
+def _load():
+    global _lib
+    if _lib is None:
+        _lib = _ffi.dlopen(str(_library_file(lib_dir())))
+    return _lib
+
+
+def _check(rc: int, what: str) -> int:
+    if rc >= 0:
+        return rc
+    message = _ffi.string(_load().dysco_last_error()).decode("utf-8", "replace") or f"{what} failed"
+    raise (DyscoValueError if rc in _VALUE_CODES else DyscoError)(message, rc)
+
+
+class NativeContext:
+    """DySCO controls of one llama_context (given as its address)."""
+
+    def __init__(self, ctx_address: int):
+        if not ctx_address:
+            raise ValueError("NativeContext needs a live llama_context (got a null pointer)")
+        self._lib = _load()
+        self._ctx = _ffi.cast("void *", ctx_address)
+        self._scores = np.zeros(0, dtype=np.float32)
+
+    def _read_vector(self, getter, dtype, c_type: str, what: str) -> np.ndarray:
+        """A vector from a C getter that returns its length when given a null buffer."""
+        n = _check(getter(self._ctx, _ffi.NULL, 0), what)
+        out = np.empty(n, dtype=dtype)
+        _check(getter(self._ctx, _ffi.cast(c_type, _ffi.from_buffer(out)), n), what)
+        return out
+
+    def set_heads(self, heads) -> None:
+        pairs = [(int(layer), int(head)) for layer, head in heads]
+        layers = _ffi.new("int32_t[]", [p[0] for p in pairs])
+        idx = _ffi.new("int32_t[]", [p[1] for p in pairs])
+        _check(self._lib.dysco_set_heads(self._ctx, layers, idx, len(pairs)), "dysco_set_heads")
+
+    def clear_heads(self) -> None:
+        _check(self._lib.dysco_clear_heads(self._ctx), "dysco_clear_heads")
+
+    @property
+    def l_max(self) -> int:
+        return _check(self._lib.dysco_l_max(self._ctx), "dysco_l_max")
+
+    def set_capture(self, on: bool) -> None:
+        _check(self._lib.dysco_set_capture(self._ctx, bool(on)), "dysco_set_capture")
+
+    def probe(self, token: int, pos: int, seq_id: int = 0) -> None:
+        _check(self._lib.dysco_probe(self._ctx, int(token), int(pos), int(seq_id)), "dysco_probe")
+
+    def set_bias(self, bias: np.ndarray, seq_id: int = 0) -> None:
+        bias = np.ascontiguousarray(bias, dtype=np.float32)
+        ptr = _ffi.cast("const float *", _ffi.from_buffer(bias))
+        _check(self._lib.dysco_set_bias(self._ctx, int(seq_id), ptr, bias.size), "dysco_set_bias")
+
+    def clear_bias(self, seq_id: int = 0) -> None:
+        _check(self._lib.dysco_clear_bias(self._ctx, int(seq_id)), "dysco_clear_bias")
+
+    def scores(self) -> np.ndarray:
+        """Mean QR-head attention of the last scored token over positions 0..p (a copy)."""
+        return self._read_vector(self._lib.dysco_get_scores, np.float32, "float *", "dysco_get_scores")
+
+    def scores_pos(self) -> int:
+        return _check(self._lib.dysco_scores_pos(self._ctx), "dysco_scores_pos")
+
+    def set_head_capture(self, pos_begin: int, pos_end: int, layer_end: int | None = None) -> None:
+        """Capture every head's attention (layers < layer_end; None = all) of the tokens decoded
+        next at positions [pos_begin, pos_end); starts a new average."""
+        rc = self._lib.dysco_set_head_capture(self._ctx, int(pos_begin), int(pos_end), int(layer_end or 0))
+        _check(rc, "dysco_set_head_capture")
+
+    def clear_head_capture(self) -> None:
+        _check(self._lib.dysco_clear_head_capture(self._ctx), "dysco_clear_head_capture")
+
+    def head_scores(self) -> np.ndarray:
+        """[n_layer, n_head, n_pos] attention of the captured tokens, averaged over them (a copy)."""
+        dims = _ffi.new("int32_t[3]")
+        _check(self._lib.dysco_head_scores_shape(self._ctx, dims, dims + 1, dims + 2), "dysco_head_scores_shape")
+        out = np.empty((dims[0], dims[1], dims[2]), dtype=np.float32)
+        _check(self._lib.dysco_get_head_scores(self._ctx, _ffi.cast("float *", _ffi.from_buffer(out)), out.size),
+               "dysco_get_head_scores")
+        return out
+
+    def set_attn_scale(self, factor: float) -> None:
+        """Multiply every attention logit by `factor` in later decodes (1.0 = off)."""
+        _check(self._lib.dysco_set_attn_scale(self._ctx, float(factor)), "dysco_set_attn_scale")
+
+    def set_slot_layout(self, hidden=(), view_seq: int = -1) -> None:
+        """Address cells by slot instead of position (a reference-harness replay, see
+        bench/reference_harness.py): scores and bias by slot, `hidden` slots masked from every
+        query, rows of `view_seq` attending every occupied cell."""
+        slots = [int(s) for s in hidden]
+        arr = _ffi.new("int32_t[]", slots)
+        _check(self._lib.dysco_set_slot_layout(self._ctx, True, arr, len(slots), int(view_seq)), "dysco_set_slot_layout")
+
+    def clear_slot_layout(self) -> None:
+        _check(self._lib.dysco_set_slot_layout(self._ctx, False, _ffi.NULL, 0, -1), "dysco_set_slot_layout")
+
+    # ---- host-side bookkeeping in the context (selection.py's twin in C, same bits) ----
+
+    def importance_reset(self, n_positions: int) -> None:
+        _check(self._lib.dysco_importance_reset(self._ctx, int(n_positions)), "dysco_importance_reset")
+
+    def importance_update(self, decay: float) -> int:
+        """Update the importance from the last scores; returns its new length."""
+        return _check(self._lib.dysco_importance_update(self._ctx, float(decay)), "dysco_importance_update")
+
+    def importance(self) -> np.ndarray:
+        """The importance vector kept in the context (a float64 copy)."""
+        return self._read_vector(self._lib.dysco_importance_get, np.float64, "double *", "dysco_importance_get")
+
+    def set_importance(self, values: np.ndarray) -> None:
+        """Replace the importance kept in the context (finite values >= 0)."""
+        arr = np.ascontiguousarray(values, dtype=np.float64)
+        _check(self._lib.dysco_importance_set(self._ctx, _ffi.cast("const double *", _ffi.from_buffer(arr)), arr.size),
+               "dysco_importance_set")
+
+    def select_bias(self, pos: int, top_p: float | None, top_k: int | None, strength: float,
+                    template: np.ndarray, *, want_selected: bool = False, seq_id: int = 0):
+        """Select S from the importance (over 0..pos) and set the bias for the token at `pos`.
+
+        Returns S (ascending int64) when `want_selected`, else its size."""
+        mask = np.ascontiguousarray(template, dtype=np.uint8)
+        # called every decode step: no output array unless S is wanted
+        out = np.empty(pos + 1, dtype=np.int32) if want_selected else None
+        rc = self._lib.dysco_select_bias(
+            self._ctx, int(seq_id), int(pos), -1.0 if top_p is None else float(top_p),
+            -1 if top_k is None else int(top_k), float(strength), HARD_MASK_STRENGTH,
+            _ffi.cast("const uint8_t *", _ffi.from_buffer(mask)), mask.size,
+            _ffi.NULL if out is None else _ffi.cast("int32_t *", _ffi.from_buffer(out)), 0 if out is None else out.size)
+        count = _check(rc, "dysco_select_bias")
+        return count if out is None else out[:count].astype(np.int64)
+
+    def probe_select(self, token: int, pos: int, decay: float, top_p: float | None, top_k: int | None,
+                     strength: float, template: np.ndarray, seq_id: int = 0) -> None:
+        """Probe `token` at `pos`, and have the next full pass of that token update the importance,
+        select S and bias itself (importance_update + select_bias, run where the pass's mask is
+        filled, so the pass's host work overlaps the probe on a GPU)."""
+        mask = np.ascontiguousarray(template, dtype=np.uint8)
+        rc = self._lib.dysco_probe_select(
+            self._ctx, int(token), int(pos), int(seq_id), float(decay), -1.0 if top_p is None else float(top_p),
+            -1 if top_k is None else int(top_k), float(strength), HARD_MASK_STRENGTH,
+            _ffi.cast("const uint8_t *", _ffi.from_buffer(mask)), mask.size)
+        _check(rc, "dysco_probe_select")
+
+    def pass_selection(self, *, want_selected: bool = False):
+        """After the full pass of a probe_select: S (ascending int64) when `want_selected`, else |S|.
+        Raises DyscoError when that pass did not select (it then ran unbiased)."""
+        if not want_selected:
+            return _check(self._lib.dysco_pass_selection(self._ctx, _ffi.NULL, 0), "dysco_pass_selection")
+        out = np.empty(self._lib.dysco_importance_get(self._ctx, _ffi.NULL, 0), dtype=np.int32)
+        count = _check(self._lib.dysco_pass_selection(self._ctx, _ffi.cast("int32_t *", _ffi.from_buffer(out)), out.size),
+                       "dysco_pass_selection")
+        return out[:count].astype(np.int64)

@@ -1,0 +1,47 @@
+"""The unbiased KV prefix of sequence 0 that the next prompt may reuse.
+
+DySCO writes biased cells from its first intervention step on; only cells written
+without a bias can serve another prompt. This object knows which tokens those are, and
+drops everything past them when a generation ends, however it ends.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+from .engine import Engine, ProgressFn
+
+
+class PrefixCache:
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.tokens: list[int] = []  # tokens whose KV cells were written without bias
+
+    def reusable(self, prompt: Sequence[int], limit: int) -> int:
+        """Length of the cached prefix shared with this prompt (at most limit)."""
+        n = 0
+        for a, b in zip(self.tokens[:limit], prompt[:limit]):
+            if a != b:
+                break
+            n += 1
+        return n
+
+    def keep(self, ids: Sequence[int], progress: Optional[ProgressFn] = None) -> None:
+        """Make the cache hold exactly `ids`, prefilling only what it lacks."""
+        ids = [int(t) for t in ids]
+        reuse = self.reusable(ids, len(ids))
+        self.engine.truncate(reuse)
+        if len(ids) > reuse:
+            self.engine.decode(ids[reuse:], reuse, want_logits=False, progress=progress)
+        self.tokens = ids
+
+    def claim(self, prompt: Sequence[int], limit: int) -> int:
+        """Start a generation: keep the shared prefix (at most limit), return its length."""
+        reuse = self.reusable(prompt, limit)
+        self.engine.truncate(reuse)
+        self.tokens = []  # until release: cells past reuse are being written
+        return reuse
+
+    def release(self, prompt: Sequence[int], clean_end: int) -> None:
+        """End a generation: cells past clean_end were biased (or generated): drop them."""
+        self.engine.truncate(clean_end)
+        self.tokens = list(prompt[:self.engine.seq_pos_max() + 1])

@@ -1,0 +1,54 @@
+"""What the CLI prints for errors: ours and the OS's as one line, everything else as a bug."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from dysco_edge import cli
+from dysco_edge.cli import run as run_cli
+from dysco_edge.errors import ContextOverflow
+
+
+def _raising(error):
+    def handler(args):
+        raise error
+    return handler
+
+
+def test_our_errors_and_os_errors_are_one_line(monkeypatch, capsys):
+    for error in (ContextOverflow("the input is 9000 tokens"), PermissionError("cannot read /x")):
+        monkeypatch.setattr(run_cli, "run_command", _raising(error))
+        assert cli.main(["run", "-q", "x"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("dysco-edge: error: ") and str(error) in err
+
+
+def test_a_bug_keeps_its_traceback(monkeypatch):
+    monkeypatch.setattr(run_cli, "run_command", _raising(KeyError("not ours to hide")))
+    with pytest.raises(KeyError):
+        cli.main(["run", "-q", "x"])
+    # a plain ValueError from deep inside is a bug too, not "bad input"
+    monkeypatch.setattr(run_cli, "run_command", _raising(ValueError("bug")))
+    with pytest.raises(ValueError):
+        cli.main(["run", "-q", "x"])
+
+
+def test_debug_shows_the_traceback_of_our_errors(monkeypatch):
+    monkeypatch.setattr(run_cli, "run_command", _raising(ContextOverflow("too long")))
+    with pytest.raises(ContextOverflow):
+        cli.main(["--debug", "run", "-q", "x"])
+
+
+@pytest.mark.slow
+def test_a_context_smaller_than_a_batch_just_works(tmp_path):
+    """llama.cpp caps its batch at the n_ctx asked for; feeding 512-token batches aborted the process."""
+    doc = tmp_path / "notes.txt"
+    doc.write_text("The lighthouse keeper, Mara Quint, painted the sign at the entrance in 1911.\n")
+    proc = subprocess.run([sys.executable, "-m", "dysco_edge.cli", "run", "--doc", str(doc), "-q", "hi",
+                           "--n-ctx", "10", "--max-tokens", "3"], capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "GGML_ASSERT" not in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.stdout.strip()
