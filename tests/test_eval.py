@@ -362,7 +362,7 @@ def test_attention_scaling_runs_on_its_own_cache_and_leaves_none_behind():
         assert isinstance(runner, CaseRunner)
         c = runner.case(pending_work(plan, set(), "")[0])
         plain, scaled = runner.run(c, plan.methods)
-        assert runner.model._reusable_prefix(runner.renderer.render(c.draft.prompt).ids, 10**6) == 0
+        assert runner.model._cache.reusable(runner.renderer.render(c.draft.prompt).ids, 10**6) == 0
         again = next(runner.run(c, plan.methods[:1]))
     assert scaled["settings"] == {"attn_scale": 0.5} and scaled["prediction"] != plain["prediction"]
     assert again["prediction"] == plain["prediction"]

@@ -33,10 +33,12 @@ class Progress:
     """A bar over `total` units. Call it as a `(done, total)` callback, or `step()` once per
     finished unit; it closes itself when done reaches the total."""
 
-    def __init__(self, label: str, *, total: Optional[int] = None, unit: str = "it", stream: TextIO = sys.stderr):
+    def __init__(self, label: str, *, total: Optional[int] = None, unit: str = "it",
+                 stream: Optional[TextIO] = None):
         if total is not None and total < 0:
             raise ValueError(f"total must be >= 0, got {total}")
-        self.label, self.unit, self.stream = label, unit, stream
+        # sys.stderr looked up now, not at import: it may have been replaced since (tests, servers)
+        self.label, self.unit, self.stream = label, unit, stream or sys.stderr
         self._bar: Optional[tqdm] = None
         if total is not None:
             self._open(total)

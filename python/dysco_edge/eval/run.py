@@ -104,12 +104,13 @@ def load_model(plan: EvalPlan):
     return model
 
 
-def run_eval(plan: EvalPlan, *, stream=sys.stderr, open_runner=None) -> RunSummary:
+def run_eval(plan: EvalPlan, *, stream=None, open_runner=None) -> RunSummary:
     """Run every unfinished (case, method) of the plan, appending each result as it finishes.
 
     open_runner(plan): a context manager giving an object with .case(item) and .run(case, methods)
-    (default: the plan's model on llama.cpp).
+    (default: the plan's model on llama.cpp). Progress goes to `stream` (default: stderr now).
     """
+    stream = stream or sys.stderr
     start = time.perf_counter()
     done = done_keys(plan.out)
     work = pending_work(plan, done, plan.model.name)
