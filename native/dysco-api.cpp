@@ -75,9 +75,7 @@ static uint64_t key_mix(uint64_t key, uint64_t value) {
 }
 
 bool dysco_state::scores_read_kq_mask(const ggml_tensor * kq_mask) const {
-    // DYSCO_SCORE_MASK=row: probes too read a copied row (the older path), for A/B timing; read once
-    static const bool row_copy = getenv("DYSCO_SCORE_MASK") && strcmp(getenv("DYSCO_SCORE_MASK"), "row") == 0;
-    return !row_copy && probe_layers > 0 && kq_mask && kq_mask->ne[2] == 1 && kq_mask->ne[3] == 1;
+    return probe_layers > 0 && kq_mask && kq_mask->ne[2] == 1 && kq_mask->ne[3] == 1;
 }
 
 uint64_t dysco_state::graph_key() const {

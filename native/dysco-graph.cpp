@@ -7,9 +7,7 @@
 #include "ggml.h"
 #include "ggml-backend.h"
 
-#include <cstdlib>
 #include <algorithm>
-#include <cstring>
 
 static const char * const DYSCO_SCORE_NAME[DYSCO_CACHE_KINDS] = { "dysco_scores_base", "dysco_scores_swa" };
 static const char * const DYSCO_MASK_NAME[DYSCO_CACHE_KINDS]  = { "dysco_score_mask_base", "dysco_score_mask_swa" };
@@ -66,38 +64,10 @@ int64_t dysco_graph_n_layer(const llama_cparams & cparams, int64_t n_layer) {
     return st->probe_layers > 0 ? std::min<int64_t>(n_layer, st->probe_layers) : n_layer;
 }
 
-// softmax(scale * k.q + mask) of one query head against its KV head: [n_kv, 1]
-static ggml_tensor * dysco_head_probs(const llm_graph_context & g, ggml_tensor * q_tok, ggml_tensor * k,
-                                      ggml_tensor * mask, int head, float kq_scale) {
-    const int64_t n_gqa = q_tok->ne[1] / k->ne[1];
-    ggml_tensor * q_h = ggml_view_2d(g.ctx0, q_tok, q_tok->ne[0], 1, q_tok->nb[1], head * q_tok->nb[1]); // [d, 1]
-    ggml_tensor * k_h = ggml_view_2d(g.ctx0, k, k->ne[0], k->ne[2], k->nb[2], (head / n_gqa) * k->nb[1]); // [d, n_kv]
-    ggml_tensor * kq  = ggml_mul_mat(g.ctx0, k_h, q_h); // [n_kv, 1]
-    ggml_prec_set_acc(kq, GGML_PREC_F32);
-    ggml_format_name(kq, "dysco_kq_h%d", head);
-    if (g.hparams.attn_soft_cap) {
-        const float cap = g.hparams.f_attn_logit_softcapping;
-        kq = ggml_scale(g.ctx0, ggml_tanh(g.ctx0, ggml_scale(g.ctx0, kq, kq_scale / cap)), cap);
-        kq_scale = 1.0f;
-    }
-    ggml_tensor * probs = ggml_soft_max_ext(g.ctx0, kq, mask, kq_scale, 0.0f); // [n_kv, 1]
-    ggml_format_name(probs, "dysco_probs_h%d", head);
-    return probs;
-}
-
-// DYSCO_SCORE_PATH=head scores each QR head on its own (the older path), for A/B timing; read once.
-static bool dysco_score_per_head() {
-    static const bool per_head = [] {
-        const char * path = getenv("DYSCO_SCORE_PATH");
-        return path && strcmp(path, "head") == 0;
-    }();
-    return per_head;
-}
-
 // softmax(scale * k.q + mask) of the last token for the query heads of KV heads
 // [kv_first, kv_first + n_groups): [n_kv, 1, n_groups * n_gqa], query heads in order.
-// One mat-mul and one softmax per layer: on an H100 at 32K a [n_kv] mat-vec (strided rows)
-// and a single-row softmax per QR head cost tens of microseconds each, a batch hardly more.
+// One mat-mul and one softmax per layer for all its QR heads: a batch of rows costs hardly more
+// than one row.
 static ggml_tensor * dysco_range_probs(const llm_graph_context & g, ggml_tensor * q_tok, ggml_tensor * k,
                                        ggml_tensor * mask, int64_t kv_first, int64_t n_groups, float kq_scale) {
     const int64_t n_gqa = q_tok->ne[1] / k->ne[1];
@@ -166,14 +136,12 @@ static void dysco_graph_qr_scores(const llm_graph_context & g, dysco_state * st,
     // the KV heads from the first to the last one a QR head of this layer reads
     const auto [lo, hi] = std::minmax_element(heads.begin(), heads.end());
     const int64_t kv_first = *lo / n_gqa;
-    ggml_tensor * probs = dysco_score_per_head() ? nullptr
-        : dysco_range_probs(g, q_tok, k, mask, kv_first, *hi / n_gqa - kv_first + 1, kq_scale); // [n_kv, 1, n_rows]
+    const int64_t n_groups = *hi / n_gqa - kv_first + 1;
+    ggml_tensor * probs = dysco_range_probs(g, q_tok, k, mask, kv_first, n_groups, kq_scale); // [n_kv, 1, n_groups * n_gqa]
     auto & acc = st->build[kind].acc;
-    for (int head : heads) { // in the map's order, so the sum rounds the same on every path
-        ggml_tensor * head_probs = probs
-            ? ggml_view_2d(g.ctx0, probs, n_kv, 1, probs->nb[1], (head - kv_first * n_gqa) * probs->nb[2]) // [n_kv, 1]
-            : dysco_head_probs(g, q_tok, k, mask, head, kq_scale);
-        acc = dysco_acc_add(g, acc, head_probs);
+    for (int head : heads) { // in the map's order: the sum's rounding depends on it
+        const size_t offs = (head - kv_first * n_gqa) * probs->nb[2];
+        acc = dysco_acc_add(g, acc, ggml_view_2d(g.ctx0, probs, n_kv, 1, probs->nb[1], offs)); // [n_kv, 1]
     }
     ggml_set_name(acc, DYSCO_SCORE_NAME[kind]);
     ggml_set_output(acc);
