@@ -64,6 +64,18 @@ int64_t dysco_graph_n_layer(const llama_cparams & cparams, int64_t n_layer) {
     return st->probe_layers > 0 ? std::min<int64_t>(n_layer, st->probe_layers) : n_layer;
 }
 
+// The model's attention logit soft-cap, cap * tanh(scale * kq / cap), as flash attention applies it. The
+// scale is folded in, so kq_scale becomes 1 for the softmax that follows.
+static ggml_tensor * dysco_kq_softcap(const llm_graph_context & g, ggml_tensor * kq, float & kq_scale) {
+    if (!g.hparams.attn_soft_cap) {
+        return kq;
+    }
+    const float cap = g.hparams.f_attn_logit_softcapping;
+    kq = ggml_scale(g.ctx0, ggml_tanh(g.ctx0, ggml_scale(g.ctx0, kq, kq_scale / cap)), cap);
+    kq_scale = 1.0f;
+    return kq;
+}
+
 // softmax(scale * k.q + mask) of the last token for the query heads of KV heads
 // [kv_first, kv_first + n_groups): [n_kv, 1, n_groups * n_gqa], query heads in order.
 // One mat-mul and one softmax per layer for all its QR heads: a batch of rows costs hardly more
@@ -78,11 +90,7 @@ static ggml_tensor * dysco_range_probs(const llm_graph_context & g, ggml_tensor 
     ggml_tensor * kq  = ggml_mul_mat(g.ctx0, ggml_permute(g.ctx0, k_r, 0, 2, 1, 3), q_r);   // [n_kv, n_gqa, n_groups]
     ggml_prec_set_acc(kq, GGML_PREC_F32);
     ggml_set_name(kq, "dysco_kq_range");
-    if (g.hparams.attn_soft_cap) {
-        const float cap = g.hparams.f_attn_logit_softcapping;
-        kq = ggml_scale(g.ctx0, ggml_tanh(g.ctx0, ggml_scale(g.ctx0, kq, kq_scale / cap)), cap);
-        kq_scale = 1.0f;
-    }
+    kq = dysco_kq_softcap(g, kq, kq_scale);
     // one row per query head, so that the single mask row broadcasts over them
     kq = ggml_reshape_3d(g.ctx0, kq, kq->ne[0], 1, n_gqa * n_groups);                        // [n_kv, 1, n_gqa * n_groups]
     ggml_tensor * probs = ggml_soft_max_ext(g.ctx0, kq, mask, kq_scale, 0.0f);               // [n_kv, 1, n_gqa * n_groups]
@@ -167,11 +175,7 @@ static void dysco_graph_capture_heads(const llm_graph_context & g, dysco_state *
     ggml_tensor * kq    = ggml_mul_mat(g.ctx0, ggml_permute(g.ctx0, k, 0, 2, 1, 3),
                                        ggml_permute(g.ctx0, q_sel, 0, 2, 1, 3)); // [n_kv, n_sel, n_head]
     ggml_prec_set_acc(kq, GGML_PREC_F32);
-    if (g.hparams.attn_soft_cap) {
-        const float cap_value = g.hparams.f_attn_logit_softcapping;
-        kq = ggml_scale(g.ctx0, ggml_tanh(g.ctx0, ggml_scale(g.ctx0, kq, kq_scale / cap_value)), cap_value);
-        kq_scale = 1.0f;
-    }
+    kq = dysco_kq_softcap(g, kq, kq_scale);
     ggml_tensor * probs  = ggml_soft_max_ext(g.ctx0, kq, mask, kq_scale, 0.0f);               // [n_kv, n_sel, n_head]
     ggml_tensor * by_row = ggml_cont(g.ctx0, ggml_permute(g.ctx0, probs, 1, 0, 2, 3));       // [n_sel, n_kv, n_head]
     ggml_tensor * sum    = ggml_sum_rows(g.ctx0, by_row);                                     // [1, n_kv, n_head]
