@@ -95,9 +95,33 @@ uint64_t dysco_state::graph_key() const {
     return key;
 }
 
-// llama_context keeps its cparams private; the state pointer and the graph key are ours to set.
+// llama_context befriends this struct (patch 0006): through it DySCO reaches the context's private
+// cparams (state pointer, graph key) and swaps the probe's scheduler and graph arena with its own.
+struct dysco_graph_swap {
+    static llama_cparams & cparams(llama_context & ctx) {
+        return ctx.cparams;
+    }
+
+    static bool swap(llama_context & ctx, dysco_state & st) {
+        // before the context's first reserve there is nothing to mirror: probe on the shared scheduler
+        if (ctx.sched_need_reserve || !ctx.gf_res_reserve) {
+            return false;
+        }
+        if (!st.probe_sched) {
+            st.probe_sched.reset(ggml_backend_sched_new(ctx.backend_ptrs.data(), ctx.backend_buft.data(),
+                                                        (int) ctx.backend_ptrs.size(), ctx.gf_res_reserve->get_max_nodes(),
+                                                        false, ctx.cparams.op_offload));
+        }
+        std::swap(ctx.sched, st.probe_sched);
+        std::swap(ctx.gf_res_prev[0], st.probe_res);
+        std::swap(ctx.gf_res_prev_active, st.probe_active);
+        return true;
+    }
+};
+
+// The state pointer and the graph key in cparams are ours to set.
 static llama_cparams & dysco_cparams(llama_context * ctx) {
-    return const_cast<llama_cparams &>(ctx->get_cparams());
+    return dysco_graph_swap::cparams(*ctx);
 }
 
 static dysco_state & dysco_state_of(llama_context * ctx) {
@@ -204,25 +228,6 @@ static int32_t dysco_probe_decode(llama_context * ctx, dysco_state & st, int32_t
     b.logits[0]    = 0; // the probe's logits are never used: skip the output head
     return llama_decode(ctx, b);
 }
-
-// Swaps the probe's scheduler and graph arena with the context's (llama_context befriends us for it).
-struct dysco_graph_swap {
-    static bool swap(llama_context & ctx, dysco_state & st) {
-        // before the context's first reserve there is nothing to mirror: probe on the shared scheduler
-        if (ctx.sched_need_reserve || !ctx.gf_res_reserve) {
-            return false;
-        }
-        if (!st.probe_sched) {
-            st.probe_sched.reset(ggml_backend_sched_new(ctx.backend_ptrs.data(), ctx.backend_buft.data(),
-                                                        (int) ctx.backend_ptrs.size(), ctx.gf_res_reserve->get_max_nodes(),
-                                                        false, ctx.cparams.op_offload));
-        }
-        std::swap(ctx.sched, st.probe_sched);
-        std::swap(ctx.gf_res_prev[0], st.probe_res);
-        std::swap(ctx.gf_res_prev_active, st.probe_active);
-        return true;
-    }
-};
 
 // The probe itself; with defer_scores its scores stay in its graph until the pass selection reads
 // them (only on the probe's own graph: a shared one is rebuilt by the full pass).
