@@ -61,7 +61,7 @@ int64_t dysco_graph_n_layer(const llama_cparams & cparams, int64_t n_layer) {
     for (auto & nodes : st->build) {
         nodes = dysco_build_nodes();
     }
-    return st->probe_layers > 0 ? std::min<int64_t>(n_layer, st->probe_layers) : n_layer;
+    return st->probe.layers > 0 ? std::min<int64_t>(n_layer, st->probe.layers) : n_layer;
 }
 
 // The model's attention logit soft-cap, cap * tanh(scale * kq / cap), as flash attention applies it. The
@@ -126,18 +126,18 @@ static ggml_tensor * dysco_score_mask(const llm_graph_context & g, dysco_state *
         return row;
     }
     // the attention input beside it already refuses reuse when n_kv changes
-    return dysco_mask_input(g, st->build[kind].mask, st->row[kind].mask, n_kv, 1, DYSCO_MASK_NAME[kind], true);
+    return dysco_mask_input(g, st->build[kind].mask, st->scores.row[kind].mask, n_kv, 1, DYSCO_MASK_NAME[kind], true);
 }
 
 static void dysco_graph_qr_scores(const llm_graph_context & g, dysco_state * st, ggml_tensor * q, ggml_tensor * k,
                                   ggml_tensor * kq_mask, float kq_scale, int il, int kind) {
-    if (!st->scoring() || il >= (int) st->heads_by_layer.size() || st->heads_by_layer[il].empty()) {
+    if (!st->scoring() || il >= (int) st->heads.by_layer.size() || st->heads.by_layer[il].empty()) {
         return;
     }
     const int64_t n_kv = k->ne[2];
     ggml_tensor * mask = dysco_score_mask(g, st, kq_mask, n_kv, kind);
 
-    const auto & heads = st->heads_by_layer[il];
+    const auto & heads = st->heads.by_layer[il];
     const int64_t n_gqa = q->ne[1] / k->ne[1];
     // the last token of the ubatch, the one scored: [d, n_head]
     ggml_tensor * q_tok = ggml_view_2d(g.ctx0, q, q->ne[0], q->ne[1], q->nb[1], (q->ne[2] - 1) * q->nb[2]);
