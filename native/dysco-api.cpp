@@ -34,16 +34,15 @@ static int32_t dysco_ok() {
     return DYSCO_OK;
 }
 
-dysco_state::dysco_state(const llama_model * model) :
-    model(model),
-    heads_by_layer(llama_model_n_layer(model)),
-    probe_batch(llama_batch_init(1, 0, 1)) {
+dysco_state::dysco_state(const llama_model * model) : model(model) {
+    heads.by_layer.resize(llama_model_n_layer(model));
+    probe.batch = llama_batch_init(1, 0, 1);
     timeline.on = getenv("DYSCO_HOST_TIMELINE") != nullptr;
 }
 
 dysco_state::~dysco_state() {
     timeline.print();
-    llama_batch_free(probe_batch);
+    llama_batch_free(probe.batch);
 }
 
 void dysco_timeline::mark(int point, bool count_it) {
@@ -75,16 +74,14 @@ static uint64_t key_mix(uint64_t key, uint64_t value) {
 }
 
 bool dysco_state::scores_read_kq_mask(const ggml_tensor * kq_mask) const {
-    // DYSCO_SCORE_MASK=row: probes too read a copied row (the older path), for A/B timing; read once
-    static const bool row_copy = getenv("DYSCO_SCORE_MASK") && strcmp(getenv("DYSCO_SCORE_MASK"), "row") == 0;
-    return !row_copy && probe_layers > 0 && kq_mask && kq_mask->ne[2] == 1 && kq_mask->ne[3] == 1;
+    return probe.layers > 0 && kq_mask && kq_mask->ne[2] == 1 && kq_mask->ne[3] == 1;
 }
 
 uint64_t dysco_state::graph_key() const {
     // 0 keeps the plain graph; scoring, probe, head capture and logit scale each change the graph
     uint64_t key = 0;
     if (scoring()) {
-        key = key_mix(key_mix(key_mix(1, heads_version), (uint64_t) probe_layers), capture);
+        key = key_mix(key_mix(key_mix(1, heads.version), (uint64_t) probe.layers), scores.capture);
     }
     if (heads_cap.on) {
         key = key_mix(key_mix(key, 2), (uint64_t) heads_cap.layer_end);
@@ -97,9 +94,33 @@ uint64_t dysco_state::graph_key() const {
     return key;
 }
 
-// llama_context keeps its cparams private; the state pointer and the graph key are ours to set.
+// llama_context befriends this struct (patch 0006): through it DySCO reaches the context's private
+// cparams (state pointer, graph key) and swaps the probe's scheduler and graph arena with its own.
+struct dysco_graph_swap {
+    static llama_cparams & cparams(llama_context & ctx) {
+        return ctx.cparams;
+    }
+
+    static bool swap(llama_context & ctx, dysco_state & st) {
+        // before the context's first reserve there is nothing to mirror: probe on the shared scheduler
+        if (ctx.sched_need_reserve || !ctx.gf_res_reserve) {
+            return false;
+        }
+        if (!st.probe.sched) {
+            st.probe.sched.reset(ggml_backend_sched_new(ctx.backend_ptrs.data(), ctx.backend_buft.data(),
+                                                        (int) ctx.backend_ptrs.size(), ctx.gf_res_reserve->get_max_nodes(),
+                                                        false, ctx.cparams.op_offload));
+        }
+        std::swap(ctx.sched, st.probe.sched);
+        std::swap(ctx.gf_res_prev[0], st.probe.res);
+        std::swap(ctx.gf_res_prev_active, st.probe.active);
+        return true;
+    }
+};
+
+// The state pointer and the graph key in cparams are ours to set.
 static llama_cparams & dysco_cparams(llama_context * ctx) {
-    return const_cast<llama_cparams &>(ctx->get_cparams());
+    return dysco_graph_swap::cparams(*ctx);
 }
 
 static dysco_state & dysco_state_of(llama_context * ctx) {
@@ -155,11 +176,11 @@ int32_t dysco_set_heads(llama_context * ctx, const int32_t * layers, const int32
         l_max = std::max(l_max, il);
     }
     auto & st = dysco_state_of(ctx);
-    st.heads_by_layer = std::move(by_layer);
-    st.n_heads        = n_heads;
-    st.l_max          = l_max;
-    st.heads_version += 1;
-    st.scores_valid   = false;
+    st.heads.by_layer = std::move(by_layer);
+    st.heads.n        = n_heads;
+    st.heads.l_max    = l_max;
+    st.heads.version += 1;
+    st.scores.valid   = false;
     dysco_key_refresh(ctx);
     return dysco_ok();
 }
@@ -176,11 +197,11 @@ int32_t dysco_l_max(llama_context * ctx) {
         return dysco_fail(DYSCO_ERR_ARGUMENT, "dysco_l_max: null context");
     }
     const auto & st = dysco_state_of(ctx);
-    if (st.n_heads == 0) {
+    if (st.heads.n == 0) {
         return dysco_fail(DYSCO_ERR_NO_HEADS, "no QR heads are set on this context (dysco_set_heads)");
     }
     g_last_error.clear();
-    return st.l_max;
+    return st.heads.l_max;
 }
 
 int32_t dysco_set_capture(llama_context * ctx, bool on) {
@@ -188,16 +209,16 @@ int32_t dysco_set_capture(llama_context * ctx, bool on) {
         return dysco_fail(DYSCO_ERR_ARGUMENT, "dysco_set_capture: null context");
     }
     auto & st = dysco_state_of(ctx);
-    if (on && st.n_heads == 0) {
+    if (on && st.heads.n == 0) {
         return dysco_fail(DYSCO_ERR_NO_HEADS, "score capture needs QR heads: set them first (dysco_set_heads)");
     }
-    st.capture = on;
+    st.scores.capture = on;
     dysco_key_refresh(ctx);
     return dysco_ok();
 }
 
 static int32_t dysco_probe_decode(llama_context * ctx, dysco_state & st, int32_t token, int32_t pos, int32_t seq_id) {
-    llama_batch & b = st.probe_batch;
+    llama_batch & b = st.probe.batch;
     b.n_tokens     = 1;
     b.token[0]     = token;
     b.pos[0]       = pos;
@@ -207,47 +228,28 @@ static int32_t dysco_probe_decode(llama_context * ctx, dysco_state & st, int32_t
     return llama_decode(ctx, b);
 }
 
-// Swaps the probe's scheduler and graph arena with the context's (llama_context befriends us for it).
-struct dysco_graph_swap {
-    static bool swap(llama_context & ctx, dysco_state & st) {
-        // before the context's first reserve there is nothing to mirror: probe on the shared scheduler
-        if (ctx.sched_need_reserve || !ctx.gf_res_reserve) {
-            return false;
-        }
-        if (!st.probe_sched) {
-            st.probe_sched.reset(ggml_backend_sched_new(ctx.backend_ptrs.data(), ctx.backend_buft.data(),
-                                                        (int) ctx.backend_ptrs.size(), ctx.gf_res_reserve->get_max_nodes(),
-                                                        false, ctx.cparams.op_offload));
-        }
-        std::swap(ctx.sched, st.probe_sched);
-        std::swap(ctx.gf_res_prev[0], st.probe_res);
-        std::swap(ctx.gf_res_prev_active, st.probe_active);
-        return true;
-    }
-};
-
 // The probe itself; with defer_scores its scores stay in its graph until the pass selection reads
 // them (only on the probe's own graph: a shared one is rebuilt by the full pass).
 static int32_t dysco_probe_run(llama_context * ctx, dysco_state & st, int32_t token, int32_t pos, int32_t seq_id,
                                bool defer_scores) {
     st.timeline.mark(DYSCO_MARK_PROBE_START);
-    st.probe_layers = st.l_max + 1;
+    st.probe.layers = st.heads.l_max + 1;
     dysco_key_refresh(ctx);
     const bool own_graph = dysco_graph_swap::swap(*ctx, st);
-    st.scores_deferred   = defer_scores && own_graph;
-    const int32_t rc     = dysco_probe_decode(ctx, st, token, pos, seq_id);
+    st.probe.scores_deferred = defer_scores && own_graph;
+    const int32_t rc = dysco_probe_decode(ctx, st, token, pos, seq_id);
     if (own_graph) {
         dysco_graph_swap::swap(*ctx, st);
     }
-    st.probe_layers = 0;
+    st.probe.layers = 0;
     dysco_key_refresh(ctx);
     // the probe must leave no trace: the full pass writes this position's KV cell for real
     llama_memory_seq_rm(llama_get_memory(ctx), seq_id, pos, -1);
     st.timeline.mark(DYSCO_MARK_PROBE_END);
     if (rc != 0) {
-        st.scores_valid    = false;
-        st.scores_deferred = false;
-        for (auto & row : st.row) { // a row kept before the failure points into a buffer no longer ours
+        st.scores.valid          = false;
+        st.probe.scores_deferred = false;
+        for (auto & row : st.scores.row) { // a row kept before the failure points into a buffer no longer ours
             row.src.data        = nullptr;
             row.positions_ready = false;
         }
@@ -261,10 +263,10 @@ int32_t dysco_probe(llama_context * ctx, int32_t token, int32_t pos, int32_t seq
         return dysco_fail(DYSCO_ERR_ARGUMENT, "dysco_probe: null context or negative pos (%d) / seq_id (%d)", pos, seq_id);
     }
     auto & st = dysco_state_of(ctx);
-    if (st.n_heads == 0) {
+    if (st.heads.n == 0) {
         return dysco_fail(DYSCO_ERR_NO_HEADS, "a probe needs QR heads: set them first (dysco_set_heads)");
     }
-    st.pass_select = dysco_pass_select();
+    st.selection.pass = dysco_pass_select();
     return dysco_probe_run(ctx, st, token, pos, seq_id, false);
 }
 
@@ -291,7 +293,7 @@ int32_t dysco_set_bias(llama_context * ctx, int32_t seq_id, const float * bias, 
     if (rc != DYSCO_OK) {
         return rc;
     }
-    dysco_state_of(ctx).bias_by_seq[seq_id].assign(bias, bias + n_bias);
+    dysco_state_of(ctx).bias.by_seq[seq_id].assign(bias, bias + n_bias);
     return dysco_ok();
 }
 
@@ -301,12 +303,12 @@ int32_t dysco_clear_bias(llama_context * ctx, int32_t seq_id) {
     }
     auto & st = dysco_state_of(ctx);
     if (seq_id < 0) {
-        st.bias_by_seq.clear();
+        st.bias.by_seq.clear();
     } else {
-        st.bias_by_seq.erase(seq_id);
+        st.bias.by_seq.erase(seq_id);
     }
-    if (seq_id < 0 || st.pass_select.seq_id == seq_id) {
-        st.pass_select.armed = false;
+    if (seq_id < 0 || st.selection.pass.seq_id == seq_id) {
+        st.selection.pass.armed = false;
     }
     return dysco_ok();
 }
@@ -316,13 +318,13 @@ int32_t dysco_get_scores(llama_context * ctx, float * out, int32_t n_max) {
         return dysco_fail(DYSCO_ERR_ARGUMENT, "dysco_get_scores: null context or n_max = %d", n_max);
     }
     const auto & st = dysco_state_of(ctx);
-    if (!st.scores_valid) {
+    if (!st.scores.valid) {
         return dysco_fail(DYSCO_ERR_NO_SCORES, "the last decode captured no scores: run a probe, or turn capture on "
                           "(dysco_set_capture) before a full pass");
     }
-    const int32_t n = (int32_t) st.scores.size();
+    const int32_t n = (int32_t) st.scores.values.size();
     if (out) {
-        std::copy(st.scores.begin(), st.scores.begin() + std::min(n, n_max), out);
+        std::copy(st.scores.values.begin(), st.scores.values.begin() + std::min(n, n_max), out);
     }
     g_last_error.clear();
     return n;
@@ -333,11 +335,11 @@ int32_t dysco_scores_pos(llama_context * ctx) {
         return dysco_fail(DYSCO_ERR_ARGUMENT, "dysco_scores_pos: null context");
     }
     const auto & st = dysco_state_of(ctx);
-    if (!st.scores_valid) {
+    if (!st.scores.valid) {
         return dysco_fail(DYSCO_ERR_NO_SCORES, "the last decode captured no scores");
     }
     g_last_error.clear();
-    return st.scores_pos;
+    return st.scores.pos;
 }
 
 int32_t dysco_set_head_capture(llama_context * ctx, int32_t pos_begin, int32_t pos_end, int32_t layer_end) {
@@ -447,7 +449,7 @@ int32_t dysco_importance_reset(llama_context * ctx, int32_t n_positions) {
     if (!ctx || n_positions < 0) {
         return dysco_fail(DYSCO_ERR_ARGUMENT, "dysco_importance_reset: null context or n_positions = %d", n_positions);
     }
-    dysco_state_of(ctx).importance.assign((size_t) n_positions, 0.0);
+    dysco_state_of(ctx).selection.importance.assign((size_t) n_positions, 0.0);
     return dysco_ok();
 }
 
@@ -456,26 +458,26 @@ int32_t dysco_importance_update(llama_context * ctx, double decay) {
         return dysco_fail(DYSCO_ERR_ARGUMENT, "dysco_importance_update: null context or decay = %g", decay);
     }
     auto & st = dysco_state_of(ctx);
-    if (!st.scores_valid) {
+    if (!st.scores.valid) {
         return dysco_fail(DYSCO_ERR_NO_SCORES, "dysco_importance_update: the last decode captured no scores");
     }
-    if (st.scores.size() != st.importance.size() + 1) {
+    if (st.scores.values.size() != st.selection.importance.size() + 1) {
         return dysco_fail(DYSCO_ERR_RANGE, "dysco_importance_update: scores cover %zu positions but the importance "
                           "covers %zu; expected one more (reset it to the positions fed before the first scores)",
-                          st.scores.size(), st.importance.size());
+                          st.scores.values.size(), st.selection.importance.size());
     }
-    if (!dysco_importance_step(st.importance, st.importance_next, st.scores, decay)) {
+    if (!dysco_importance_step(st.selection.importance, st.selection.importance_next, st.scores.values, decay)) {
         return dysco_fail(DYSCO_ERR_ARGUMENT, "dysco_importance_update: the updated scores do not sum to a finite "
                           "positive total (decay = %g)", decay);
     }
-    return (int32_t) st.importance.size();
+    return (int32_t) st.selection.importance.size();
 }
 
 int32_t dysco_importance_get(llama_context * ctx, double * out, int32_t n_max) {
     if (!ctx || (out && n_max < 0)) {
         return dysco_fail(DYSCO_ERR_ARGUMENT, "dysco_importance_get: null context or n_max = %d", n_max);
     }
-    const auto & imp = dysco_state_of(ctx).importance;
+    const auto & imp = dysco_state_of(ctx).selection.importance;
     if (out) {
         std::copy(imp.begin(), imp.begin() + std::min<size_t>(imp.size(), (size_t) n_max), out);
     }
@@ -492,7 +494,7 @@ int32_t dysco_importance_set(llama_context * ctx, const double * values, int32_t
                               i, values[i]);
         }
     }
-    dysco_state_of(ctx).importance.assign(values, values + n);
+    dysco_state_of(ctx).selection.importance.assign(values, values + n);
     return dysco_ok();
 }
 
@@ -510,23 +512,24 @@ int32_t dysco_select_bias(llama_context * ctx, int32_t seq_id, int32_t pos, doub
                           "strength = %g or n_template = %d out of range", seq_id, top_p, top_k, strength, n_template);
     }
     auto & st = dysco_state_of(ctx);
-    if (pos < 0 || pos + 1 != (int32_t) st.importance.size()) {
+    if (pos < 0 || pos + 1 != (int32_t) st.selection.importance.size()) {
         return dysco_fail(DYSCO_ERR_RANGE, "dysco_select_bias: pos = %d but the importance covers %zu positions; "
                           "the bias is for the last of them (update the importance from this token's probe first)",
-                          pos, st.importance.size());
+                          pos, st.selection.importance.size());
     }
     const int32_t rc = dysco_bias_check(ctx, seq_id, pos + 1);
     if (rc != DYSCO_OK) {
         return rc;
     }
-    st.pass_select.armed = false;
-    dysco_select(st.importance, top_p, top_k, st.select_scratch, st.selected);
+    auto & sel = st.selection;
+    sel.pass.armed = false;
+    dysco_select(sel.importance, top_p, top_k, sel.scratch, sel.selected);
     // filled where the mask hook reads it: no second copy of a vector over every position per step
-    dysco_bias_fill(st.selected, pos, strength, hard_strength, template_mask, n_template, st.bias_by_seq[seq_id]);
+    dysco_bias_fill(sel.selected, pos, strength, hard_strength, template_mask, n_template, st.bias.by_seq[seq_id]);
     if (selected) {
-        std::copy(st.selected.begin(), st.selected.begin() + std::min<size_t>(st.selected.size(), (size_t) n_max), selected);
+        std::copy(sel.selected.begin(), sel.selected.begin() + std::min<size_t>(sel.selected.size(), (size_t) n_max), selected);
     }
-    return (int32_t) st.selected.size();
+    return (int32_t) sel.selected.size();
 }
 
 int32_t dysco_probe_select(llama_context * ctx, int32_t token, int32_t pos, int32_t seq_id, double decay, double top_p,
@@ -538,18 +541,18 @@ int32_t dysco_probe_select(llama_context * ctx, int32_t token, int32_t pos, int3
                           pos, seq_id, decay, top_p, top_k, strength, n_template);
     }
     auto & st = dysco_state_of(ctx);
-    if (st.n_heads == 0) {
+    if (st.heads.n == 0) {
         return dysco_fail(DYSCO_ERR_NO_HEADS, "a probe needs QR heads: set them first (dysco_set_heads)");
     }
-    if (pos != (int32_t) st.importance.size()) {
+    if (pos != (int32_t) st.selection.importance.size()) {
         return dysco_fail(DYSCO_ERR_RANGE, "dysco_probe_select: pos = %d but the importance covers %zu positions; "
-                          "the probe's token must be the one after them", pos, st.importance.size());
+                          "the probe's token must be the one after them", pos, st.selection.importance.size());
     }
     const int32_t rc = dysco_bias_check(ctx, seq_id, pos + 1);
     if (rc != DYSCO_OK) {
         return rc;
     }
-    auto & ps = st.pass_select;
+    auto & ps = st.selection.pass;
     ps = dysco_pass_select();
     ps.armed  = true;
     ps.seq_id = seq_id;
@@ -571,7 +574,7 @@ int32_t dysco_pass_selection(llama_context * ctx, int32_t * selected, int32_t n_
     if (!ctx || (selected && n_max < 0)) {
         return dysco_fail(DYSCO_ERR_ARGUMENT, "dysco_pass_selection: null context or n_max = %d", n_max);
     }
-    auto & ps = dysco_state_of(ctx).pass_select;
+    auto & ps = dysco_state_of(ctx).selection.pass;
     if (!ps.armed) {
         return dysco_fail(DYSCO_ERR_NO_SCORES, "no pass selection is pending: call dysco_probe_select, then decode the token");
     }
@@ -580,7 +583,7 @@ int32_t dysco_pass_selection(llama_context * ctx, int32_t * selected, int32_t n_
         return dysco_fail(DYSCO_ERR_NO_SCORES, "the full pass at position %d of sequence %d did not select: %s", ps.pos,
                           ps.seq_id, ps.error.empty() ? "it has not run (decode that token after dysco_probe_select)" : ps.error.c_str());
     }
-    const auto & sel = dysco_state_of(ctx).selected;
+    const auto & sel = dysco_state_of(ctx).selection.selected;
     if (selected) {
         std::copy(sel.begin(), sel.begin() + std::min<size_t>(sel.size(), (size_t) n_max), selected);
     }

@@ -7,9 +7,7 @@
 #include "ggml.h"
 #include "ggml-backend.h"
 
-#include <cstdlib>
 #include <algorithm>
-#include <cstring>
 
 static const char * const DYSCO_SCORE_NAME[DYSCO_CACHE_KINDS] = { "dysco_scores_base", "dysco_scores_swa" };
 static const char * const DYSCO_MASK_NAME[DYSCO_CACHE_KINDS]  = { "dysco_score_mask_base", "dysco_score_mask_swa" };
@@ -63,41 +61,25 @@ int64_t dysco_graph_n_layer(const llama_cparams & cparams, int64_t n_layer) {
     for (auto & nodes : st->build) {
         nodes = dysco_build_nodes();
     }
-    return st->probe_layers > 0 ? std::min<int64_t>(n_layer, st->probe_layers) : n_layer;
+    return st->probe.layers > 0 ? std::min<int64_t>(n_layer, st->probe.layers) : n_layer;
 }
 
-// softmax(scale * k.q + mask) of one query head against its KV head: [n_kv, 1]
-static ggml_tensor * dysco_head_probs(const llm_graph_context & g, ggml_tensor * q_tok, ggml_tensor * k,
-                                      ggml_tensor * mask, int head, float kq_scale) {
-    const int64_t n_gqa = q_tok->ne[1] / k->ne[1];
-    ggml_tensor * q_h = ggml_view_2d(g.ctx0, q_tok, q_tok->ne[0], 1, q_tok->nb[1], head * q_tok->nb[1]); // [d, 1]
-    ggml_tensor * k_h = ggml_view_2d(g.ctx0, k, k->ne[0], k->ne[2], k->nb[2], (head / n_gqa) * k->nb[1]); // [d, n_kv]
-    ggml_tensor * kq  = ggml_mul_mat(g.ctx0, k_h, q_h); // [n_kv, 1]
-    ggml_prec_set_acc(kq, GGML_PREC_F32);
-    ggml_format_name(kq, "dysco_kq_h%d", head);
-    if (g.hparams.attn_soft_cap) {
-        const float cap = g.hparams.f_attn_logit_softcapping;
-        kq = ggml_scale(g.ctx0, ggml_tanh(g.ctx0, ggml_scale(g.ctx0, kq, kq_scale / cap)), cap);
-        kq_scale = 1.0f;
+// The model's attention logit soft-cap, cap * tanh(scale * kq / cap), as flash attention applies it. The
+// scale is folded in, so kq_scale becomes 1 for the softmax that follows.
+static ggml_tensor * dysco_kq_softcap(const llm_graph_context & g, ggml_tensor * kq, float & kq_scale) {
+    if (!g.hparams.attn_soft_cap) {
+        return kq;
     }
-    ggml_tensor * probs = ggml_soft_max_ext(g.ctx0, kq, mask, kq_scale, 0.0f); // [n_kv, 1]
-    ggml_format_name(probs, "dysco_probs_h%d", head);
-    return probs;
-}
-
-// DYSCO_SCORE_PATH=head scores each QR head on its own (the older path), for A/B timing; read once.
-static bool dysco_score_per_head() {
-    static const bool per_head = [] {
-        const char * path = getenv("DYSCO_SCORE_PATH");
-        return path && strcmp(path, "head") == 0;
-    }();
-    return per_head;
+    const float cap = g.hparams.f_attn_logit_softcapping;
+    kq = ggml_scale(g.ctx0, ggml_tanh(g.ctx0, ggml_scale(g.ctx0, kq, kq_scale / cap)), cap);
+    kq_scale = 1.0f;
+    return kq;
 }
 
 // softmax(scale * k.q + mask) of the last token for the query heads of KV heads
 // [kv_first, kv_first + n_groups): [n_kv, 1, n_groups * n_gqa], query heads in order.
-// One mat-mul and one softmax per layer: on an H100 at 32K a [n_kv] mat-vec (strided rows)
-// and a single-row softmax per QR head cost tens of microseconds each, a batch hardly more.
+// One mat-mul and one softmax per layer for all its QR heads: a batch of rows costs hardly more
+// than one row.
 static ggml_tensor * dysco_range_probs(const llm_graph_context & g, ggml_tensor * q_tok, ggml_tensor * k,
                                        ggml_tensor * mask, int64_t kv_first, int64_t n_groups, float kq_scale) {
     const int64_t n_gqa = q_tok->ne[1] / k->ne[1];
@@ -108,11 +90,7 @@ static ggml_tensor * dysco_range_probs(const llm_graph_context & g, ggml_tensor 
     ggml_tensor * kq  = ggml_mul_mat(g.ctx0, ggml_permute(g.ctx0, k_r, 0, 2, 1, 3), q_r);   // [n_kv, n_gqa, n_groups]
     ggml_prec_set_acc(kq, GGML_PREC_F32);
     ggml_set_name(kq, "dysco_kq_range");
-    if (g.hparams.attn_soft_cap) {
-        const float cap = g.hparams.f_attn_logit_softcapping;
-        kq = ggml_scale(g.ctx0, ggml_tanh(g.ctx0, ggml_scale(g.ctx0, kq, kq_scale / cap)), cap);
-        kq_scale = 1.0f;
-    }
+    kq = dysco_kq_softcap(g, kq, kq_scale);
     // one row per query head, so that the single mask row broadcasts over them
     kq = ggml_reshape_3d(g.ctx0, kq, kq->ne[0], 1, n_gqa * n_groups);                        // [n_kv, 1, n_gqa * n_groups]
     ggml_tensor * probs = ggml_soft_max_ext(g.ctx0, kq, mask, kq_scale, 0.0f);               // [n_kv, 1, n_gqa * n_groups]
@@ -148,32 +126,30 @@ static ggml_tensor * dysco_score_mask(const llm_graph_context & g, dysco_state *
         return row;
     }
     // the attention input beside it already refuses reuse when n_kv changes
-    return dysco_mask_input(g, st->build[kind].mask, st->row[kind].mask, n_kv, 1, DYSCO_MASK_NAME[kind], true);
+    return dysco_mask_input(g, st->build[kind].mask, st->scores.row[kind].mask, n_kv, 1, DYSCO_MASK_NAME[kind], true);
 }
 
 static void dysco_graph_qr_scores(const llm_graph_context & g, dysco_state * st, ggml_tensor * q, ggml_tensor * k,
                                   ggml_tensor * kq_mask, float kq_scale, int il, int kind) {
-    if (!st->scoring() || il >= (int) st->heads_by_layer.size() || st->heads_by_layer[il].empty()) {
+    if (!st->scoring() || il >= (int) st->heads.by_layer.size() || st->heads.by_layer[il].empty()) {
         return;
     }
     const int64_t n_kv = k->ne[2];
     ggml_tensor * mask = dysco_score_mask(g, st, kq_mask, n_kv, kind);
 
-    const auto & heads = st->heads_by_layer[il];
+    const auto & heads = st->heads.by_layer[il];
     const int64_t n_gqa = q->ne[1] / k->ne[1];
     // the last token of the ubatch, the one scored: [d, n_head]
     ggml_tensor * q_tok = ggml_view_2d(g.ctx0, q, q->ne[0], q->ne[1], q->nb[1], (q->ne[2] - 1) * q->nb[2]);
     // the KV heads from the first to the last one a QR head of this layer reads
     const auto [lo, hi] = std::minmax_element(heads.begin(), heads.end());
     const int64_t kv_first = *lo / n_gqa;
-    ggml_tensor * probs = dysco_score_per_head() ? nullptr
-        : dysco_range_probs(g, q_tok, k, mask, kv_first, *hi / n_gqa - kv_first + 1, kq_scale); // [n_kv, 1, n_rows]
+    const int64_t n_groups = *hi / n_gqa - kv_first + 1;
+    ggml_tensor * probs = dysco_range_probs(g, q_tok, k, mask, kv_first, n_groups, kq_scale); // [n_kv, 1, n_groups * n_gqa]
     auto & acc = st->build[kind].acc;
-    for (int head : heads) { // in the map's order, so the sum rounds the same on every path
-        ggml_tensor * head_probs = probs
-            ? ggml_view_2d(g.ctx0, probs, n_kv, 1, probs->nb[1], (head - kv_first * n_gqa) * probs->nb[2]) // [n_kv, 1]
-            : dysco_head_probs(g, q_tok, k, mask, head, kq_scale);
-        acc = dysco_acc_add(g, acc, head_probs);
+    for (int head : heads) { // in the map's order: the sum's rounding depends on it
+        const size_t offs = (head - kv_first * n_gqa) * probs->nb[2];
+        acc = dysco_acc_add(g, acc, ggml_view_2d(g.ctx0, probs, n_kv, 1, probs->nb[1], offs)); // [n_kv, 1]
     }
     ggml_set_name(acc, DYSCO_SCORE_NAME[kind]);
     ggml_set_output(acc);
@@ -199,11 +175,7 @@ static void dysco_graph_capture_heads(const llm_graph_context & g, dysco_state *
     ggml_tensor * kq    = ggml_mul_mat(g.ctx0, ggml_permute(g.ctx0, k, 0, 2, 1, 3),
                                        ggml_permute(g.ctx0, q_sel, 0, 2, 1, 3)); // [n_kv, n_sel, n_head]
     ggml_prec_set_acc(kq, GGML_PREC_F32);
-    if (g.hparams.attn_soft_cap) {
-        const float cap_value = g.hparams.f_attn_logit_softcapping;
-        kq = ggml_scale(g.ctx0, ggml_tanh(g.ctx0, ggml_scale(g.ctx0, kq, kq_scale / cap_value)), cap_value);
-        kq_scale = 1.0f;
-    }
+    kq = dysco_kq_softcap(g, kq, kq_scale);
     ggml_tensor * probs  = ggml_soft_max_ext(g.ctx0, kq, mask, kq_scale, 0.0f);               // [n_kv, n_sel, n_head]
     ggml_tensor * by_row = ggml_cont(g.ctx0, ggml_permute(g.ctx0, probs, 1, 0, 2, 3));       // [n_sel, n_kv, n_head]
     ggml_tensor * sum    = ggml_sum_rows(g.ctx0, by_row);                                     // [1, n_kv, n_head]

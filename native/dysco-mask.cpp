@@ -193,19 +193,19 @@ static bool bias_nonzero_collect(const std::vector<float> & bias, int64_t n_kv, 
 // through that row's position map when it is exact.
 template <typename T>
 static void mask_add_bias(dysco_state & st, T * data, int64_t n_kv, const llama_kv_cache & kv, const llama_ubatch & ub, int kind) {
-    const dysco_mask_row & ref = st.row[kind];
+    const dysco_mask_row & ref = st.scores.row[kind];
     for (uint32_t i = 0; i < ub.n_tokens; ++i) {
         const llama_seq_id seq = ub.seq_id[i][0];
-        const auto it = st.bias_by_seq.find(seq);
-        if (it == st.bias_by_seq.end() || it->second.empty()) {
+        const auto it = st.bias.by_seq.find(seq);
+        if (it == st.bias.by_seq.end() || it->second.empty()) {
             continue;
         }
         const std::vector<float> & bias  = it->second;
         const llama_kv_cells     & cells = kv.get_cells(seq);
         T * row = data + n_kv * i;
         const bool by_ref = !st.slots.on && ref.positions_ready && ref.pos_unique && ref.seq == seq &&
-                            ref.pos == ub.pos[i] && bias_nonzero_collect(bias, n_kv, st.bias_nonzero);
-        if (!by_ref || !row_add_bias_sparse(bias, st.bias_nonzero, ref, row, n_kv, cells)) {
+                            ref.pos == ub.pos[i] && bias_nonzero_collect(bias, n_kv, st.bias.nonzero);
+        if (!by_ref || !row_add_bias_sparse(bias, st.bias.nonzero, ref, row, n_kv, cells)) {
             row_add_bias_dense(bias, row, n_kv, cells, st.slots.on);
         }
     }
@@ -247,11 +247,11 @@ static void mask_apply(dysco_state & st, T * data, int64_t n_kv, const llama_kv_
         head_rows_keep(st.heads_cap, st.heads_cap.rows[kind], data, n_kv, kv, ub);
     }
     if (st.scoring()) {
-        mask_row_keep(st.row[kind], data + n_kv * last, n_kv, kv.get_cells(ub.seq_id[last][0]), ub.pos[last],
+        mask_row_keep(st.scores.row[kind], data + n_kv * last, n_kv, kv.get_cells(ub.seq_id[last][0]), ub.pos[last],
                       ub.seq_id[last][0], st.slots.on, keep_row);
     }
     // a probe reads the unbiased model: the bias only enters full passes
-    if (st.probe_layers == 0 && !st.bias_by_seq.empty()) {
+    if (st.probe.layers == 0 && !st.bias.by_seq.empty()) {
         mask_add_bias(st, data, n_kv, kv, ub, kind);
     }
 }
@@ -259,7 +259,7 @@ static void mask_apply(dysco_state & st, T * data, int64_t n_kv, const llama_kv_
 // An armed selection runs in the full pass of its token, before the bias is added to the mask. A
 // scoring pass in between would overwrite the probe's mask rows: the selection fails instead.
 static void pass_select_check(dysco_state & st, const llama_ubatch & ub) {
-    auto & ps = st.pass_select;
+    auto & ps = st.selection.pass;
     const uint32_t last = ub.n_tokens - 1;
     if (ub.seq_id[last][0] == ps.seq_id && ub.pos[last] == ps.pos) {
         dysco_pass_select_run(st);
@@ -278,10 +278,11 @@ void dysco_mask_apply(const llama_cparams & cparams, const llama_kv_cache_contex
     const int64_t n_kv = kq_mask->ne[0];
     const llama_kv_cache & kv = *mctx->get_kv_cache();
     const bool keep_row = !st->scores_read_kq_mask(kq_mask);
-    const bool probe    = st->probe_layers > 0;
+    const bool probe    = st->probe.layers > 0;
     const bool one_token = ubatch->n_tokens == 1; // decode steps; prefill ubatches are not timed
     st->timeline.mark(probe ? DYSCO_MARK_PROBE_MASK_IN : DYSCO_MARK_PASS_MASK_IN, one_token);
-    if (!probe && st->pass_select.armed && !st->pass_select.done && st->pass_select.error.empty()) {
+    const auto & ps = st->selection.pass;
+    if (!probe && ps.armed && !ps.done && ps.error.empty()) {
         pass_select_check(*st, *ubatch);
         st->timeline.mark(DYSCO_MARK_PASS_SELECTED, one_token);
     }
@@ -294,19 +295,19 @@ void dysco_mask_apply(const llama_cparams & cparams, const llama_kv_cache_contex
 }
 
 // Adds one cache kind's [n_kv] probability sums into the per-position score vector.
-static bool scores_gather(dysco_state & st, ggml_tensor * t, ggml_backend_sched_t sched, int kind) {
-    const auto & row = st.row[kind];
+static bool scores_gather(dysco_scores & sc, ggml_tensor * t, ggml_backend_sched_t sched, int kind) {
+    const auto & row = sc.row[kind];
     if (!t || !row.positions_ready || (int64_t) row.cell_pos.size() != t->ne[0]) {
         return false;
     }
-    st.readback.resize(t->ne[0]);
+    sc.readback.resize(t->ne[0]);
     ggml_backend_t backend = ggml_backend_sched_get_tensor_backend(sched, t);
-    ggml_backend_tensor_get_async(backend, t, st.readback.data(), 0, ggml_nbytes(t));
+    ggml_backend_tensor_get_async(backend, t, sc.readback.data(), 0, ggml_nbytes(t));
     ggml_backend_synchronize(backend);
     for (size_t j = 0; j < row.cell_pos.size(); ++j) {
         const int32_t p = row.cell_pos[j];
-        if (p >= 0 && p < (int32_t) st.scores.size()) {
-            st.scores[p] += st.readback[j];
+        if (p >= 0 && p < (int32_t) sc.values.size()) {
+            sc.values[p] += sc.readback[j];
         }
     }
     return true;
@@ -374,16 +375,16 @@ void dysco_ubatch_done(const llama_cparams & cparams, const llm_graph_result * r
     if (!st) {
         return;
     }
-    st->timeline.mark(st->probe_layers > 0 ? DYSCO_MARK_PROBE_LAUNCHED : DYSCO_MARK_PASS_LAUNCHED, ubatch.n_tokens == 1);
+    st->timeline.mark(st->probe.layers > 0 ? DYSCO_MARK_PROBE_LAUNCHED : DYSCO_MARK_PASS_LAUNCHED, ubatch.n_tokens == 1);
     if (st->heads_cap.on) {
         heads_capture_done(*st, ubatch, res->get_gf(), sched);
     }
-    st->scores_valid = false;
+    st->scores.valid = false;
     if (!st->scoring()) {
         return;
     }
     // the graph runs on the device meanwhile; the kept row is still in the input buffer
-    for (auto & row : st->row) {
+    for (auto & row : st->scores.row) {
         row_positions_fill(row);
     }
     ggml_cgraph * gf  = res->get_gf();
@@ -392,7 +393,7 @@ void dysco_ubatch_done(const llama_cparams & cparams, const llm_graph_result * r
         sched_report(gf, sched);
     }
     // the pass selection reads them: waiting here would keep the next pass's host work off the device's time
-    if (st->probe_layers > 0 && st->scores_deferred) {
+    if (st->probe.layers > 0 && st->probe.scores_deferred) {
         return;
     }
     scores_read(*st, gf, sched);
@@ -400,46 +401,49 @@ void dysco_ubatch_done(const llama_cparams & cparams, const llm_graph_result * r
 
 // Reads the score vector of the scored token from a finished (or in-flight) graph.
 static bool scores_read(dysco_state & st, ggml_cgraph * gf, ggml_backend_sched_t sched) {
-    const int32_t pos = st.row[DYSCO_CACHE_BASE].pos >= 0 ? st.row[DYSCO_CACHE_BASE].pos : st.row[DYSCO_CACHE_SWA].pos;
-    st.scores.assign(pos + 1, 0.0f);
+    auto & sc = st.scores;
+    const int32_t pos = sc.row[DYSCO_CACHE_BASE].pos >= 0 ? sc.row[DYSCO_CACHE_BASE].pos : sc.row[DYSCO_CACHE_SWA].pos;
+    sc.values.assign(pos + 1, 0.0f);
     bool found = false;
     for (int kind = 0; kind < DYSCO_CACHE_KINDS; ++kind) {
-        found |= scores_gather(st, ggml_graph_get_tensor(gf, dysco_score_name(kind)), sched, kind);
+        found |= scores_gather(sc, ggml_graph_get_tensor(gf, dysco_score_name(kind)), sched, kind);
     }
     if (!found) {
         return false;
     }
-    const float inv = 1.0f / (float) st.n_heads;
-    for (float & s : st.scores) {
+    const float inv = 1.0f / (float) st.heads.n;
+    for (float & s : sc.values) {
         s *= inv;
     }
-    st.scores_pos   = pos;
-    st.scores_valid = true;
+    sc.pos   = pos;
+    sc.valid = true;
     return true;
 }
 
 void dysco_pass_select_run(dysco_state & st) {
-    auto & ps = st.pass_select;
-    if (st.scores_deferred) {
-        st.scores_deferred = false;
-        scores_read(st, st.probe_res->get_gf(), st.probe_sched.get());
+    auto & sel = st.selection;
+    auto & ps  = sel.pass;
+    const auto & sc = st.scores;
+    if (st.probe.scores_deferred) {
+        st.probe.scores_deferred = false;
+        scores_read(st, st.probe.res->get_gf(), st.probe.sched.get());
     }
     st.timeline.mark(DYSCO_MARK_PASS_SCORES);
-    if (!st.scores_valid || st.scores_pos != ps.pos) {
+    if (!sc.valid || sc.pos != ps.pos) {
         ps.error = "the probe at position " + std::to_string(ps.pos) + " left no scores";
         return;
     }
-    if (st.scores.size() != st.importance.size() + 1) {
-        ps.error = "the scores cover " + std::to_string(st.scores.size()) + " positions but the importance covers " +
-                   std::to_string(st.importance.size()) + "; expected one more";
+    if (sc.values.size() != sel.importance.size() + 1) {
+        ps.error = "the scores cover " + std::to_string(sc.values.size()) + " positions but the importance covers " +
+                   std::to_string(sel.importance.size()) + "; expected one more";
         return;
     }
-    if (!dysco_importance_step(st.importance, st.importance_next, st.scores, ps.decay)) {
+    if (!dysco_importance_step(sel.importance, sel.importance_next, sc.values, ps.decay)) {
         ps.error = "the updated scores do not sum to a finite positive total";
         return;
     }
-    dysco_select(st.importance, ps.top_p, ps.top_k, st.select_scratch, st.selected);
-    dysco_bias_fill(st.selected, ps.pos, ps.strength, ps.hard_strength, ps.template_mask.data(),
-                    (int32_t) ps.template_mask.size(), st.bias_by_seq[ps.seq_id]);
+    dysco_select(sel.importance, ps.top_p, ps.top_k, sel.scratch, sel.selected);
+    dysco_bias_fill(sel.selected, ps.pos, ps.strength, ps.hard_strength, ps.template_mask.data(),
+                    (int32_t) ps.template_mask.size(), st.bias.by_seq[ps.seq_id]);
     ps.done = true;
 }

@@ -13,10 +13,10 @@ bool dysco_importance_step(std::vector<double> & importance, std::vector<double>
 
 // Reused between selections (no allocation per step).
 struct dysco_select_scratch {
-    std::vector<double>  values;    // candidate values, in position order
-    std::vector<int32_t> positions; // their positions
-    std::vector<double>  top;       // the largest candidate values, descending; the floor's sample before that
-    std::vector<uint64_t> keys;     // their bits, in the radix select
+    std::vector<double>   values;    // [n_cand] candidate values, in position order
+    std::vector<int32_t>  positions; // [n_cand] their positions
+    std::vector<double>   top;       // [n_top] the largest candidate values, descending; the floor's sample before that
+    std::vector<uint64_t> keys;      // [n_cand] their bits, in the radix select (fewer as it narrows)
 };
 
 // S in ascending positions: the nucleus of mass top_p (top_p > 0), the top_k largest (top_k > 0),

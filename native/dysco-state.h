@@ -68,7 +68,7 @@ struct dysco_head_capture {
     int32_t n_rows    = 0;             // rows summed so far
     int32_t pos_last  = -1;            // largest position of a summed row
     std::vector<float> sum;            // [layer_end, n_head, pos_end]
-    dysco_head_rows    rows[2];        // per cache kind, for the ubatch being computed
+    dysco_head_rows    rows[DYSCO_CACHE_KINDS]; // for the ubatch being computed
     std::vector<float> readback;       // [n_head, n_kv]
 
     // rows [i0, i0+n) of the ubatch that fall in the range (contiguous by position); n = 0 when none
@@ -94,11 +94,11 @@ struct dysco_pass_select {
     int32_t pos    = -1;
     double  decay = 0.0, top_p = 0.0, strength = 0.0, hard_strength = 0.0;
     int32_t top_k = 0;
-    std::vector<uint8_t> template_mask;
+    std::vector<uint8_t> template_mask; // [n_template] 1: a template position
     std::string          error;  // why the pass could not select ("" when it did)
 };
 
-// DYSCO_HOST_TIMELINE=1: host time between the hook points of the decode steps, averaged and printed
+// DYSCO_HOST_TIMELINE=1: host time between the hook points of the decode steps, summarised and printed
 // to stderr when the context is freed (where a step's host time goes, on machines without a profiler).
 enum dysco_mark {
     DYSCO_MARK_PROBE_START, DYSCO_MARK_PROBE_MASK_IN, DYSCO_MARK_PROBE_MASK_OUT, DYSCO_MARK_PROBE_LAUNCHED,
@@ -109,10 +109,57 @@ enum dysco_mark {
 struct dysco_timeline {
     bool    on   = false;
     int64_t last = 0;                        // us of the previous mark
-    std::vector<float> us[DYSCO_MARKS];      // every interval (medians: a prefill's wait would swamp a mean)
+    std::vector<float> us[DYSCO_MARKS];      // [n_intervals] every interval (medians: a prefill's wait would swamp a mean)
 
     void mark(int point, bool count = true); // adds the time since the previous mark to `point` (when count)
     void print() const;
+};
+
+// The QR heads (dysco_set_heads).
+struct dysco_qr_heads {
+    std::vector<std::vector<int32_t>> by_layer; // [n_layer] -> query heads of the layer
+    int32_t  n       = 0;                        // heads over all layers
+    int32_t  l_max   = -1;                       // last layer holding one (-1: none)
+    uint64_t version = 0;                        // bumped by every set: part of the graph key
+};
+
+// Scoring: which passes score, the mask rows the host kept for them, and the score vector read
+// back from the last scoring pass.
+struct dysco_scores {
+    bool           capture = false; // full passes score too (dysco_set_capture), not only probes
+    dysco_mask_row row[DYSCO_CACHE_KINDS];
+
+    std::vector<float> values;      // [pos + 1] mean QR-head probability per position
+    int32_t            pos   = -1;  // position of the scored token
+    bool               valid = false;
+    std::vector<float> readback;    // [n_kv] scratch for the device->host copy
+};
+
+// The per-sequence bias added to the KQ mask of full passes.
+struct dysco_bias {
+    std::map<int32_t, std::vector<float>> by_seq; // seq_id -> [n_pos] bias over positions
+    std::vector<int32_t> nonzero;                 // [n_nonzero] positions of a sparse bias, scratch of the mask hook
+};
+
+// Host-side bookkeeping of the importance and the selection S (dysco_importance_*, dysco_select_bias,
+// dysco_probe_select).
+struct dysco_selection {
+    std::vector<double>  importance;      // [n_pos] positions seen so far
+    std::vector<double>  importance_next; // [n_pos + 1] the update's output, swapped in (no allocation per step)
+    dysco_select_scratch scratch;         // candidates of a selection
+    std::vector<int32_t> selected;        // [|S|] S of the last dysco_select_bias or pass selection
+    dysco_pass_select    pass;            // the selection armed for the next full pass
+};
+
+// The probe: its layer cap, its one-token batch, and its own scheduler and graph (swapped into the
+// context while a probe decodes), so that alternating probe and full passes rebuilds neither graph.
+struct dysco_probe_graph {
+    int32_t                layers = 0;       // > 0 while a probe pass is being decoded: L_max + 1
+    llama_batch            batch  = {};      // [1] token
+    ggml_backend_sched_ptr sched;
+    llm_graph_result_ptr   res;
+    llm_graph_result *     active = nullptr;
+    bool                   scores_deferred = false; // the last probe's scores are still in its graph
 };
 
 struct dysco_state {
@@ -121,46 +168,18 @@ struct dysco_state {
 
     const llama_model * model;
 
-    std::vector<std::vector<int32_t>> heads_by_layer; // [n_layer] -> query heads
-    int32_t  n_heads       = 0;
-    int32_t  l_max         = -1;
-    uint64_t heads_version = 0;
-
-    bool    capture      = false;
-    int32_t probe_layers = 0; // > 0 while a probe pass is being decoded
-
-    std::map<int32_t, std::vector<float>> bias_by_seq; // seq_id -> bias over positions
-
-    dysco_build_nodes build[DYSCO_CACHE_KINDS];
-    dysco_mask_row    row[DYSCO_CACHE_KINDS];
-
-    std::vector<float> scores;         // [p+1] mean QR-head probability per position
-    int32_t            scores_pos = -1;
-    bool               scores_valid = false;
-    std::vector<float> readback;       // [n_kv] scratch for the device->host copy
-    std::vector<int32_t> bias_nonzero; // positions of a sparse bias, scratch of the mask hook
-
-    llama_batch probe_batch;
-
-    // the probe's own scheduler and graph (swapped into the context while a probe decodes), so that
-    // alternating probe and full passes rebuilds neither graph
-    ggml_backend_sched_ptr probe_sched;
-    llm_graph_result_ptr   probe_res;
-    llm_graph_result *     probe_active = nullptr;
-
-    std::vector<double>  importance;       // [positions seen] host-side bookkeeping (dysco_importance_*)
-    std::vector<double>  importance_next;  // the update's output, swapped in (no allocation per step)
-    dysco_select_scratch select_scratch;   // candidates of a selection
-    std::vector<int32_t> selected;         // S of the last dysco_select_bias or pass selection
-    dysco_pass_select    pass_select;
-    bool                 scores_deferred = false; // the last probe's scores are still in its graph
-
+    dysco_qr_heads     heads;
+    dysco_scores       scores;
+    dysco_build_nodes  build[DYSCO_CACHE_KINDS];
+    dysco_bias         bias;
+    dysco_selection    selection;
+    dysco_probe_graph  probe;
     dysco_head_capture heads_cap;
-    float              attn_scale = 1.0f; // multiplies every attention logit (AttnTS baseline); 1 = off
     dysco_slot_layout  slots;
+    float              attn_scale = 1.0f; // multiplies every attention logit (AttnTS baseline); 1 = off
     dysco_timeline     timeline;
 
-    bool scoring() const { return n_heads > 0 && (capture || probe_layers > 0); }
+    bool scoring() const { return heads.n > 0 && (scores.capture || probe.layers > 0); }
     // a probe's scores read the last row of the attention's KQ mask [n_kv, n_tokens, 1, 1] in the
     // graph; other scoring passes read a copy of that row taken before any bias
     bool scores_read_kq_mask(const ggml_tensor * kq_mask) const;
@@ -168,5 +187,5 @@ struct dysco_state {
 };
 
 // Runs an armed pass selection (dysco-mask.cpp): reads the probe's scores, updates the importance,
-// selects S and sets the bias of the pass's sequence. Failures go to pass_select.error.
+// selects S and sets the bias of the pass's sequence. Failures go to selection.pass.error.
 void dysco_pass_select_run(dysco_state & st);
