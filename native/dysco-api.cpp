@@ -449,7 +449,9 @@ int32_t dysco_importance_reset(llama_context * ctx, int32_t n_positions) {
     if (!ctx || n_positions < 0) {
         return dysco_fail(DYSCO_ERR_ARGUMENT, "dysco_importance_reset: null context or n_positions = %d", n_positions);
     }
-    dysco_state_of(ctx).selection.importance.assign((size_t) n_positions, 0.0);
+    auto & sel = dysco_state_of(ctx).selection;
+    sel.importance.assign((size_t) n_positions, 0.0);
+    sel.scored = false;
     return dysco_ok();
 }
 
@@ -470,6 +472,7 @@ int32_t dysco_importance_update(llama_context * ctx, double decay) {
         return dysco_fail(DYSCO_ERR_ARGUMENT, "dysco_importance_update: the updated scores do not sum to a finite "
                           "positive total (decay = %g)", decay);
     }
+    st.selection.scored = true;
     return (int32_t) st.selection.importance.size();
 }
 
@@ -495,6 +498,7 @@ int32_t dysco_importance_set(llama_context * ctx, const double * values, int32_t
         }
     }
     dysco_state_of(ctx).selection.importance.assign(values, values + n);
+    dysco_state_of(ctx).selection.scored = true;
     return dysco_ok();
 }
 
@@ -532,6 +536,24 @@ int32_t dysco_select_bias(llama_context * ctx, int32_t seq_id, int32_t pos, doub
     return (int32_t) sel.selected.size();
 }
 
+// The selection the next full pass of (seq_id, pos) makes once its mask is filled.
+static dysco_pass_select & pass_select_arm(dysco_state & st, int32_t seq_id, int32_t pos, double decay, double top_p,
+                                           int32_t top_k, double strength, double hard_strength,
+                                           const uint8_t * template_mask, int32_t n_template) {
+    auto & ps = st.selection.pass;
+    ps = dysco_pass_select();
+    ps.armed  = true;
+    ps.seq_id = seq_id;
+    ps.pos    = pos;
+    ps.decay  = decay;
+    ps.top_p  = top_p;
+    ps.top_k  = top_k;
+    ps.strength      = strength;
+    ps.hard_strength = hard_strength;
+    ps.template_mask.assign(template_mask, template_mask + n_template);
+    return ps;
+}
+
 int32_t dysco_probe_select(llama_context * ctx, int32_t token, int32_t pos, int32_t seq_id, double decay, double top_p,
                            int32_t top_k, double strength, double hard_strength, const uint8_t * template_mask,
                            int32_t n_template) {
@@ -552,22 +574,42 @@ int32_t dysco_probe_select(llama_context * ctx, int32_t token, int32_t pos, int3
     if (rc != DYSCO_OK) {
         return rc;
     }
-    auto & ps = st.selection.pass;
-    ps = dysco_pass_select();
-    ps.armed  = true;
-    ps.seq_id = seq_id;
-    ps.pos    = pos;
-    ps.decay  = decay;
-    ps.top_p  = top_p;
-    ps.top_k  = top_k;
-    ps.strength      = strength;
-    ps.hard_strength = hard_strength;
-    ps.template_mask.assign(template_mask, template_mask + n_template);
+    auto & ps = pass_select_arm(st, seq_id, pos, decay, top_p, top_k, strength, hard_strength, template_mask, n_template);
     const int32_t probe_rc = dysco_probe_run(ctx, st, token, pos, seq_id, true);
     if (probe_rc != DYSCO_OK) {
         ps.armed = false;
     }
     return probe_rc;
+}
+
+int32_t dysco_fast_select(llama_context * ctx, int32_t pos, int32_t seq_id, double decay, double top_p, int32_t top_k,
+                          double strength, double hard_strength, const uint8_t * template_mask, int32_t n_template) {
+    if (!ctx || pos < 1 || !std::isfinite(decay) || !select_args_ok(seq_id, top_p, top_k, strength, template_mask, n_template)) {
+        return dysco_fail(DYSCO_ERR_ARGUMENT, "dysco_fast_select: null context, pos = %d, seq_id = %d, decay = %g, "
+                          "top_p = %g, top_k = %d, strength = %g or n_template = %d out of range",
+                          pos, seq_id, decay, top_p, top_k, strength, n_template);
+    }
+    auto & st = dysco_state_of(ctx);
+    if (st.heads.n == 0) {
+        return dysco_fail(DYSCO_ERR_NO_HEADS, "fast selection needs QR heads: set them first (dysco_set_heads)");
+    }
+    const auto & sc  = st.scores;
+    const auto & sel = st.selection;
+    const bool folded  = sel.scored && sel.importance.size() == (size_t) pos;
+    const bool pending = sc.valid && sc.pos == pos - 1 && sc.values.size() == sel.importance.size() + 1;
+    if (!folded && !pending) {
+        return dysco_ok(); // 0: nothing scored the positions before pos yet; the caller probes this step
+    }
+    const int32_t rc = dysco_bias_check(ctx, seq_id, pos + 1);
+    if (rc != DYSCO_OK) {
+        return rc;
+    }
+    pass_select_arm(st, seq_id, pos, decay, top_p, top_k, strength, hard_strength, template_mask, n_template).fast = true;
+    if (!st.scores.capture) { // the pass scores its token for the next selection
+        st.scores.capture = true;
+        dysco_key_refresh(ctx);
+    }
+    return 1;
 }
 
 int32_t dysco_pass_selection(llama_context * ctx, int32_t * selected, int32_t n_max) {

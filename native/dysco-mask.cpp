@@ -420,26 +420,58 @@ static bool scores_read(dysco_state & st, ggml_cgraph * gf, ggml_backend_sched_t
     return true;
 }
 
+static bool importance_fold(dysco_state & st) {
+    auto & sel = st.selection;
+    if (!dysco_importance_step(sel.importance, sel.importance_next, st.scores.values, sel.pass.decay)) {
+        sel.pass.error = "the updated scores do not sum to a finite positive total";
+        return false;
+    }
+    sel.scored = true;
+    return true;
+}
+
+// Exact: the probe of pos scored 0..pos; folded in, the importance covers them.
+static bool pass_scores_exact(dysco_state & st) {
+    const auto & sc = st.scores;
+    auto & ps = st.selection.pass;
+    if (!sc.valid || sc.pos != ps.pos) {
+        ps.error = "the probe at position " + std::to_string(ps.pos) + " left no scores";
+        return false;
+    }
+    if (sc.values.size() != st.selection.importance.size() + 1) {
+        ps.error = "the scores cover " + std::to_string(sc.values.size()) + " positions but the importance covers " +
+                   std::to_string(st.selection.importance.size()) + "; expected one more";
+        return false;
+    }
+    return importance_fold(st);
+}
+
+// Fast: the previous full pass scored 0..pos-1; folded in unless that happened already (a
+// context-warmup pass is folded by dysco_importance_update), the importance covers them.
+static bool pass_scores_fast(dysco_state & st) {
+    const auto & sc  = st.scores;
+    auto &       sel = st.selection;
+    const bool pending = sc.valid && sc.pos == sel.pass.pos - 1 && sc.values.size() == sel.importance.size() + 1;
+    if (pending && !importance_fold(st)) {
+        return false;
+    }
+    if (sel.importance.size() != (size_t) sel.pass.pos) {
+        sel.pass.error = "the importance covers " + std::to_string(sel.importance.size()) + " positions, not the " +
+                         std::to_string(sel.pass.pos) + " before the pass";
+        return false;
+    }
+    return true;
+}
+
 void dysco_pass_select_run(dysco_state & st) {
     auto & sel = st.selection;
     auto & ps  = sel.pass;
-    const auto & sc = st.scores;
     if (st.probe.scores_deferred) {
         st.probe.scores_deferred = false;
         scores_read(st, st.probe.res->get_gf(), st.probe.sched.get());
     }
     st.timeline.mark(DYSCO_MARK_PASS_SCORES);
-    if (!sc.valid || sc.pos != ps.pos) {
-        ps.error = "the probe at position " + std::to_string(ps.pos) + " left no scores";
-        return;
-    }
-    if (sc.values.size() != sel.importance.size() + 1) {
-        ps.error = "the scores cover " + std::to_string(sc.values.size()) + " positions but the importance covers " +
-                   std::to_string(sel.importance.size()) + "; expected one more";
-        return;
-    }
-    if (!dysco_importance_step(sel.importance, sel.importance_next, sc.values, ps.decay)) {
-        ps.error = "the updated scores do not sum to a finite positive total";
+    if (!(ps.fast ? pass_scores_fast(st) : pass_scores_exact(st))) {
         return;
     }
     dysco_select(sel.importance, ps.top_p, ps.top_k, sel.scratch, sel.selected);

@@ -90,6 +90,7 @@ struct dysco_slot_layout {
 struct dysco_pass_select {
     bool    armed  = false; // waiting for its full pass, or for dysco_pass_selection
     bool    done   = false; // the pass selected S and set the bias
+    bool    fast   = false; // no probe: S from the importance before pos (dysco_fast_select)
     int32_t seq_id = -1;
     int32_t pos    = -1;
     double  decay = 0.0, top_p = 0.0, strength = 0.0, hard_strength = 0.0;
@@ -148,6 +149,7 @@ struct dysco_selection {
     std::vector<double>  importance_next; // [n_pos + 1] the update's output, swapped in (no allocation per step)
     dysco_select_scratch scratch;         // candidates of a selection
     std::vector<int32_t> selected;        // [|S|] S of the last dysco_select_bias or pass selection
+    bool                 scored = false;  // the importance holds scores, not only the zeros of a reset
     dysco_pass_select    pass;            // the selection armed for the next full pass
 };
 
@@ -186,6 +188,7 @@ struct dysco_state {
     uint64_t graph_key() const;
 };
 
-// Runs an armed pass selection (dysco-mask.cpp): reads the probe's scores, updates the importance,
-// selects S and sets the bias of the pass's sequence. Failures go to selection.pass.error.
+// Runs an armed pass selection (dysco-mask.cpp): reads the probe's scores (fast: the previous full
+// pass's, when not folded yet), updates the importance, selects S and sets the bias of the pass's
+// sequence. Failures go to selection.pass.error.
 void dysco_pass_select_run(dysco_state & st);

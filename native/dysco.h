@@ -108,6 +108,16 @@ int32_t dysco_select_bias(struct llama_context * ctx, int32_t seq_id, int32_t po
 int32_t dysco_probe_select(struct llama_context * ctx, int32_t token, int32_t pos, int32_t seq_id, double decay,
                            double top_p, int32_t top_k, double strength, double hard_strength,
                            const uint8_t * template_mask, int32_t n_template);
+// Fast mode (not the spec; no probe): arms a selection that the next llama_decode of the token at
+// `pos` in `seq_id` runs once its KV mask is filled, from the scores of the full pass before it:
+// those scores (positions 0..pos-1) are folded into the importance unless they already are, then S
+// is selected from it and the bias set over 0..pos as dysco_select_bias would (pos itself gets
+// log(strength)). Turns score capture on, so that the pass scores its own token for the next step.
+// Returns 1 when armed, 0 when nothing has scored the positions before pos yet (the importance is
+// only a reset's zeros): probe that step instead (dysco_probe_select).
+int32_t dysco_fast_select(struct llama_context * ctx, int32_t pos, int32_t seq_id, double decay, double top_p,
+                          int32_t top_k, double strength, double hard_strength, const uint8_t * template_mask,
+                          int32_t n_template);
 // After that full pass: writes S (ascending, n_max at most) when `selected` is not NULL and returns
 // |S|, or DYSCO_ERR_NO_SCORES with the reason when the pass did not select (it then ran unbiased).
 // Disarms the selection; so does dysco_clear_bias of its sequence.

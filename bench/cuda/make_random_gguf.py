@@ -1,5 +1,5 @@
 """A GGUF of a real model's shape with random weights (for speed runs on a machine with no
-model downloads): Llama-3.1-8B or Qwen3-8B, written as F16 then quantized with libllama.
+model downloads): Llama-3.1-8B, Qwen3-8B or Qwen2.5-1.5B, written as F16 then quantized with libllama.
 
     python bench/cuda/make_random_gguf.py --shape llama-3.1-8b --vocab-from tiny.gguf --out m.gguf --type q4_k_m
 """
@@ -14,9 +14,12 @@ import numpy as np
 
 SHAPES = {
     "llama-3.1-8b": dict(arch="llama", n_embd=4096, n_layer=32, n_head=32, n_head_kv=8, n_ff=14336,
-                         n_vocab=128256, head_dim=128, rope_base=500000.0, qk_norm=False),
+                         n_vocab=128256, head_dim=128, rope_base=500000.0, qk_norm=False, qkv_bias=False),
     "qwen3-8b": dict(arch="qwen3", n_embd=4096, n_layer=36, n_head=32, n_head_kv=8, n_ff=12288,
-                     n_vocab=151936, head_dim=128, rope_base=1000000.0, qk_norm=True),
+                     n_vocab=151936, head_dim=128, rope_base=1000000.0, qk_norm=True, qkv_bias=False),
+    # Qwen2.5-Coder-1.5B-Instruct's shape (the largest real model we can run)
+    "qwen2.5-1.5b": dict(arch="qwen2", n_embd=1536, n_layer=28, n_head=12, n_head_kv=2, n_ff=8960,
+                         n_vocab=151936, head_dim=128, rope_base=1000000.0, qk_norm=False, qkv_bias=True),
 }
 
 
@@ -77,6 +80,10 @@ def write_f16(shape_name: str, vocab_from: Path, out: Path) -> None:
         w.add_tensor(p + "attn_k.weight", rand(hk * d, e))
         w.add_tensor(p + "attn_v.weight", rand(hk * d, e))
         w.add_tensor(p + "attn_output.weight", rand(e, hq * d))
+        if s["qkv_bias"]:
+            w.add_tensor(p + "attn_q.bias", np.zeros(hq * d, dtype=np.float32))
+            w.add_tensor(p + "attn_k.bias", np.zeros(hk * d, dtype=np.float32))
+            w.add_tensor(p + "attn_v.bias", np.zeros(hk * d, dtype=np.float32))
         if s["qk_norm"]:
             w.add_tensor(p + "attn_q_norm.weight", ones(d))
             w.add_tensor(p + "attn_k_norm.weight", ones(d))
@@ -91,7 +98,7 @@ def write_f16(shape_name: str, vocab_from: Path, out: Path) -> None:
 
 
 def quantize(src: Path, dst: Path, ftype_name: str) -> None:
-    from dysco_edge import _llama  # noqa: F401
+    from dysco_edge.runtime import _llama  # noqa: F401
     import llama_cpp
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype_name.upper()}")

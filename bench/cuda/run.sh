@@ -2,7 +2,8 @@
 # On the lent GPU machine, from the repository root, after bench/cuda/prepare.sh ran here and
 # .dev was carried: build with CUDA, check against the CPU backend, then measure speed.
 #   bench/cuda/run.sh build|check|speed|native|profile|kernels|model|select
-# SHAPE=llama-3.1-8b (default) or qwen3-8b picks the random-weight model and its published heads.
+# SHAPE=llama-3.1-8b (default), qwen3-8b or qwen2.5-1.5b picks the random-weight model and its heads
+# (published; for qwen2.5-1.5b bench/qwen2.5-1.5b-bench-heads.json, L_max as its detected map).
 set -uo pipefail
 out=${OUT:-/tmp/out}; mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .dev/device/wheels/*.whl >/dev/null 2>&1
@@ -10,7 +11,11 @@ export PYTHONPATH=/tmp/site:$PWD/python:$PWD/.dev/device/pylib
 export DYSCO_EDGE_LIB_DIR=$PWD/build/cuda/bin PYTHONUNBUFFERED=1
 shape=${SHAPE:-llama-3.1-8b}
 m=/tmp/$shape.gguf
-case "$shape" in llama-3.1-8b) heads=head_maps/llama-3.1-8b-instruct.json ;; *) heads=head_maps/$shape.json ;; esac
+case "$shape" in
+    llama-3.1-8b) heads=head_maps/llama-3.1-8b-instruct.json ;;
+    qwen2.5-1.5b) heads=bench/qwen2.5-1.5b-bench-heads.json ;;
+    *) heads=head_maps/$shape.json ;;
+esac
 make_model() {
     [ -f $m ] || python3 bench/cuda/make_random_gguf.py --shape $shape --vocab-from .dev/device/tiny-qwen3-v1-f32.gguf --out $m > "$out/make.log" 2>&1
     tail -2 "$out/make.log"

@@ -21,6 +21,9 @@ from .errors import ConfigError
 
 __all__ = [
     "AUTO",
+    "EXACT",
+    "FAST",
+    "MODES",
     "HARD_MASK_STRENGTH",
     "ConfigError",
     "DyscoConfig",
@@ -29,6 +32,8 @@ __all__ = [
 ]
 
 AUTO = "auto"
+EXACT, FAST = "exact", "fast"
+MODES = (EXACT, FAST)
 HARD_MASK_STRENGTH = 99.0  # the spec: strength >= 99 means "hard mask"
 
 HeadPair = tuple[int, int]
@@ -48,6 +53,9 @@ class DyscoConfig:
     template_sequences: token-id sequences whose prompt occurrences are never
         up-weighted (filled from the chat template at run time when empty).
     dynamic: re-select every step (True) or once (False, "static").
+    mode: "exact" (the spec: a probe over layers 0..l_max before every full pass) or
+        "fast" (no probe: the QR heads' attention in each full pass selects for the next
+        token; the selection is one token older and its queries saw the bias).
     """
 
     qr_heads: tuple[HeadPair, ...]
@@ -59,6 +67,7 @@ class DyscoConfig:
     intervention_warmup: int | str = AUTO
     template_sequences: tuple[tuple[int, ...], ...] = ()
     dynamic: bool = True
+    mode: str = EXACT
 
     def __post_init__(self) -> None:
         # Store canonical immutable values (tuples, plain int/float); frozen, hence object.__setattr__.
@@ -66,6 +75,9 @@ class DyscoConfig:
             object.__setattr__(self, name, check(getattr(self, name), name))
         if self.top_p is None and self.top_k is None:
             raise ConfigError("top_p/top_k: at least one must be set, got top_p=None and top_k=None")
+        if self.mode == FAST and not self.dynamic:
+            raise ConfigError("mode: 'fast' re-selects from every full pass; static DySCO (dynamic=false) "
+                              "selects once and runs no probes already: use mode='exact'")
 
     @property
     def l_max(self) -> int:
@@ -289,6 +301,12 @@ def _check_dynamic(value: Any, name: str) -> bool:
     return value
 
 
+def _check_mode(value: Any, name: str) -> str:
+    if value not in MODES:
+        raise _bad(name, value, " or ".join(repr(m) for m in MODES))
+    return value
+
+
 _CHECKS: dict[str, Callable[[Any, str], Any]] = {
     "qr_heads": _check_qr_heads,
     "top_p": _check_top_p,
@@ -299,4 +317,5 @@ _CHECKS: dict[str, Callable[[Any, str], Any]] = {
     "intervention_warmup": _check_intervention_warmup,
     "template_sequences": _check_template_sequences,
     "dynamic": _check_dynamic,
+    "mode": _check_mode,
 }

@@ -8,6 +8,9 @@ the decode loop (`decode.dysco_tokens`), chosen by the caller.
   from the host. Static DySCO needs it (one selection, no probes), and so do loops whose
   scores must be re-indexed first (bench/reference_harness.py).
 Both give the same bits (tests/test_native_select.py).
+- `FastBookkeeping` (mode "fast", not the spec): no probe. Each biased full pass also scores
+  its token with the QR heads; the next pass folds those scores into the importance, selects
+  and biases itself, so a step costs one pass plus the host's selection.
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ from typing import Optional
 
 import numpy as np
 
-from ..config import DyscoConfig
+from ..config import FAST, DyscoConfig
 from ..errors import InputError
 from .selection import ImportanceBuffer, bias_vector, select_positions
 
@@ -112,6 +115,19 @@ class HostBookkeeping(_Bookkeeping):
         pass
 
 
+class FastBookkeeping(InPassBookkeeping):
+    """Mode "fast": the full pass of the previous token scores; this pass folds them in, selects
+    from the importance over the positions before it and biases itself. No probe, except for a
+    first step that no scored pass precedes (no context warmup)."""
+
+    def before_pass(self, native, token: int, pos: int) -> None:
+        cfg = self.config
+        if not native.fast_select(pos, cfg.decay, cfg.top_p, cfg.top_k, cfg.strength, self.template_u8):
+            super().before_pass(native, token, pos)
+
+
 def default_bookkeeping(config: DyscoConfig) -> type[_Bookkeeping]:
-    """In the pass when DySCO is dynamic (fastest); on the host for static DySCO."""
+    """Fast mode without probes; exact dynamic DySCO in the pass; static DySCO on the host."""
+    if config.mode == FAST:
+        return FastBookkeeping
     return InPassBookkeeping if config.dynamic else HostBookkeeping

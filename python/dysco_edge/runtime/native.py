@@ -41,6 +41,8 @@ int32_t dysco_select_bias(void * ctx, int32_t seq_id, int32_t pos, double top_p,
 int32_t dysco_probe_select(void * ctx, int32_t token, int32_t pos, int32_t seq_id, double decay, double top_p,
                            int32_t top_k, double strength, double hard_strength, const uint8_t * template_mask,
                            int32_t n_template);
+int32_t dysco_fast_select(void * ctx, int32_t pos, int32_t seq_id, double decay, double top_p, int32_t top_k,
+                          double strength, double hard_strength, const uint8_t * template_mask, int32_t n_template);
 int32_t dysco_pass_selection(void * ctx, int32_t * selected, int32_t n_max);
 """
 
@@ -74,6 +76,15 @@ def _load():
     if _lib is None:
         _lib = _ffi.dlopen(str(_library_file(lib_dir())))
     return _lib
+
+
+def _selection_args(decay, top_p, top_k, strength, template) -> tuple:
+    """decay, top_p, top_k, strength, hard strength, template mask and its length, as the C API takes
+    them (an unset top_p / top_k is -1)."""
+    mask = np.ascontiguousarray(template, dtype=np.uint8)
+    # a from_buffer cdata keeps `mask` alive until the call is made (a cast of it would not)
+    return (float(decay), -1.0 if top_p is None else float(top_p), -1 if top_k is None else int(top_k),
+            float(strength), HARD_MASK_STRENGTH, _ffi.from_buffer("uint8_t[]", mask), mask.size)
 
 
 def _check(rc: int, what: str) -> int:
@@ -207,12 +218,18 @@ class NativeContext:
         """Probe `token` at `pos`, and have the next full pass of that token update the importance,
         select S and bias itself (importance_update + select_bias, run where the pass's mask is
         filled, so the pass's host work overlaps the probe on a GPU)."""
-        mask = np.ascontiguousarray(template, dtype=np.uint8)
-        rc = self._lib.dysco_probe_select(
-            self._ctx, int(token), int(pos), int(seq_id), float(decay), -1.0 if top_p is None else float(top_p),
-            -1 if top_k is None else int(top_k), float(strength), HARD_MASK_STRENGTH,
-            _ffi.cast("const uint8_t *", _ffi.from_buffer(mask)), mask.size)
+        rc = self._lib.dysco_probe_select(self._ctx, int(token), int(pos), int(seq_id),
+                                          *_selection_args(decay, top_p, top_k, strength, template))
         _check(rc, "dysco_probe_select")
+
+    def fast_select(self, pos: int, decay: float, top_p: float | None, top_k: int | None, strength: float,
+                    template: np.ndarray, seq_id: int = 0) -> bool:
+        """Fast mode: have the next full pass at `pos` fold in the previous pass's scores, select S
+        and bias itself, and score its own token. False when nothing has scored the positions
+        before `pos` yet (probe this step instead)."""
+        rc = self._lib.dysco_fast_select(self._ctx, int(pos), int(seq_id),
+                                         *_selection_args(decay, top_p, top_k, strength, template))
+        return _check(rc, "dysco_fast_select") == 1
 
     def pass_selection(self, *, want_selected: bool = False):
         """After the full pass of a probe_select: S (ascending int64) when `want_selected`, else |S|.
