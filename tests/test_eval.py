@@ -14,7 +14,7 @@ import models
 import numpy as np
 import pytest
 from dysco_edge.eval.methods import Method, parse_methods, random_heads, resolve
-from dysco_edge.eval.report import write_report
+from dysco_edge.eval.report import comparisons, write_report
 from dysco_edge.eval.results import read_records
 from dysco_edge.eval.run import EvalPlan, run_eval
 from dysco_edge.eval.scoring import (
@@ -210,6 +210,18 @@ def test_resolve_builds_each_methods_config():
     assert resolve(Method.parse("plain"), **args).config is None
     with pytest.raises(ValueError, match="--head-map"):
         resolve(Method.parse("dysco"), **{**args, "head_map": None})
+
+
+def test_fast_method_is_dysco_in_fast_mode_and_compared_with_exact():
+    head_map = HeadMap.from_dict(json.loads(BENCH_HEADS.read_text()))
+    args = {"head_map": head_map, "shape": SHAPE, "n_prompt": 1000, "answer_warmup": 9, "seed": 3}
+    fast = resolve(Method.parse("fast:strength=3"), **args).config
+    exact = resolve(Method.parse("dysco:strength=3"), **args).config
+    assert fast.mode == "fast" and exact.mode == "exact" and fast.replace(mode="exact") == exact
+    assert Method("fast").with_tuned({"dysco": {"decay": 0.5}}).get("decay") == 0.5
+    assert ("fast", "dysco") in comparisons(["plain", "dysco", "fast"])
+    with pytest.raises(ValueError, match="mode"):
+        Method.parse("dysco:mode=quick")
 
 
 # ---- results file: resume after an interruption ----

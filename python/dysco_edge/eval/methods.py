@@ -3,13 +3,14 @@
 plain                     greedy decoding, no intervention
 dysco[:knobs]             DySCO with the model's head map (its config, then the knobs)
 static[:knobs]            the same with dynamic=False (select once, no probes)
+fast[:knobs]              the same with mode=fast (no probe: each full pass selects for the next token)
 random[:knobs,layers=..]  DySCO with as many heads as the map, drawn per case (seeded) from
                           layers 0..L_max of the map (layers=lmax, default) or all layers
                           (layers=all); never one of the map's own heads
 attnts:factor=F           every attention logit multiplied by F (uniform temperature scaling)
 
-knobs: strength, top_k, top_p (a number or none), decay, context_warmup, top_k_ratio (top_k =
-ratio x prompt tokens, for a budget that grows with the context).
+knobs: strength, top_k, top_p (a number or none), decay, context_warmup, mode (exact or fast),
+top_k_ratio (top_k = ratio x prompt tokens, for a budget that grows with the context).
 """
 from __future__ import annotations
 
@@ -22,9 +23,12 @@ from ..config import AUTO, DyscoConfig
 from ..heads.maps import HeadMap, ModelShape
 from ..errors import InputError
 
-KNOBS = ("strength", "top_k", "top_p", "decay", "context_warmup", "top_k_ratio")
-OPTIONS = {"plain": (), "dysco": KNOBS, "static": KNOBS, "random": (*KNOBS, "layers"), "attnts": ("factor",)}
-HEAD_KINDS = ("dysco", "static", "random")
+KNOBS = ("strength", "top_k", "top_p", "decay", "context_warmup", "mode", "top_k_ratio")
+OPTIONS = {"plain": (), "dysco": KNOBS, "static": KNOBS, "fast": KNOBS, "random": (*KNOBS, "layers"),
+           "attnts": ("factor",)}
+HEAD_KINDS = ("dysco", "static", "fast", "random")
+# what each kind changes in the map's config before the knobs
+_KIND_CHANGES = {"static": {"dynamic": False}, "fast": {"mode": "fast"}}
 RANDOM_LAYERS = ("lmax", "all")
 
 
@@ -74,9 +78,9 @@ class Method:
 
     def with_tuned(self, tuned: Mapping[str, Mapping[str, Any]]) -> Method:
         """Options from a tuned file fill what the method does not set itself; random and static
-        take dysco's tuned knobs unless the file has their own entry (the fair ablation)."""
+        take dysco's tuned knobs unless the file has their own entry (the fair ablation); so does fast."""
         base = tuned.get(self.kind)
-        if base is None and self.kind in ("random", "static"):
+        if base is None and self.kind in ("random", "static", "fast"):
             base = tuned.get("dysco")
         merged = dict(base or {})
         if {"top_k", "top_k_ratio"} & set(dict(self.options)):  # the method's own budget wins whole
@@ -124,8 +128,7 @@ def resolve(method: Method, *, head_map: HeadMap | None, shape: ModelShape, n_pr
         cap = config.l_max if method.get("layers", "lmax") == "lmax" else shape.n_layer - 1
         config = config.replace(qr_heads=random_heads(seed, len(config.qr_heads), shape.n_head, cap,
                                                       set(config.qr_heads)))
-    if method.kind == "static":
-        config = config.replace(dynamic=False)
+    config = config.replace(**_KIND_CHANGES.get(method.kind, {}))
     return Decoding(_apply_knobs(config, method, n_prompt, answer_warmup))
 
 

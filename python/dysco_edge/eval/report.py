@@ -20,13 +20,15 @@ CI_NOTE = ("95% intervals: Wilson score interval for the exact-match tasks (pass
 
 
 def comparisons(methods: Sequence[str]) -> list[tuple[str, str]]:
-    """(method, baseline) pairs: each method against plain, and DySCO against its random-head twin."""
+    """(method, baseline) pairs: each method against plain, DySCO against its random-head twin, and
+    fast DySCO against its exact twin (the non-inferiority of fast mode)."""
     pairs = [(m, "plain") for m in methods if m != "plain" and "plain" in methods]
-    for m in methods:
-        if m == "dysco" or m.startswith("dysco:"):
-            twin = "random" + m[len("dysco"):]
-            if twin in methods:
-                pairs.append((m, twin))
+    for kind, twin_kind in (("dysco", "random"), ("fast", "dysco")):
+        for m in methods:
+            if m == kind or m.startswith(kind + ":"):
+                twin = twin_kind + m[len(kind):]
+                if twin in methods:
+                    pairs.append((m, twin))
     return pairs
 
 

@@ -10,7 +10,7 @@ from .scoring import EXACT_SCORERS
 from .stats import Estimate, estimate, group_estimate
 from .tasks import TASKS
 
-KIND_ORDER = ("plain", "dysco", "static", "random", "attnts")
+KIND_ORDER = ("plain", "dysco", "fast", "static", "random", "attnts")
 
 
 @dataclass(frozen=True)
