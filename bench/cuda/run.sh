@@ -44,11 +44,11 @@ speed)
 native)
     python3 bench/bench_native.py --model $m --head-map $heads \
         --contexts ${CONTEXTS:-4096 16384} --steps 48 --n-gpu-layers 99 --flash-attn 2>"$out/native.err" \
-        | tee "$out/native${DYSCO_SCORE_PATH:+-$DYSCO_SCORE_PATH}.md"; tail -3 "$out/native.err" ;;
+        | tee "$out/native.md"; tail -3 "$out/native.err" ;;
 profile)
     for c in ${CONTEXTS:-32768}; do
         python3 bench/cuda/step_profile.py $m $heads --context $c \
-            2>>"$out/profile.err" | tee -a "$out/profile${DYSCO_SCORE_PATH:+-$DYSCO_SCORE_PATH}.md"
+            2>>"$out/profile.err" | tee -a "$out/profile.md"
     done; tail -3 "$out/profile.err" ;;
 kernels)
     for part in ${PARTS:-probe plain capture}; do
