@@ -1,6 +1,9 @@
 """Shared fixtures: models built from PyPI packages (tests/models.py) and our engine."""
 from __future__ import annotations
 
+import os
+import tempfile
+
 import pytest
 
 import models
@@ -8,6 +11,8 @@ import models
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: needs a downloaded model or takes long (CI runs them)")
+    # documents opened by tests (and the CLI they start) keep their KV cells out of the user's cache
+    os.environ.setdefault("DYSCO_EDGE_KV_CACHE", tempfile.mkdtemp(prefix="dysco-edge-test-kv-"))
 
 
 F32_MODELS = {

@@ -12,12 +12,14 @@ from pathlib import Path
 from typing import Iterator, Optional, Sequence, Union
 
 from .config import DyscoConfig
+from .documents.kv_cache import model_identity
+from .documents.prefill import CacheSpec, as_cache, open_prefix
 from .errors import ContextOverflow, InputError, NoHeadMap
 from .heads.gguf_meta import check_gguf_file
 from .heads.lookup import FoundHeadMap, locate_head_map, no_head_map_message
 from .heads.maps import HeadMap, ModelShape, load_head_map
 from .models import default_model_path
-from .runtime.engine import Engine, EngineOptions, ProgressFn
+from .runtime.engine import Engine, EngineOptions, ProgressFn, choose_offload
 from .runtime.generation import ContextLock, Generation, Request, TextStream
 from .runtime.prefix_cache import PrefixCache
 from .runtime.prompter import Messages, Prompter
@@ -28,16 +30,28 @@ DyscoSpec = Union[DyscoConfig, HeadMap, str, None]
 __all__ = ["Model", "DocumentSession", "Generation", "ContextOverflow", "NoHeadMap"]
 
 
-class Model:
-    """A GGUF model on llama.cpp that generates with DySCO (or plainly)."""
+# the first context of a model whose n_ctx follows its inputs: enough to read its vocabulary
+AUTO_CTX_START = 512
+CTX_ROUNDING = 256  # llama.cpp pads a context to this anyway
 
-    def __init__(self, path: Optional[Union[str, Path]] = None, *, n_ctx: int = 8192, n_gpu_layers: int = 0,
-                 flash_attn: bool = False, n_batch: int = 512, n_threads: Optional[int] = None,
-                 head_map: Optional[Union[str, Path, HeadMap]] = None):
+
+class Model:
+    """A GGUF model on llama.cpp that generates with DySCO (or plainly).
+
+    n_ctx None: the context grows to what each input needs (prompt + max_new_tokens, rounded up
+    to 256), up to the model's training context. n_gpu_layers None and flash_attn "auto": with a
+    GPU build, every layer offloaded and flash attention on; on a CPU build, neither."""
+
+    def __init__(self, path: Optional[Union[str, Path]] = None, *, n_ctx: Optional[int] = None,
+                 n_gpu_layers: Optional[int] = None, flash_attn: Union[bool, str] = "auto", n_batch: int = 512,
+                 n_threads: Optional[int] = None, head_map: Optional[Union[str, Path, HeadMap]] = None):
         self.path = check_gguf_file(Path(path) if path else default_model_path())
-        self.engine = Engine(self.path, EngineOptions(n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch,
-                                                      n_gpu_layers=n_gpu_layers, flash_attn=flash_attn,
+        layers, flash = choose_offload(n_gpu_layers, flash_attn)
+        self._auto_ctx = n_ctx is None
+        self.engine = Engine(self.path, EngineOptions(n_ctx=n_ctx or AUTO_CTX_START, n_batch=n_batch,
+                                                      n_ubatch=n_batch, n_gpu_layers=layers, flash_attn=flash,
                                                       n_threads=n_threads))
+        self._file_identity: Optional[dict] = None
         self.shape = ModelShape.from_gguf_metadata(self.engine.metadata)
         self.prompter = Prompter(self.engine)
         self._user_head_map = load_head_map(head_map) if isinstance(head_map, (str, Path)) else head_map
@@ -65,6 +79,10 @@ class Model:
         """The context length the model was trained for (from its GGUF)."""
         return self.engine.n_ctx_train
 
+    def where(self) -> str:
+        """Where it runs, in words (CPU, or the GPU and how many layers are offloaded)."""
+        return self.engine.where()
+
     @property
     def chat(self):
         """The model's chat template (runtime.chat.ChatTemplate), or None."""
@@ -73,6 +91,10 @@ class Model:
     def tokenize(self, text: str) -> list[int]:
         """Token ids of plain text (no BOS, special-token text not parsed)."""
         return self.engine.tokenize(text)
+
+    def detokenize(self, token_ids: Sequence[int]) -> str:
+        """The text of token ids (special tokens as text; broken UTF-8 replaced)."""
+        return self.engine.detokenize(token_ids, special=True).decode("utf-8", "replace")
 
     # ---- inputs ----
 
@@ -123,7 +145,7 @@ class Model:
         ids, warmup_auto = self.prompt_ids(prompt, messages=messages, token_ids=token_ids)
         if max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        self._check_fits(len(ids))
+        self.fit(len(ids), max_new_tokens)
         request = Request(ids, self.resolve_dysco(dysco),
                           SamplingOptions(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed),
                           max_new_tokens, tuple(stop), [] if trace else None, progress, stop_event, warmup_auto)
@@ -134,16 +156,56 @@ class Model:
             pass
         return pieces.result
 
-    def _check_fits(self, n_prompt: int) -> None:
-        if n_prompt + 1 > self.n_ctx:
-            raise ContextOverflow(f"the input is {n_prompt} tokens but the context holds {self.n_ctx} "
-                                  f"(n_ctx={self.n_ctx}); shorten it or load the model with a larger n_ctx")
+    def fit(self, n_prompt: int, room: int = 1) -> None:
+        """Check that a prompt of n_prompt tokens fits; when n_ctx follows the inputs, grow the
+        context (keeping the cached prefix) to hold it and `room` more tokens."""
+        if not self._auto_ctx:
+            if n_prompt + 1 > self.n_ctx:
+                raise ContextOverflow(f"the input is {n_prompt} tokens but the context holds {self.n_ctx} "
+                                      f"(n_ctx={self.n_ctx}); shorten it or load the model with a larger n_ctx")
+            return
+        if n_prompt + 1 > self.n_ctx_train:
+            raise ContextOverflow(f"the input is {n_prompt} tokens but {self.path.name} was trained for a "
+                                  f"context of {self.n_ctx_train} tokens; shorten it (or pass a larger n_ctx "
+                                  f"to go past the training length at your own risk)")
+        want = min(-(-(n_prompt + max(room, 1)) // CTX_ROUNDING) * CTX_ROUNDING, self.n_ctx_train)
+        if want > self.n_ctx:
+            with self._lock:
+                self.engine.resize(want)
 
     def prefill(self, token_ids: Sequence[int], progress: Optional[ProgressFn] = None) -> None:
         """Compute and keep the KV cache of a prefix (reused by later prompts that start with it)."""
-        self._check_fits(len(token_ids))
+        self.fit(len(token_ids))
         with self._lock:
             self._cache.keep(token_ids, progress)
+
+    # ---- the kept prefix's cells, for the disk cache (documents/) ----
+
+    def file_identity(self) -> dict:
+        """The model file's size and header hash (computed once)."""
+        if self._file_identity is None:
+            self._file_identity = model_identity(self.path)
+        return self._file_identity
+
+    def cells_identity(self) -> dict:
+        """What besides the file and the tokens decides the cells (KV types, backend, versions)."""
+        return self.engine.cells_identity()
+
+    def kept_prefix(self) -> list[int]:
+        """The tokens whose unbiased cells the context holds now."""
+        with self._lock:
+            return list(self._cache.tokens)
+
+    def prefix_cells(self) -> tuple[list[int], bytearray]:
+        """The kept prefix's tokens and their serialized (unbiased) cells."""
+        with self._lock:
+            return list(self._cache.tokens), self._cache.cells()
+
+    def restore_prefix(self, token_ids: Sequence[int], cells: Union[bytes, bytearray]) -> None:
+        """Keep token_ids as the prefix from cells prefix_cells gave, instead of prefilling them."""
+        self.fit(len(token_ids))
+        with self._lock:
+            self._cache.restore(token_ids, cells)
 
     @contextmanager
     def attention_scale(self, factor: float) -> Iterator[None]:
@@ -161,42 +223,55 @@ class Model:
 
     def focus_passages(self, generation: Generation, *, count: int = 3, window: int = 12) -> list[str]:
         """Prompt passages around the positions most often among a traced run's most important."""
+        return [text for _, text in self.focus_spans(generation, count=count, window=window)]
+
+    def focus_spans(self, generation: Generation, *, count: int = 3,
+                    window: int = 12) -> list[tuple[int, str]]:
+        """(prompt position most up-weighted, text around it) of the passages focus_passages gives."""
         if not generation.trace:
             return []
         hits = Counter(int(p) for step in generation.trace for p in step.top_positions
                        if p < generation.n_prompt)
-        passages, taken = [], []
+        spans, taken = [], []
         for pos, _ in hits.most_common():
             if any(abs(pos - t) < window for t in taken):
                 continue
             taken.append(pos)
             lo, hi = max(0, pos - window), min(generation.n_prompt, pos + window)
             piece = self.engine.detokenize(generation.prompt_ids[lo:hi])
-            passages.append(" ".join(piece.decode("utf-8", "replace").split()))
-            if len(passages) == count:
+            spans.append((pos, " ".join(piece.decode("utf-8", "replace").split())))
+            if len(spans) == count:
                 break
-        return passages
+        return spans
 
     def document(self, text: str, *, system: Optional[str] = None, progress: Optional[ProgressFn] = None,
-                 template: str = "{document}\n\nQuestion: {question}") -> "DocumentSession":
-        return DocumentSession(self, text, system=system, progress=progress, template=template)
+                 template: str = "{document}\n\nQuestion: {question}", cache: CacheSpec = True,
+                 reserve: int = 512) -> "DocumentSession":
+        """A document prefilled once (or loaded from the KV cache on disk: `cache` True is the
+        default folder, False none, or a KVCacheConfig); `reserve` tokens of context are kept
+        free for a question and its answer when n_ctx follows the input."""
+        return DocumentSession(self, text, system=system, progress=progress, template=template,
+                               cache=cache, reserve=reserve)
 
 
 class DocumentSession:
     """A document prefilled once; each question reuses its KV cache and restarts DySCO."""
 
-    def __init__(self, model: Model, text: str, *, system: Optional[str], progress: Optional[ProgressFn],
-                 template: str):
+    def __init__(self, model: Model, text: str, *, system: Optional[str] = None,
+                 progress: Optional[ProgressFn] = None, template: str = "{document}\n\nQuestion: {question}",
+                 cache: CacheSpec = True, reserve: int = 512):
         if not text.strip():
             raise InputError("the document is empty")
+        if reserve < 1:
+            raise InputError(f"reserve must be >= 1, got {reserve}")
         self.model, self.text, self.system, self.template = model, text, system, template
         # what any two questions share is the prefix worth prefilling once
         first = model.prompt_ids(**self._input("\u2063A"))[0]
         second = model.prompt_ids(**self._input("\u2063B"))[0]
-        model._check_fits(len(first))
+        model.fit(len(first), reserve)  # before any work: an over-long document fails here
         self.n_document_tokens = next((i for i, (a, b) in enumerate(zip(first, second)) if a != b),
                                       min(len(first), len(second)))
-        model.prefill(first[:self.n_document_tokens], progress=progress)
+        self.opened = open_prefix(model, first[:self.n_document_tokens], as_cache(cache), progress)
 
     def _input(self, question: str) -> dict:
         """generate() arguments for a question: chat messages, or plain text without a template."""

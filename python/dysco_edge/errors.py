@@ -43,6 +43,10 @@ class ContextOverflow(InputError):
     """The input does not fit the context window."""
 
 
+class DocumentError(InputError):
+    """A document that cannot be read as text (encrypted PDF, binary file); the message names it."""
+
+
 class NoHeadMap(DyscoEdgeError, LookupError):
     """dysco='auto' found no QR heads for this model."""
 

@@ -8,6 +8,9 @@ from pathlib import Path
 from ..errors import InputError
 from ..progress import Progress
 
+FLASH_ATTN = ("auto", "on", "off")  # runtime.engine.FLASH_ATTN_CHOICES, without importing llama.cpp to parse
+QUESTION_ROOM = 256  # context kept for a question asked interactively (its length unknown up front)
+
 
 def add_parser(subparsers) -> None:
     run = subparsers.add_parser("run", help="answer questions about documents (or a prompt)")
@@ -20,57 +23,93 @@ def add_parser(subparsers) -> None:
     run.add_argument("--head-map", metavar="FILE", help="QR heads for this model (JSON head map)")
     run.add_argument("--show-focus", action="store_true", help="show the passages DySCO up-weighted most")
     run.add_argument("--max-tokens", type=int, default=256)
-    run.add_argument("--n-ctx", type=int, default=8192)
-    run.add_argument("--n-gpu-layers", type=int, default=0)
-    run.add_argument("--flash-attn", action="store_true")
+    run.add_argument("--n-ctx", type=int, default=None,
+                     help="context size (default: what the document, question and --max-tokens need, "
+                          "up to the model's training context)")
+    run.add_argument("--n-gpu-layers", type=int, default=None,
+                     help="layers offloaded to the GPU (default: all, with a GPU build; 0: CPU)")
+    run.add_argument("--flash-attn", nargs="?", const="on", default="auto", choices=FLASH_ATTN,
+                     help="flash attention (default auto: on where layers run on a GPU)")
     run.add_argument("--temperature", type=float, default=0.0)
     run.add_argument("--seed", type=int, default=None)
+    cache = run.add_argument_group("KV cache on disk (a document opened again is loaded, not prefilled)")
+    cache.add_argument("--cache-dir", metavar="DIR",
+                       help="where (default: $XDG_CACHE_HOME/dysco-edge/kv, else ~/.cache/dysco-edge/kv)")
+    cache.add_argument("--cache-limit", metavar="SIZE", help="size limit, least recently used go first "
+                                                             "(default 8G; e.g. 500M)")
+    cache.add_argument("--no-cache", action="store_true", help="neither load nor save cells")
     run.set_defaults(handler=run_command)
 
 
 def read_documents(paths: list[str]) -> str:
     if not paths:
         return resources.files("dysco_edge").joinpath("data/sample_document.txt").read_text(encoding="utf-8")
-    parts = []
-    for p in paths:
-        path = Path(p)
-        if not path.is_file():
-            raise InputError(f"document not found: {p}")
-        try:
-            parts.append(path.read_text(encoding="utf-8"))
-        except UnicodeDecodeError as e:
-            raise InputError(f"{p} is not UTF-8 text (byte {e.start}): convert it first") from None
-    return "\n\n".join(parts)
+    from ..documents.readers import read_document
+    return "\n\n".join(read_document(Path(p)) for p in paths)
+
+
+def cache_spec(args):
+    """False, or the KVCacheConfig the flags ask for."""
+    from ..documents.kv_cache import DEFAULT_MAX_BYTES, KVCacheConfig, default_cache_dir, parse_size
+    if args.no_cache:
+        return False
+    limit = parse_size(args.cache_limit) if args.cache_limit else DEFAULT_MAX_BYTES
+    return KVCacheConfig(Path(args.cache_dir) if args.cache_dir else default_cache_dir(), limit)
+
+
+def check_args(args) -> None:
+    if args.max_tokens < 1:
+        raise InputError(f"--max-tokens must be >= 1, got {args.max_tokens}")
+    if args.n_ctx is not None and args.n_ctx < 1:
+        raise InputError(f"--n-ctx must be >= 1, got {args.n_ctx}")
+    if args.prompt is not None and not args.prompt.strip():
+        raise InputError("the prompt is empty")
 
 
 def run_command(args) -> int:
-    from ..api import Model, NoHeadMap  # heavy imports after argument parsing
-    if args.max_tokens < 1:
-        raise InputError(f"--max-tokens must be >= 1, got {args.max_tokens}")
+    check_args(args)
+    text = read_documents(args.doc) if args.prompt is None else None  # unreadable files fail before loading
+    cache = cache_spec(args)
+    from ..api import Model  # heavy imports after argument parsing
     model = Model(args.model, n_ctx=args.n_ctx, n_gpu_layers=args.n_gpu_layers, flash_attn=args.flash_attn,
                   head_map=args.head_map)
-    dysco = None if args.no_dysco else "auto"
-    if dysco is not None:
-        try:
-            model.resolve_dysco("auto")
-            print(f"QR heads: {model.find_heads().describe()}", file=sys.stderr)
-        except NoHeadMap as e:
-            print(f"dysco-edge: note: {e}; answering without DySCO", file=sys.stderr)
-            dysco = None
+    print(f"running on {model.where()}", file=sys.stderr)
+    dysco = choose_dysco(model, args)
     options = dict(max_new_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
     if args.prompt is not None:
-        if not args.prompt.strip():
-            raise InputError("the prompt is empty")
         answer(model, lambda **kw: model.generate(args.prompt, **kw), dysco, args, options)
         return 0
-    session = model.document(read_documents(args.doc), progress=Progress("prefill", unit="tok"))
-    print(f"document: {session.n_document_tokens} tokens; model: {model.path.name}; "
-          f"DySCO: {'on' if dysco else 'off'}", file=sys.stderr)
+    room = max([len(model.tokenize(q)) + 16 for q in args.question] + [QUESTION_ROOM]) + args.max_tokens
+    session = model.document(text, progress=Progress("prefill", unit="tok"), cache=cache, reserve=room)
+    print(f"document: {session.n_document_tokens} tokens, {describe_opening(session.opened)}; "
+          f"context {model.n_ctx}; model: {model.path.name}; DySCO: {'on' if dysco else 'off'}", file=sys.stderr)
     for question in questions(args.question):
         if not question.strip():
             raise InputError("the question is empty")
         answer(model, lambda **kw: session.ask(question, **kw), dysco, args, options)
     return 0
+
+
+def choose_dysco(model, args):
+    """'auto', or None (--no-dysco, or no QR heads found: said on stderr)."""
+    from ..errors import NoHeadMap
+    if args.no_dysco:
+        return None
+    try:
+        model.resolve_dysco("auto")
+    except NoHeadMap as e:
+        print(f"dysco-edge: note: {e}; answering without DySCO", file=sys.stderr)
+        return None
+    print(f"QR heads: {model.find_heads().describe()}", file=sys.stderr)
+    return "auto"
+
+
+def describe_opening(opened) -> str:
+    if opened.how == "loaded":
+        return f"loaded from the KV cache in {opened.seconds:.2f} s"
+    if opened.how == "kept":
+        return "already in the context"
+    return f"prefilled in {opened.seconds:.1f} s{' (cached)' if opened.saved else ''}"
 
 
 def questions(given: list[str]):
@@ -103,5 +142,12 @@ def answer(model, ask, dysco, args, options) -> None:
             print(piece, end="", flush=True)
         print()
         if args.show_focus and stream.result.trace:
-            for passage in model.focus_passages(stream.result):
-                print(f"  focus: ...{passage}...", file=sys.stderr)
+            show_focus(model, stream.result)
+
+
+def show_focus(model, generation) -> None:
+    """The passages DySCO up-weighted most, each with the page or section it lies in."""
+    from ..documents.markers import last_marker
+    for pos, passage in model.focus_spans(generation):
+        where = last_marker(model.detokenize(generation.prompt_ids[:pos + 1]))
+        print(f"  focus{f' ({where})' if where else ''}: ...{passage}...", file=sys.stderr)

@@ -16,7 +16,7 @@ from typing import Any
 
 from ..errors import GGUFMetaError, ModelFileError
 
-__all__ = ["GGUFMetaError", "check_gguf_file", "read_gguf_metadata"]
+__all__ = ["GGUFMetaError", "check_gguf_file", "read_gguf_metadata", "gguf_index_end"]
 
 _STRING, _ARRAY = 8, 9
 # GGUF value type -> struct format of one value (strings and arrays handled apart)
@@ -52,6 +52,25 @@ def read_gguf_metadata(path: str | Path, want: Callable[[str], bool] = lambda ke
             raise GGUFMetaError(f"{path}: truncated GGUF metadata") from None
 
 
+def gguf_index_end(path: str | Path) -> int:
+    """Byte offset where the tensor index ends (metadata and every tensor's name, shape, type
+    and offset lie before it): what identifies a model file without reading its weights."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        try:
+            data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except ValueError:
+            raise GGUFMetaError(f"{path}: not a GGUF file (empty)") from None
+    with data:
+        try:
+            walker = _Walker(data, path)
+            walker.read(lambda key: False)
+            walker.skip_tensor_index()
+            return walker.pos
+        except struct.error:
+            raise GGUFMetaError(f"{path}: truncated GGUF header") from None
+
+
 class _Walker:
     """Cursor over the mapped header; `order` is '<' or '>' (the file's byte order)."""
 
@@ -67,7 +86,7 @@ class _Walker:
             self.order, version = ">", struct.unpack(">I", struct.pack("<I", version))[0]
         if version < 2:
             raise GGUFMetaError(f"{self.path}: GGUF version {version} is too old (2 or later needed)")
-        self.take("Q")  # tensor count
+        self.n_tensors = self.take("Q")
         out = {}
         for _ in range(self.take("Q")):
             key = self.string()
@@ -77,6 +96,16 @@ class _Walker:
             else:
                 self.skip(vtype)
         return out
+
+    def skip_tensor_index(self) -> None:
+        """Past the tensor infos that follow the metadata: name, dims, type, data offset."""
+        for _ in range(self.n_tensors):
+            name_length = self.take("Q")  # read before pos is, as in skip()
+            self.pos += name_length
+            n_dims = self.take("I")
+            self.pos += 8 * n_dims + 4 + 8
+        if self.pos > len(self.data):
+            raise struct.error("tensor index past the end")
 
     def take(self, fmt: str) -> Any:
         value = struct.unpack_from(self.order + fmt, self.data, self.pos)[0]

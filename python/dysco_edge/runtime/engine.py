@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -19,7 +19,7 @@ from . import _llama  # noqa: F401  (points llama_cpp at our libllama before it 
 import llama_cpp
 
 from ..errors import EngineError, InputError
-from .native import NativeContext
+from .native import NativeContext, lib_dir
 from .sampling import SamplingOptions
 
 ProgressFn = Callable[[int, int], None]
@@ -45,6 +45,67 @@ class EngineOptions:
             raise InputError(f"n_ubatch ({self.n_ubatch}) must not exceed n_batch ({self.n_batch})")
 
 
+FLASH_ATTN_CHOICES = ("auto", "on", "off")
+_DEVICE_KINDS = {0: "CPU", 1: "GPU", 2: "iGPU", 3: "accelerator"}
+
+
+@dataclass(frozen=True)
+class Device:
+    kind: str  # CPU, GPU, iGPU, accelerator
+    name: str
+    description: str
+
+
+def gpu_offload_supported() -> bool:
+    """Whether this build of libllama has a GPU backend (CUDA, Metal, Vulkan, ...)."""
+    return bool(llama_cpp.llama_supports_gpu_offload())
+
+
+def devices() -> list[Device]:
+    """The compute devices ggml registered in this build (llama-cpp-python binds none of this)."""
+    ggml = _ggml()
+    out = []
+    for i in range(ggml.ggml_backend_dev_count()):
+        dev = ggml.ggml_backend_dev_get(i)
+        out.append(Device(_DEVICE_KINDS.get(ggml.ggml_backend_dev_type(dev), "other"),
+                          ggml.ggml_backend_dev_name(dev).decode("utf-8", "replace"),
+                          ggml.ggml_backend_dev_description(dev).decode("utf-8", "replace")))
+    return out
+
+
+def _ggml():
+    for name in ("libggml.so", "libggml.dylib", "ggml.dll"):  # the backend registry lives here
+        if (lib_dir() / name).exists():
+            lib = ctypes.CDLL(str(lib_dir() / name))  # already loaded by libllama: the same handle
+            break
+    else:
+        raise EngineError(f"no libggml in {lib_dir()}")
+    lib.ggml_backend_dev_count.restype = ctypes.c_size_t
+    lib.ggml_backend_dev_get.argtypes, lib.ggml_backend_dev_get.restype = [ctypes.c_size_t], ctypes.c_void_p
+    for fn in (lib.ggml_backend_dev_name, lib.ggml_backend_dev_description):
+        fn.argtypes, fn.restype = [ctypes.c_void_p], ctypes.c_char_p
+    lib.ggml_backend_dev_type.argtypes, lib.ggml_backend_dev_type.restype = [ctypes.c_void_p], ctypes.c_int
+    return lib
+
+
+def choose_offload(n_gpu_layers: Optional[int], flash_attn: "str | bool",
+                   gpu: Optional[bool] = None) -> tuple[int, bool]:
+    """(layers to offload, flash attention) as llama.cpp defaults them: with a GPU backend every
+    layer is offloaded and flash attention is on; explicit choices win. `gpu` None: ask the build."""
+    if isinstance(flash_attn, bool):
+        flash_attn = "on" if flash_attn else "off"
+    if flash_attn not in FLASH_ATTN_CHOICES:
+        raise InputError(f"flash_attn must be one of {', '.join(FLASH_ATTN_CHOICES)}, got {flash_attn!r}")
+    if n_gpu_layers is not None and n_gpu_layers < -1:
+        raise InputError(f"n_gpu_layers must be >= -1 (-1: all), got {n_gpu_layers}")
+    gpu = gpu_offload_supported() if gpu is None else gpu
+    layers = n_gpu_layers if n_gpu_layers is not None else (-1 if gpu else 0)
+    if not gpu:
+        layers = 0  # a CPU build ignores offloading; say so by recording 0
+    on = {"on": True, "off": False, "auto": gpu and layers != 0}[flash_attn]
+    return layers, on
+
+
 class Engine:
     """One model and one context; positions of sequence `seq_id` are managed by the caller."""
 
@@ -60,28 +121,50 @@ class Engine:
         except ValueError as err:  # llama-cpp-python's word for "llama.cpp refused it"
             raise EngineError(f"llama.cpp could not load {self.path}: {err}") from None
         self.model = self._llm.model
-        self._own_ctx = self._unified_context(options.n_seq_max) if options.n_seq_max > 1 else None
-        self.ctx = self._own_ctx or self._llm.ctx
-        self.n_ctx = llama_cpp.llama_n_ctx(self.ctx)
-        # llama.cpp caps a batch at the requested n_ctx (it pads n_ctx itself): feed what it takes
-        self.n_batch = llama_cpp.llama_n_batch(self.ctx)
+        self._own_ctx = self._new_context(options.n_ctx) if options.n_seq_max > 1 else None
+        self._batch = None
+        self._bind(self._own_ctx or self._llm.ctx)
         self._vocab = llama_cpp.llama_model_get_vocab(self.model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
         self.n_layer = llama_cpp.llama_model_n_layer(self.model)
         self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(self.model)
-        self.native = NativeContext(ctypes.cast(self.ctx, ctypes.c_void_p).value)
+
+    def _bind(self, ctx) -> None:
+        """Make ctx the context every call uses (its batch and DySCO controls with it)."""
+        self.ctx = ctx
+        self.n_ctx = llama_cpp.llama_n_ctx(ctx)
+        # llama.cpp caps a batch at the requested n_ctx (it pads n_ctx itself): feed what it takes
+        self.n_batch = llama_cpp.llama_n_batch(ctx)
+        self.native = NativeContext(ctypes.cast(ctx, ctypes.c_void_p).value)
+        if self._batch is not None:
+            llama_cpp.llama_batch_free(self._batch)
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
 
-    def _unified_context(self, n_seq_max: int):
-        """A second context like Llama's, with several sequences on one unified KV cache
-        (llama-cpp-python offers no such option for its own context)."""
-        params = self._llm.context_params
-        params.n_seq_max = n_seq_max
-        params.kv_unified = True
+    def _new_context(self, n_ctx: int):
+        """A context like Llama's on the same weights; with several sequences, on one unified KV
+        cache (llama-cpp-python offers no such option for its own context)."""
+        params = llama_cpp.llama_context_params.from_buffer_copy(self._llm.context_params)
+        params.n_ctx, params.n_batch, params.n_ubatch = n_ctx, self.options.n_batch, self.options.n_ubatch
+        params.n_seq_max = self.options.n_seq_max
+        params.kv_unified = self.options.n_seq_max > 1
         ctx = llama_cpp.llama_init_from_model(self.model, params)
         if not ctx:
-            raise EngineError(f"could not create a context with {n_seq_max} sequences for {self.path}")
+            raise EngineError(f"could not create a context of {n_ctx} tokens with {self.options.n_seq_max} "
+                              f"sequence(s) for {self.path}")
         return ctx
+
+    def resize(self, n_ctx: int) -> None:
+        """A context of n_ctx positions on the same loaded weights; sequence 0's cells move over
+        (the caller's record of which tokens they hold stays true)."""
+        cells = self.save_seq(0) if self.seq_pos_max(0) >= 0 else None
+        ctx = self._new_context(n_ctx)
+        old, self._own_ctx = self._own_ctx, ctx
+        self._bind(ctx)
+        self.options = replace(self.options, n_ctx=n_ctx)
+        if old is not None:
+            llama_cpp.llama_free(old)
+        if cells is not None:
+            self.load_seq(cells, 0)
 
     def close(self) -> None:
         if self._own_ctx is not None:
@@ -97,6 +180,19 @@ class Engine:
 
     def __exit__(self, *exc):
         self.close()
+
+    def where(self) -> str:
+        """Where this engine runs, in words: the first line `run` prints."""
+        o = self.options
+        gpus = [d for d in devices() if d.kind != "CPU"]
+        threads = o.n_threads or llama_cpp.llama_n_threads(self.ctx)
+        if o.n_gpu_layers == 0 or not gpus:
+            cpu = next((d.description for d in devices() if d.kind == "CPU"), "")
+            return f"CPU{': ' + cpu if cpu else ''} ({threads} thread{'s' if threads != 1 else ''})"
+        layers = self.n_layer if o.n_gpu_layers < 0 else min(o.n_gpu_layers, self.n_layer)
+        names = ", ".join(d.description or d.name for d in gpus)
+        return (f"{names} ({layers}/{self.n_layer} layers offloaded, flash attention "
+                f"{'on' if o.flash_attn else 'off'})")
 
     # ---- the model's vocabulary and metadata ----
 
@@ -143,10 +239,38 @@ class Engine:
 
     def seq_state(self, seq_id: int = 0) -> bytes:
         """The sequence's serialized KV cache (for comparing caches)."""
+        return bytes(self.save_seq(seq_id))
+
+    def save_seq(self, seq_id: int = 0) -> bytearray:
+        """The sequence's KV cells, serialized by llama.cpp (its positions, tokens' K and V)."""
         size = llama_cpp.llama_state_seq_get_size(self.ctx, seq_id)
-        buf = (ctypes.c_uint8 * size)()
-        written = llama_cpp.llama_state_seq_get_data(self.ctx, buf, size, seq_id)
-        return bytes(buf[:written])
+        data = bytearray(size)
+        view = (ctypes.c_uint8 * size).from_buffer(data)
+        written = llama_cpp.llama_state_seq_get_data(self.ctx, view, size, seq_id)
+        del view  # a live ctypes view pins the bytearray's size
+        if written == 0 and size > 0:
+            raise EngineError(f"llama.cpp could not serialize the cells of sequence {seq_id}")
+        del data[written:]
+        return data
+
+    def load_seq(self, data: bytes | bytearray, seq_id: int = 0) -> None:
+        """Replace the sequence's cells by ones save_seq produced (same model, KV types and backend)."""
+        self.truncate(0, seq_id)
+        n = len(data)
+        array_type = ctypes.c_uint8 * n
+        src = array_type.from_buffer(data) if isinstance(data, bytearray) else array_type.from_buffer_copy(data)
+        read = llama_cpp.llama_state_seq_set_data(self.ctx, src, n, seq_id)
+        del src
+        if read == 0:  # llama.cpp has emptied the sequence again
+            raise EngineError(f"llama.cpp refused {n} bytes of saved cells for sequence {seq_id} "
+                              f"(another model, KV type or context size?)")
+
+    def cells_identity(self) -> dict[str, object]:
+        """What besides the model file and tokens decides the bytes of saved cells."""
+        o = self.options
+        return {"type_k": o.type_k, "type_v": o.type_v, "flash_attn": o.flash_attn,
+                "n_gpu_layers": o.n_gpu_layers, "devices": [d.description for d in devices()],
+                "llama_cpp": llama_cpp.__version__}
 
     # ---- decoding ----
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
+from ..errors import EngineError
 from .engine import Engine, ProgressFn
 
 
@@ -33,6 +34,21 @@ class PrefixCache:
         if len(ids) > reuse:
             self.engine.decode(ids[reuse:], reuse, want_logits=False, progress=progress)
         self.tokens = ids
+
+    def restore(self, ids: Sequence[int], cells: bytes | bytearray) -> None:
+        """Make the cache hold `ids` from cells saved earlier (by `cells()`) instead of prefilling."""
+        ids = [int(t) for t in ids]
+        self.tokens = []  # until the cells are in and checked
+        self.engine.load_seq(cells, 0)
+        last = self.engine.seq_pos_max()
+        if last != len(ids) - 1:
+            self.engine.truncate(0)
+            raise EngineError(f"the saved cells end at position {last}, not {len(ids) - 1}")
+        self.tokens = ids
+
+    def cells(self) -> bytearray:
+        """The serialized cells of `tokens` (all unbiased)."""
+        return self.engine.save_seq(0)
 
     def claim(self, prompt: Sequence[int], limit: int) -> int:
         """Start a generation: keep the shared prefix (at most limit), return its length."""
