@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On the lent GPU machine, from the repository root, after bench/cuda/prepare.sh ran here and
 # .dev was carried: build with CUDA, check against the CPU backend, then measure speed.
-#   bench/cuda/run.sh build|check|speed|native|profile|kernels|model|select
+#   bench/cuda/run.sh build|check|speed|doccache|native|profile|kernels|model|select
 # SHAPE=llama-3.1-8b (default), qwen3-8b or qwen2.5-1.5b picks the random-weight model and its heads
 # (published; for qwen2.5-1.5b bench/qwen2.5-1.5b-bench-heads.json, L_max as its detected map).
 set -uo pipefail
@@ -41,6 +41,11 @@ speed)
     python3 bench/bench_decode.py --model $m --head-map $heads --contexts ${CONTEXTS:-4096 16384 32768} \
         --gen ${GEN:-64} --repeats ${REPEATS:-1} --n-gpu-layers 99 --flash-attn 2>"$out/speed-$shape.err" | tee "$out/speed-$shape.md"
     tail -3 "$out/speed-$shape.err" ;;
+doccache)
+    # the KV cache on disk: cold vs cached time to the first answer token (TOKENS long document)
+    make_model
+    python3 bench/bench_doc_cache.py --model $m --tokens ${TOKENS:-30000} --n-gpu-layers 99 --flash-attn on \
+        2>"$out/doccache-$shape.err" | tee "$out/doccache-$shape.md"; tail -3 "$out/doccache-$shape.err" ;;
 native)
     python3 bench/bench_native.py --model $m --head-map $heads \
         --contexts ${CONTEXTS:-4096 16384} --steps 48 --n-gpu-layers 99 --flash-attn 2>"$out/native.err" \
