@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 
 import pytest
@@ -12,7 +13,15 @@ import models
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: needs a downloaded model or takes long (CI runs them)")
     # documents opened by tests (and the CLI they start) keep their KV cells out of the user's cache
-    os.environ.setdefault("DYSCO_EDGE_KV_CACHE", tempfile.mkdtemp(prefix="dysco-edge-test-kv-"))
+    if "DYSCO_EDGE_KV_CACHE" not in os.environ:
+        config._test_kv_dir = os.environ["DYSCO_EDGE_KV_CACHE"] = tempfile.mkdtemp(prefix="dysco-edge-test-kv-")
+
+
+def pytest_unconfigure(config):
+    folder = getattr(config, "_test_kv_dir", None)
+    if folder:
+        shutil.rmtree(folder, ignore_errors=True)
+        del os.environ["DYSCO_EDGE_KV_CACHE"]
 
 
 F32_MODELS = {
