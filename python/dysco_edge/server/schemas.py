@@ -61,15 +61,21 @@ class GenerationBody(_Body):
     frequency_penalty: Optional[float] = None
     logit_bias: Optional[dict] = None
 
-    @field_validator("n")
+    # the refused fields of both routes (check_fields=False: some exist only in one subclass)
+    @field_validator("n", "best_of", check_fields=False)
     @classmethod
-    def _one_choice(cls, value):
-        return _only_one(value)
+    def _only_one(cls, value):
+        if value not in (None, 1):
+            raise ValueError(f"only 1 is supported, got {value!r}")
+        return value
 
-    @field_validator("presence_penalty", "frequency_penalty", "logit_bias")
+    @field_validator("presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "tools", "echo", "suffix",
+                     check_fields=False)
     @classmethod
-    def _no_penalties(cls, value):
-        return _unsupported(value)
+    def _unsupported(cls, value):
+        if value:  # None, false, 0, "" and empty lists or objects ask for nothing
+            raise ValueError("not supported by this server")
+        return value
 
     @property
     def include_usage(self) -> bool:
@@ -93,11 +99,6 @@ class ChatBody(GenerationBody):
     logprobs: Optional[bool] = None
     tools: Optional[list] = None
     response_format: Optional[dict] = None
-
-    @field_validator("logprobs", "tools")
-    @classmethod
-    def _no_logprobs_or_tools(cls, value):
-        return _unsupported(value)
 
     @field_validator("response_format")
     @classmethod
@@ -131,39 +132,11 @@ class CompletionBody(GenerationBody):
             raise ValueError("the prompt is empty")
         return value
 
-    @field_validator("best_of")
-    @classmethod
-    def _one_candidate(cls, value):
-        return _only_one(value)
-
-    @field_validator("echo", "suffix")
-    @classmethod
-    def _no_echo_or_suffix(cls, value):
-        return _unsupported(value)
-
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, value):
-        _unsupported(value is not None)
-        return value
-
     def inputs(self, model) -> dict:
         """Raw text completion: the model's own BOS and special tokens, no chat template."""
         if isinstance(self.prompt, str):
             return {"token_ids": model.tokenize(self.prompt, add_bos=True, special=True)}
         return {"token_ids": list(self.prompt)}
-
-
-def _only_one(value):
-    if value not in (None, 1):
-        raise ValueError(f"only 1 is supported, got {value!r}")
-    return value
-
-
-def _unsupported(value):
-    if value:
-        raise ValueError("not supported by this server")
-    return value
 
 
 # ---- DySCO per request ----
