@@ -5,6 +5,7 @@ import ipaddress
 import os
 import sys
 
+from ..cli.run import FLASH_ATTN
 from ..errors import DyscoEdgeError, InputError
 
 API_KEY_ENV = "DYSCO_EDGE_API_KEY"
@@ -25,9 +26,12 @@ def add_parser(subparsers) -> None:
     serve.add_argument("--max-tokens", type=int, default=None,
                        help="max_tokens of a request that gives none (default: until the context is full)")
     serve.add_argument("--head-map", metavar="FILE", help="QR heads for this model (JSON head map)")
-    serve.add_argument("--n-ctx", type=int, default=8192)
-    serve.add_argument("--n-gpu-layers", type=int, default=0)
-    serve.add_argument("--flash-attn", action="store_true")
+    serve.add_argument("--n-ctx", type=int, default=8192,
+                       help="context size, fixed so that the server's memory is known up front (default 8192)")
+    serve.add_argument("--n-gpu-layers", type=int, default=None,
+                       help="layers offloaded to the GPU (default: all, with a GPU build; 0: CPU)")
+    serve.add_argument("--flash-attn", nargs="?", const="on", default="auto", choices=FLASH_ATTN,
+                       help="flash attention (default auto: on where layers run on a GPU)")
     serve.add_argument("--threads", type=int, default=None, help="CPU threads for llama.cpp")
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     serve.set_defaults(handler=serve_command)
@@ -44,6 +48,8 @@ def serve_command(args) -> int:
     from .settings import ServerSettings
     if not 0 < args.port < 65536:
         raise InputError(f"--port must be in 1..65535, got {args.port}")
+    if args.n_ctx < 1:
+        raise InputError(f"--n-ctx must be >= 1, got {args.n_ctx}")
     model = Model(args.model, n_ctx=args.n_ctx, n_gpu_layers=args.n_gpu_layers, flash_attn=args.flash_attn,
                   n_threads=args.threads, head_map=args.head_map)
     try:
