@@ -88,9 +88,10 @@ class Model:
         """The model's chat template (runtime.chat.ChatTemplate), or None."""
         return self.prompter.chat
 
-    def tokenize(self, text: str) -> list[int]:
-        """Token ids of plain text (no BOS, special-token text not parsed)."""
-        return self.engine.tokenize(text)
+    def tokenize(self, text: str, *, add_bos: bool = False, special: bool = False) -> list[int]:
+        """Token ids of text; by default plain text (no BOS, special-token text such as
+        '<|im_start|>' not parsed), as a raw completion prompt with add_bos and special."""
+        return self.engine.tokenize(text, add_bos=add_bos, special=special)
 
     def detokenize(self, token_ids: Sequence[int]) -> str:
         """The text of token ids (special tokens as text; broken UTF-8 replaced)."""
@@ -162,12 +163,14 @@ class Model:
         if not self._auto_ctx:
             if n_prompt + 1 > self.n_ctx:
                 raise ContextOverflow(f"the input is {n_prompt} tokens but the context holds {self.n_ctx} "
-                                      f"(n_ctx={self.n_ctx}); shorten it or load the model with a larger n_ctx")
+                                      f"(n_ctx={self.n_ctx}); shorten it or load the model with a larger n_ctx",
+                                      n_prompt=n_prompt, n_ctx=self.n_ctx)
             return
         if n_prompt + 1 > self.n_ctx_train:
             raise ContextOverflow(f"the input is {n_prompt} tokens but {self.path.name} was trained for a "
                                   f"context of {self.n_ctx_train} tokens; shorten it (or pass a larger n_ctx "
-                                  f"to go past the training length at your own risk)")
+                                  f"to go past the training length at your own risk)",
+                                  n_prompt=n_prompt, n_ctx=self.n_ctx_train)
         want = min(-(-(n_prompt + max(room, 1)) // CTX_ROUNDING) * CTX_ROUNDING, self.n_ctx_train)
         if want > self.n_ctx:
             with self._lock:

@@ -40,7 +40,11 @@ class HeadMapMismatch(InputError):
 
 
 class ContextOverflow(InputError):
-    """The input does not fit the context window."""
+    """The input does not fit the context window; `n_prompt` and `n_ctx` say by how much."""
+
+    def __init__(self, message: str, *, n_prompt: int = 0, n_ctx: int = 0):
+        super().__init__(message)
+        self.n_prompt, self.n_ctx = n_prompt, n_ctx
 
 
 class DocumentError(InputError):

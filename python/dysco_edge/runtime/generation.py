@@ -26,6 +26,7 @@ class Generation:
     dysco: Optional[DyscoConfig]
     trace: Optional[list[StepTrace]] = None
     prompt_ids: list[int] = field(default_factory=list, repr=False)
+    n_cached: int = 0             # prompt tokens whose KV cells came from the prefix cache
 
 
 @dataclass
@@ -39,6 +40,7 @@ class Request:
     progress: Optional[ProgressFn]
     stop_event: Optional[threading.Event]
     warmup_auto: int
+    n_cached: Optional[int] = None  # set once the generation holds the context (progress reports it)
 
 
 class ContextLock:
@@ -86,11 +88,11 @@ def _start(engine: Engine, cache: PrefixCache, req: Request, sampler: Sampler) -
     n = len(req.prompt)
     limit = min(req.max_new_tokens, engine.n_ctx - n)
     if req.config is None:
-        reuse = cache.claim(req.prompt, n - 1)
+        reuse = req.n_cached = cache.claim(req.prompt, n - 1)
         return plain_tokens(engine, req.prompt, reuse=reuse, sampler=sampler, max_new_tokens=limit,
                             is_end=engine.is_end, progress=req.progress), n - 1
     warm = plan_warmups(n, req.config.context_warmup, Prompter.intervention_warmup(req.config, req.warmup_auto))
-    reuse = cache.claim(req.prompt, n - warm.fed)
+    reuse = req.n_cached = cache.claim(req.prompt, n - warm.fed)
     return dysco_tokens(engine, req.prompt, req.config, warm, reuse=reuse, sampler=sampler,
                         max_new_tokens=limit, is_end=engine.is_end, trace=req.trace,
                         progress=req.progress), warm.first_intervention(n)
@@ -98,13 +100,21 @@ def _start(engine: Engine, cache: PrefixCache, req: Request, sampler: Sampler) -
 
 class TextStream:
     """Iterates text pieces of a generation; holds back text that may begin a stop string.
-    `.result` is the Generation once the stream is exhausted; `close()` ends it early."""
+    `.result` is the Generation once the stream is exhausted; `close()` ends it early.
+
+    Nothing the stream owns points back at it, so dropping the last reference to a
+    half-read stream closes it at once (freeing the model) without waiting for the
+    cycle collector."""
 
     def __init__(self, engine: Engine, cache: PrefixCache, lock: ContextLock, req: Request):
         self.engine, self.req = engine, req
         self._tokens = token_stream(engine, cache, lock, req)
-        self._pieces = self._iterate()
-        self.result: Optional[Generation] = None
+        self._outcome: list[Generation] = []
+        self._pieces = _text_pieces(engine, req, self._tokens, self._outcome)
+
+    @property
+    def result(self) -> Optional[Generation]:
+        return self._outcome[0] if self._outcome else None
 
     def __iter__(self) -> Iterator[str]:
         return self._pieces
@@ -117,38 +127,41 @@ class TextStream:
         self._pieces.close()
         self._tokens.close()
 
-    def _iterate(self) -> Iterator[str]:
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        text, emitted, ids, reason = "", 0, [], "length"
-        try:
-            for token in self._tokens:
-                ids.append(token)
-                if self.engine.is_end(token):
-                    reason = "stop"
-                    break
-                text += decoder.decode(self.engine.detokenize([token]))
-                cut = _stop_index(text, self.req.stop)
-                if cut is not None:
-                    text, reason = text[:cut], "stop"
-                    break
-                safe = len(text) - _held_back(text, self.req.stop)
-                if safe > emitted:
-                    yield text[emitted:safe]
-                    emitted = safe
-            else:
-                reason = self._unforced_end(len(ids))
-        finally:
-            self._tokens.close()
-        text += decoder.decode(b"", final=True) if reason != "stop" else ""
-        if len(text) > emitted:
-            yield text[emitted:]
-        req = self.req
-        self.result = Generation(text, ids, reason, len(req.prompt), req.config, req.trace, req.prompt)
 
-    def _unforced_end(self, n_generated: int) -> str:
-        if self.req.stop_event is not None and self.req.stop_event.is_set():
-            return "interrupted"
-        return "context" if len(self.req.prompt) + n_generated >= self.engine.n_ctx else "length"
+def _text_pieces(engine: Engine, req: Request, tokens: Iterator[int], outcome: list) -> Iterator[str]:
+    """Text pieces of the token stream; appends the Generation to `outcome` at the end."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    text, emitted, ids, reason = "", 0, [], "length"
+    try:
+        for token in tokens:
+            ids.append(token)
+            if engine.is_end(token):
+                reason = "stop"
+                break
+            text += decoder.decode(engine.detokenize([token]))
+            cut = _stop_index(text, req.stop)
+            if cut is not None:
+                text, reason = text[:cut], "stop"
+                break
+            safe = len(text) - _held_back(text, req.stop)
+            if safe > emitted:
+                yield text[emitted:safe]
+                emitted = safe
+        else:
+            reason = _unforced_end(engine, req, len(ids))
+    finally:
+        tokens.close()
+    text += decoder.decode(b"", final=True) if reason != "stop" else ""
+    if len(text) > emitted:
+        yield text[emitted:]
+    outcome.append(Generation(text, ids, reason, len(req.prompt), req.config, req.trace, req.prompt,
+                              n_cached=req.n_cached or 0))
+
+
+def _unforced_end(engine: Engine, req: Request, n_generated: int) -> str:
+    if req.stop_event is not None and req.stop_event.is_set():
+        return "interrupted"
+    return "context" if len(req.prompt) + n_generated >= engine.n_ctx else "length"
 
 
 def _stop_index(text: str, stops: Sequence[str]) -> Optional[int]:

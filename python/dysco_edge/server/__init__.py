@@ -1,0 +1,12 @@
+"""`dysco-edge serve`: an OpenAI-compatible HTTP server over one `dysco_edge.api.Model`.
+
+settings.py  the server's options (validated at construction)
+schemas.py   request bodies and what they mean for `Model.generate` (DySCO per request)
+responses.py OpenAI's response, chunk and error shapes
+queue.py     one generation at a time on the model: a bounded queue and its worker thread
+app.py       the FastAPI routes
+cli.py       the `serve` verb
+
+Only cli.py is imported by the command line; FastAPI, uvicorn and sse-starlette (the
+`server` extra) load when the server starts.
+"""

@@ -1,0 +1,205 @@
+"""The FastAPI app: GET /health, GET /v1/models, POST /v1/chat/completions and
+POST /v1/completions over one Model, one request at a time through the worker's queue.
+
+Every answer says whether DySCO ran in its `X-DySCO` header: "on", "off", or
+"off; reason=..." when the request left it to "auto" and the model has no QR heads.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+from contextlib import asynccontextmanager
+from typing import AsyncIterator
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sse_starlette.sse import EventSourceResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.middleware.cors import CORSMiddleware
+
+from ..errors import DyscoEdgeError
+from .queue import Channel, Job, QueueFull, Worker
+from .responses import ApiError, ChatShape, Shape, TextShape, api_error
+from .schemas import ChatBody, CompletionBody, DyscoChoice, GenerationBody, choose_dysco
+from .settings import ServerSettings
+
+PING_S = 15  # an SSE comment line this often keeps idle proxies from closing a long prefill
+
+
+def create_app(model, settings: ServerSettings) -> FastAPI:
+    service = Service(model, settings)
+    app = FastAPI(title="dysco-edge", lifespan=service.lifespan, docs_url=None, redoc_url=None)
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_headers=["*"],
+                           allow_methods=["GET", "POST"], expose_headers=["X-DySCO", "Retry-After"])
+    app.add_exception_handler(ApiError, _api_error_response)
+    app.add_exception_handler(RequestValidationError, _validation_error_response)
+    auth = [Depends(service.authorize)]  # dependencies run before the body is validated: 401 first
+    app.add_api_route("/health", service.health, methods=["GET"])
+    app.add_api_route("/v1/models", service.models, methods=["GET"], dependencies=auth)
+    app.add_api_route("/v1/chat/completions", service.chat, methods=["POST"], dependencies=auth)
+    app.add_api_route("/v1/completions", service.completions, methods=["POST"], dependencies=auth)
+    return app
+
+
+class Service:
+    def __init__(self, model, settings: ServerSettings):
+        self.model, self.settings = model, settings
+        self.worker = Worker(settings.max_queue)
+
+    @asynccontextmanager
+    async def lifespan(self, app: FastAPI):
+        self.worker.start()
+        try:
+            yield
+        finally:
+            await run_in_threadpool(self.worker.stop)
+
+    def authorize(self, request: Request) -> None:
+        key = self.settings.api_key
+        given = request.headers.get("authorization", "")
+        if key is not None and not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+            raise ApiError(401, "invalid or missing API key (Authorization: Bearer <key>)",
+                           type="authentication_error")
+
+    async def health(self) -> dict:
+        return {"status": "ok"}
+
+    async def models(self) -> dict:
+        found = self.model.find_heads()
+        meta = {"n_ctx": self.model.n_ctx, "n_ctx_train": self.model.n_ctx_train,
+                "qr_heads": found.describe() if found else None}
+        created = int(self.model.path.stat().st_mtime)
+        return {"object": "list", "data": [{"id": self.settings.model_id, "object": "model", "created": created,
+                                            "owned_by": "dysco-edge", "meta": meta}]}
+
+    async def chat(self, body: ChatBody, request: Request):
+        return await self._answer(request, body, ChatShape(self.settings.model_id, body.include_usage))
+
+    async def completions(self, body: CompletionBody, request: Request):
+        return await self._answer(request, body, TextShape(self.settings.model_id, body.include_usage))
+
+    async def _answer(self, request: Request, body: GenerationBody, shape: Shape):
+        try:
+            dysco = choose_dysco(self.model, body.dysco)
+        except DyscoEdgeError as e:
+            error = api_error(e)
+            error.param = error.param or "dysco"
+            raise error from None
+        job = await self._enqueue(body, dysco)
+        headers = {"X-DySCO": dysco.header}
+        if body.stream:
+            events = _sse_events(job, shape, body.return_progress)
+            return EventSourceResponse(events, headers=headers, ping=PING_S)
+        generation = await _collect(job, request)
+        return JSONResponse(shape.whole(generation, dysco.header), headers=headers)
+
+    async def _enqueue(self, body: GenerationBody, dysco: DyscoChoice) -> Job:
+        """Tokenize and check the request (a 400 before it waits), then queue it (503 when full)."""
+        channel = Channel(asyncio.get_running_loop())
+        default_max = self.settings.max_tokens or self.model.n_ctx  # None: until the context is full
+
+        def prepare():
+            return self.model.generate(**body.inputs(self.model), **body.sampling(default_max),
+                                       dysco=dysco.config, stream=True, progress=channel.progress,
+                                       stop_event=channel.cancel)
+        try:
+            stream = await run_in_threadpool(prepare)
+        except DyscoEdgeError as e:
+            raise api_error(e) from None
+        job = Job(channel, stream)
+        try:
+            self.worker.submit(job)
+        except QueueFull as e:
+            stream.close()
+            raise ApiError(503, str(e), type="unavailable_error",
+                           headers={"Retry-After": str(e.retry_after)}) from None
+        return job
+
+
+async def _collect(job: Job, request: Request):
+    """The whole Generation of a job; the job is cancelled if its client goes away first."""
+    watcher = asyncio.create_task(_cancel_on_disconnect(request, job.channel))
+    try:
+        async for kind, value in job.channel.events():
+            if kind == "done":
+                return value
+            if kind == "error":
+                raise api_error(value)
+        raise ApiError(499, "the client closed the request")
+    finally:
+        watcher.cancel()
+        job.channel.cancel.set()
+
+
+async def _cancel_on_disconnect(request: Request, channel: Channel) -> None:
+    while not await request.is_disconnected():
+        await asyncio.sleep(0.25)
+    channel.cancel.set()
+
+
+async def _sse_events(job: Job, shape: Shape, progress: bool) -> AsyncIterator[str]:
+    """The job's events as OpenAI stream chunks, then [DONE]. Leaving early (the client went
+    away: sse-starlette cancels this generator) cancels the job."""
+    channel, req = job.channel, job.stream.req
+    started = False
+    try:
+        async for kind, value in channel.events():
+            if kind == "progress":
+                if progress:
+                    done, ms = value
+                    yield _json(shape.progress(len(req.prompt), req.n_cached or 0, (req.n_cached or 0) + done, ms))
+                continue
+            if not started:
+                started = True
+                for chunk in _opening(shape, job, progress):
+                    yield _json(chunk)
+            for chunk in _closing(shape, kind, value):
+                yield _json(chunk)
+            if kind == "error":
+                return
+        yield "[DONE]"
+    finally:
+        channel.cancel.set()
+
+
+def _opening(shape: Shape, job: Job, progress: bool) -> list[dict]:
+    """Before the first text: the prefill's last progress chunk (all processed), the role chunk."""
+    req, out = job.stream.req, []
+    if progress:
+        n, cached = len(req.prompt), req.n_cached or 0
+        out.append(shape.progress(n, cached, n, (time.perf_counter() - job.channel.started) * 1000))
+    first = shape.first()
+    return out + ([first] if first else [])
+
+
+def _closing(shape: Shape, kind: str, value) -> list[dict]:
+    if kind == "text":
+        return [shape.piece(value)]
+    if kind == "done":
+        return [shape.finish(value)] + ([shape.usage_chunk(value)] if shape.include_usage else [])
+    if kind == "error":
+        return [api_error(value).body()]
+    return []
+
+
+def _json(obj: dict) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
+async def _api_error_response(request: Request, exc: ApiError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+
+async def _validation_error_response(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """Pydantic's complaints about a body as one 400 naming each field."""
+    problems, params = [], []
+    for err in exc.errors():
+        loc = ".".join(str(part) for part in err.get("loc", ()) if part != "body")
+        problems.append(f"{loc or 'body'}: {str(err.get('msg', '')).removeprefix('Value error, ')}")
+        params.append(loc)
+    error = ApiError(400, "; ".join(problems), param=params[0] if params else None)
+    return JSONResponse(error.body(), status_code=400)

