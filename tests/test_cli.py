@@ -52,3 +52,29 @@ def test_a_context_smaller_than_a_batch_just_works(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "GGML_ASSERT" not in proc.stderr and "Traceback" not in proc.stderr
     assert proc.stdout.strip()
+
+
+@pytest.mark.slow
+def test_run_decodes_fast_by_default_and_exact_or_off_when_asked(tmp_path):
+    import json
+    import models
+    from dysco_edge import Model
+    from dysco_edge.heads.maps import dump_head_map
+    prompt = "Name three colours of the rainbow and say which is first."
+    with Model(models.smollm2_q4_1(), n_ctx=512, n_threads=2) as model:
+        # strength 4: fast and exact answer this prompt differently, so the test tells them apart
+        data = json.loads(dump_head_map(model.head_map()))
+        data["config"]["strength"] = 4.0
+        (tmp_path / "map.json").write_text(json.dumps(data))
+        auto = model.resolve_dysco("auto").replace(strength=4.0)
+        expected = {mode: model.generate(prompt, dysco=auto.replace(mode=mode), max_new_tokens=16).text
+                    for mode in ("fast", "exact")}
+        expected["off"] = model.generate(prompt, dysco=None, max_new_tokens=16).text
+    assert len(set(expected.values())) == 3
+    for flags, mode in (([], "fast"), (["--dysco", "exact"], "exact"), (["--no-dysco"], "off")):
+        proc = subprocess.run([sys.executable, "-m", "dysco_edge.cli", "run", str(models.smollm2_q4_1()), "-p", prompt,
+                               "--max-tokens", "16", "--n-ctx", "512", "--head-map", str(tmp_path / "map.json"), *flags],
+                              capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=600)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.rstrip("\n") == expected[mode]
+        assert (f"DySCO mode: {mode}" in proc.stderr) == (mode != "off")

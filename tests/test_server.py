@@ -107,7 +107,7 @@ def _stream_text(stream) -> tuple[str, list]:
 
 @pytest.mark.slow
 def test_chat_with_dysco_equals_in_process_generate(client, model):
-    expected = model.generate(messages=QUESTION, dysco="auto", max_new_tokens=12)
+    expected = model.generate(messages=QUESTION, dysco=model.head_map().to_config(mode="fast"), max_new_tokens=12)
     raw = client.chat.completions.with_raw_response.create(model="any", messages=QUESTION, max_tokens=12)
     assert raw.headers["x-dysco"] == "on"
     answer = raw.parse()
@@ -129,7 +129,8 @@ def test_chat_with_dysco_equals_in_process_generate(client, model):
 @pytest.mark.slow
 def test_dysco_off_and_knobs_equal_in_process(client, model):
     plain = model.generate(messages=QUESTION, dysco=None, max_new_tokens=10).text
-    strong = model.generate(messages=QUESTION, dysco=model.head_map().to_config(**STRONG), max_new_tokens=10).text
+    strong = model.generate(messages=QUESTION, dysco=model.head_map().to_config(**STRONG, mode="fast"),
+                            max_new_tokens=10).text
     assert plain != strong  # otherwise this test could not tell the modes apart
     for dysco, expected, header in ((False, plain, "off"), (STRONG, strong, "on")):
         raw = client.chat.completions.with_raw_response.create(model="any", messages=QUESTION, max_tokens=10,
@@ -212,6 +213,17 @@ def test_progress_chunks_then_prefix_reused_by_a_follow_up(client):
 
 
 @pytest.mark.slow
+@pytest.mark.slow
+def test_fast_is_the_servers_default_and_exact_is_asked_for_by_name(client, model):
+    exact = model.generate(messages=QUESTION, dysco="auto", max_new_tokens=10)
+    assert exact.dysco.mode == "exact"  # the API's default stays the paper's method
+    static = model.generate(messages=QUESTION, dysco=model.head_map().to_config(dynamic=False), max_new_tokens=10)
+    for knobs, expected in (({"mode": "exact"}, exact.text), ({"dynamic": False}, static.text)):
+        answer = client.chat.completions.create(model="any", messages=QUESTION, max_tokens=10,
+                                                extra_body={"dysco": knobs})
+        assert answer.choices[0].message.content == expected
+
+
 def test_disconnect_mid_stream_frees_the_model_for_the_next_request(client, model):
     long = client.chat.completions.create(model="any", messages=[{"role": "user", "content": "Write a long story."}],
                                           max_tokens=1500, stream=True, extra_body={"dysco": False})
@@ -219,7 +231,7 @@ def test_disconnect_mid_stream_frees_the_model_for_the_next_request(client, mode
     assert len(pieces) == 4
     long.close()  # the client goes away with ~1500 tokens still to generate
     t0 = time.perf_counter()
-    expected = model.generate(messages=QUESTION, dysco="auto", max_new_tokens=6).text
+    expected = model.generate(messages=QUESTION, dysco=model.head_map().to_config(mode="fast"), max_new_tokens=6).text
     in_process_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     answer = client.chat.completions.create(model="any", messages=QUESTION, max_tokens=6)

@@ -5,11 +5,14 @@ import sys
 from importlib import resources
 from pathlib import Path
 
+from ..config import EXACT, FAST
 from ..errors import InputError
 from ..progress import Progress
 
 FLASH_ATTN = ("auto", "on", "off")  # runtime.engine.FLASH_ATTN_CHOICES, without importing llama.cpp to parse
 QUESTION_ROOM = 256  # context kept for a question asked interactively (its length unknown up front)
+OFF = "off"
+DYSCO_CHOICES = (FAST, EXACT, OFF)
 
 
 def add_parser(subparsers) -> None:
@@ -18,7 +21,10 @@ def add_parser(subparsers) -> None:
     run.add_argument("--doc", action="append", default=[], metavar="FILE", help="document(s) to answer from")
     run.add_argument("--question", "-q", action="append", default=[], help="question (repeatable); asked interactively when absent")
     run.add_argument("-p", "--prompt", help="a plain prompt instead of document QA")
-    run.add_argument("--no-dysco", action="store_true", help="plain decoding")
+    run.add_argument("--dysco", choices=DYSCO_CHOICES, default=FAST,
+                     help="fast (default: no probe, near plain speed), exact (the paper's method: a probe "
+                          "before every token) or off")
+    run.add_argument("--no-dysco", dest="dysco", action="store_const", const=OFF, help="plain decoding (--dysco off)")
     run.add_argument("--compare", action="store_true", help="plain and DySCO answers side by side")
     run.add_argument("--head-map", metavar="FILE", help="QR heads for this model (JSON head map)")
     run.add_argument("--show-focus", action="store_true", help="show the passages DySCO up-weighted most")
@@ -91,17 +97,19 @@ def run_command(args) -> int:
 
 
 def choose_dysco(model, args):
-    """'auto', or None (--no-dysco, or no QR heads found: said on stderr)."""
+    """The model's DySCO config in the chosen mode, or None (--dysco off, or no QR heads found:
+    said on stderr)."""
     from ..errors import NoHeadMap
-    if args.no_dysco:
+    if args.dysco == OFF:
         return None
     try:
-        model.resolve_dysco("auto")
+        config = model.resolve_dysco("auto")
     except NoHeadMap as e:
         print(f"dysco-edge: note: {e}; answering without DySCO", file=sys.stderr)
         return None
-    print(f"QR heads: {model.find_heads().describe()}", file=sys.stderr)
-    return "auto"
+    print(f"QR heads: {model.find_heads().describe()}; DySCO mode: {args.dysco}", file=sys.stderr)
+    # static DySCO (a map with dynamic=false) runs no probe already: it has no fast mode
+    return config.replace(mode=args.dysco if config.dynamic else EXACT)
 
 
 def describe_opening(opened) -> str:

@@ -84,7 +84,7 @@ class Service:
 
     async def _answer(self, request: Request, body: GenerationBody, shape: Shape):
         try:
-            dysco = choose_dysco(self.model, body.dysco)
+            dysco = choose_dysco(self.model, body.dysco, self.settings.dysco_mode)
         except DyscoEdgeError as e:
             error = api_error(e)
             error.param = error.param or "dysco"

@@ -7,6 +7,7 @@ import sys
 
 from ..cli.run import FLASH_ATTN
 from ..errors import DyscoEdgeError, InputError
+from ..config import FAST, MODES
 
 API_KEY_ENV = "DYSCO_EDGE_API_KEY"
 
@@ -26,6 +27,9 @@ def add_parser(subparsers) -> None:
     serve.add_argument("--max-tokens", type=int, default=None,
                        help="max_tokens of a request that gives none (default: until the context is full)")
     serve.add_argument("--head-map", metavar="FILE", help="QR heads for this model (JSON head map)")
+    serve.add_argument("--dysco-mode", choices=MODES, default=FAST,
+                       help="DySCO's mode for requests that name none: fast (default; no probe, about plain's "
+                            "speed) or exact (the paper's method)")
     serve.add_argument("--n-ctx", type=int, default=8192,
                        help="context size, fixed so that the server's memory is known up front (default 8192)")
     serve.add_argument("--n-gpu-layers", type=int, default=None,
@@ -54,7 +58,8 @@ def serve_command(args) -> int:
                   n_threads=args.threads, head_map=args.head_map)
     try:
         settings = ServerSettings(model_id=args.alias or model.path.name, api_key=args.api_key,
-                                  cors_origins=tuple(args.cors), max_queue=args.queue, max_tokens=args.max_tokens)
+                                  cors_origins=tuple(args.cors), max_queue=args.queue, max_tokens=args.max_tokens,
+                                  dysco_mode=args.dysco_mode)
         _announce(model, args)
         uvicorn.run(create_app(model, settings), host=args.host, port=args.port, log_level=args.log_level)
     finally:
@@ -64,7 +69,7 @@ def serve_command(args) -> int:
 
 def _announce(model, args) -> None:
     found = model.find_heads()  # looked up now, not by the first request
-    heads = f"DySCO with {found.describe()}" if found else "no QR heads: dysco \"auto\" answers plainly"
+    heads = f"DySCO ({args.dysco_mode}) with {found.describe()}" if found else "no QR heads: dysco \"auto\" answers plainly"
     print(f"dysco-edge: serving {model.path.name} (n_ctx {model.n_ctx}; {heads}) on "
           f"http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
     if not _is_loopback(args.host) and not args.api_key:

@@ -12,7 +12,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ..config import DyscoConfig
+from ..config import EXACT, DyscoConfig
 from ..errors import ConfigError, InputError
 
 # when dysco is "auto" and the model has no QR heads: answered plainly, and said so
@@ -151,22 +151,25 @@ class DyscoChoice:
         return self.config is not None
 
 
-def choose_dysco(model, value: Any) -> DyscoChoice:
+def choose_dysco(model, value: Any, mode: str = EXACT) -> DyscoChoice:
     """The body's `dysco`: "auto" (DySCO when the model has QR heads, else plain, said so),
     true (DySCO, an error without heads), false/null/"off" (plain), or an object of
-    DyscoConfig knobs over the model's head map (validated by DyscoConfig itself)."""
+    DyscoConfig knobs over the model's head map (validated by DyscoConfig itself). `mode` is
+    the server's DySCO mode, for requests whose knobs do not name one."""
     if value is False or value is None or value == "off":
         return DyscoChoice(None, "off")
     if value == "auto" or value is True:
         found = model.head_map()
         if found is not None:
-            return DyscoChoice(found.to_config(), "on")
+            return DyscoChoice(found.to_config(mode=mode), "on")
         if value is True:
             raise InputError("dysco: this model has no QR heads (give dysco.qr_heads, or start the server "
                              "with --head-map)")
         return DyscoChoice(None, NO_HEADS_NOTE)
     if isinstance(value, dict):
-        return DyscoChoice(_knobs(model, value), "on")
+        # static DySCO has no fast mode: the server's mode applies to dynamic requests only
+        defaults = {} if value.get("dynamic") is False else {"mode": mode}
+        return DyscoChoice(_knobs(model, {**defaults, **value}), "on")
     raise InputError(f"dysco: expected \"auto\", true, false or an object of DySCO options, got {value!r}")
 
 
