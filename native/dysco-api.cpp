@@ -536,6 +536,22 @@ int32_t dysco_select_bias(llama_context * ctx, int32_t seq_id, int32_t pos, doub
     return (int32_t) sel.selected.size();
 }
 
+// The arguments of a call that arms a pass selection (pos >= min_pos), and QR heads to score with.
+static int32_t pass_select_args_check(const char * fn, llama_context * ctx, int32_t pos, int32_t min_pos, int32_t seq_id,
+                                      double decay, double top_p, int32_t top_k, double strength,
+                                      const uint8_t * template_mask, int32_t n_template) {
+    if (!ctx || pos < min_pos || !std::isfinite(decay) ||
+        !select_args_ok(seq_id, top_p, top_k, strength, template_mask, n_template)) {
+        return dysco_fail(DYSCO_ERR_ARGUMENT, "%s: null context, pos = %d, seq_id = %d, decay = %g, top_p = %g, "
+                          "top_k = %d, strength = %g or n_template = %d out of range",
+                          fn, pos, seq_id, decay, top_p, top_k, strength, n_template);
+    }
+    if (dysco_state_of(ctx).heads.n == 0) {
+        return dysco_fail(DYSCO_ERR_NO_HEADS, "%s needs QR heads: set them first (dysco_set_heads)", fn);
+    }
+    return DYSCO_OK;
+}
+
 // The selection the next full pass of (seq_id, pos) makes once its mask is filled.
 static dysco_pass_select & pass_select_arm(dysco_state & st, int32_t seq_id, int32_t pos, double decay, double top_p,
                                            int32_t top_k, double strength, double hard_strength,
@@ -557,15 +573,12 @@ static dysco_pass_select & pass_select_arm(dysco_state & st, int32_t seq_id, int
 int32_t dysco_probe_select(llama_context * ctx, int32_t token, int32_t pos, int32_t seq_id, double decay, double top_p,
                            int32_t top_k, double strength, double hard_strength, const uint8_t * template_mask,
                            int32_t n_template) {
-    if (!ctx || pos < 0 || !std::isfinite(decay) || !select_args_ok(seq_id, top_p, top_k, strength, template_mask, n_template)) {
-        return dysco_fail(DYSCO_ERR_ARGUMENT, "dysco_probe_select: null context, pos = %d, seq_id = %d, decay = %g, "
-                          "top_p = %g, top_k = %d, strength = %g or n_template = %d out of range",
-                          pos, seq_id, decay, top_p, top_k, strength, n_template);
+    const int32_t args_rc = pass_select_args_check("dysco_probe_select", ctx, pos, 0, seq_id, decay, top_p, top_k,
+                                                   strength, template_mask, n_template);
+    if (args_rc != DYSCO_OK) {
+        return args_rc;
     }
     auto & st = dysco_state_of(ctx);
-    if (st.heads.n == 0) {
-        return dysco_fail(DYSCO_ERR_NO_HEADS, "a probe needs QR heads: set them first (dysco_set_heads)");
-    }
     if (pos != (int32_t) st.selection.importance.size()) {
         return dysco_fail(DYSCO_ERR_RANGE, "dysco_probe_select: pos = %d but the importance covers %zu positions; "
                           "the probe's token must be the one after them", pos, st.selection.importance.size());
@@ -584,15 +597,12 @@ int32_t dysco_probe_select(llama_context * ctx, int32_t token, int32_t pos, int3
 
 int32_t dysco_fast_select(llama_context * ctx, int32_t pos, int32_t seq_id, double decay, double top_p, int32_t top_k,
                           double strength, double hard_strength, const uint8_t * template_mask, int32_t n_template) {
-    if (!ctx || pos < 1 || !std::isfinite(decay) || !select_args_ok(seq_id, top_p, top_k, strength, template_mask, n_template)) {
-        return dysco_fail(DYSCO_ERR_ARGUMENT, "dysco_fast_select: null context, pos = %d, seq_id = %d, decay = %g, "
-                          "top_p = %g, top_k = %d, strength = %g or n_template = %d out of range",
-                          pos, seq_id, decay, top_p, top_k, strength, n_template);
+    const int32_t args_rc = pass_select_args_check("dysco_fast_select", ctx, pos, 1, seq_id, decay, top_p, top_k,
+                                                   strength, template_mask, n_template);
+    if (args_rc != DYSCO_OK) {
+        return args_rc;
     }
     auto & st = dysco_state_of(ctx);
-    if (st.heads.n == 0) {
-        return dysco_fail(DYSCO_ERR_NO_HEADS, "fast selection needs QR heads: set them first (dysco_set_heads)");
-    }
     const auto & sc  = st.scores;
     const auto & sel = st.selection;
     const bool folded  = sel.scored && sel.importance.size() == (size_t) pos;

@@ -213,7 +213,8 @@ class Model:
     @contextmanager
     def attention_scale(self, factor: float) -> Iterator[None]:
         """Generations inside run with every attention logit scaled by `factor` (AttnTS); the
-        KV cache is emptied before and after, since its keys were computed unscaled."""
+        KV cache is emptied before and after, since its keys were computed unscaled. For the evaluation
+        on a Model of its own: another thread generating meanwhile would run scaled too."""
         self.prefill([])
         with self._lock:
             self.engine.native.set_attn_scale(factor)

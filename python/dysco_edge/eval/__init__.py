@@ -1,0 +1,2 @@
+"""The evaluation: seeded long-context tasks, decoding methods, the runner, scoring, statistics,
+reports and plots, and the `eval` / `eval-report` verbs."""
