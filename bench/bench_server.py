@@ -51,7 +51,9 @@ def start_server(model_path: str, n_ctx: int) -> tuple[subprocess.Popen, str]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "dysco_edge.cli", "serve", model_path, "--port", str(port),
-                             "--n-ctx", str(n_ctx), "--log-level", "warning"], env=dict(os.environ))
+                             "--n-ctx", str(n_ctx), "--log-level", "warning",
+                             "--dysco-mode", "exact"],  # as Model.generate's "auto": the same decoding on both sides
+                            env=dict(os.environ))
     base = f"http://127.0.0.1:{port}"
     for _ in range(600):
         try:

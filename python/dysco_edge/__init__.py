@@ -1,6 +1,6 @@
 """dysco-edge: DySCO decoding for GGUF models on llama.cpp."""
 
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: F401
 
 from .config import DyscoConfig  # noqa: E402
 from .errors import ContextOverflow, DyscoEdgeError, NoHeadMap  # noqa: E402

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .. import __version__
+from .._version import __version__
 from ..errors import InputError
 from ..heads.gguf_meta import gguf_index_end
 
