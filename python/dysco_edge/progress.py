@@ -6,6 +6,7 @@ written every LOG_EVERY_S seconds and at the end, so logs stay short.
 from __future__ import annotations
 
 import sys
+import time
 from typing import Optional, TextIO
 
 from tqdm import tqdm
@@ -39,6 +40,7 @@ class Progress:
             raise ValueError(f"total must be >= 0, got {total}")
         # sys.stderr looked up now, not at import: it may have been replaced since (tests, servers)
         self.label, self.unit, self.stream = label, unit, stream or sys.stderr
+        self._created = time.time()
         self._bar: Optional[tqdm] = None
         if total is not None:
             self._open(total)
@@ -48,6 +50,8 @@ class Progress:
         self._bar = tqdm(total=total, desc=self.label, unit=self.unit, bar_format=_FORMAT,
                          file=self.stream if tty else _LogLines(self.stream),
                          mininterval=0.1 if tty else LOG_EVERY_S, ascii=not tty, dynamic_ncols=tty, leave=True)
+        # a callback's bar opens at its first report, which may already be the last: time from creation
+        self._bar.start_t = min(self._bar.start_t, self._created)
         return self._bar
 
     def __call__(self, done: int, total: int) -> None:
