@@ -161,6 +161,16 @@ def test_pass_selection_errors_say_what_happened(filled):
         eng.truncate(pos)
 
 
+def assert_same_decoding(tokens, trace, expected_tokens, expected_trace):
+    """Same tokens, and at every intervention step the same position, S and top positions."""
+    assert tokens == expected_tokens
+    assert len(trace) == len(expected_trace) > 20
+    for c, n in zip(trace, expected_trace):
+        assert c.pos == n.pos
+        np.testing.assert_array_equal(c.selected, n.selected)
+        np.testing.assert_array_equal(c.top_positions, n.top_positions)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("strength", [2.0, 99.0], ids=["soft", "hard-mask"])
 def test_decoding_in_context_equals_decoding_in_numpy(strength):
@@ -179,9 +189,4 @@ def test_decoding_in_context_equals_decoding_in_numpy(strength):
             results.append((tokens, trace))
     tokens_np, trace_np = results[-1]
     for tokens_c, trace_c in results[:-1]:
-        assert tokens_c == tokens_np
-        assert len(trace_c) == len(trace_np) > 20
-        for c, n in zip(trace_c, trace_np):
-            assert c.pos == n.pos
-            np.testing.assert_array_equal(c.selected, n.selected)
-            np.testing.assert_array_equal(c.top_positions, n.top_positions)
+        assert_same_decoding(tokens_c, trace_c, tokens_np, trace_np)
