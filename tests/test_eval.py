@@ -18,6 +18,7 @@ from dysco_edge.eval.report import comparisons, write_report
 from dysco_edge.eval.results import read_records
 from dysco_edge.eval.run import EvalPlan, run_eval
 from dysco_edge.eval.scoring import (
+    final_number,
     first_number,
     path_prefix,
     score,
@@ -26,8 +27,13 @@ from dysco_edge.eval.scoring import (
 )
 from dysco_edge.eval.stats import bootstrap_group_mean, estimate, wilson
 from dysco_edge.eval.tasks import (
+    CHAIN_HOPS,
     HOPS,
+    LONG_TASKS,
     MRCR_REPEATS,
+    PASSAGE_PIECES,
+    PASSAGE_REPEATS,
+    ROUTE_HOPS,
     TASKS,
     case_seed,
     fit_units,
@@ -44,7 +50,7 @@ def chars(prompt) -> int:
     return len(prompt.text()) // 4
 
 
-def case(task, length=1024, index=0, split="dev", measure=chars):
+def case(task, length=2048, index=0, split="dev", measure=chars):
     return make_case(task, split=split, length=length, index=index, measure=measure)
 
 
@@ -67,12 +73,13 @@ def test_dev_and_test_never_share_a_seed_or_a_prompt(task):
     assert not dev_prompts & test_prompts
 
 
-@pytest.mark.parametrize("task", TASKS)
-@pytest.mark.parametrize("length", [512, 2048, 16384])
+@pytest.mark.parametrize("task,length", [(t, n) for t in TASKS for n in (512, 2048, 16384)
+                                          if n >= 2048 or t not in LONG_TASKS])
 def test_prompts_fill_their_length_without_passing_it(task, length):
     c = case(task, length=length)
     budget = length - c.draft.max_new_tokens
-    assert budget - max(0.03 * budget, 40) <= c.n_tokens <= budget and c.n_tokens == chars(c.draft.prompt)
+    unit = 320 if task == "passage" else 40  # a passage task grows by whole rounds of up to ~300 tokens
+    assert budget - max(0.03 * budget, unit) <= c.n_tokens <= budget and c.n_tokens == chars(c.draft.prompt)
 
 
 def test_too_short_a_length_is_refused_by_name():
@@ -146,6 +153,54 @@ def test_vt_gold_is_every_variable_holding_the_value():
         assert {n for n, v in values.items() if v == asked} == set(c.draft.gold)
 
 
+def _follow(edges: dict, start: str, steps: int) -> list:
+    out = [start]
+    for _ in range(steps):
+        out.append(edges[out[-1]])
+    return out[1:]
+
+
+def test_route_gold_lists_every_city_along_the_roads():
+    for i in range(20):
+        c = case("route", index=i, length=2048)
+        roads = re.findall(r"There is a one-way road from (\w+) to (\w+)\.", _user_text(c))
+        outgoing = dict(roads)
+        assert len(outgoing) == len(roads) and len(roads) > ROUTE_HOPS  # one road out of a city, decoys too
+        start = re.search(r"Start in (\w+) and follow", _user_text(c)).group(1)
+        assert tuple(_follow(outgoing, start, ROUTE_HOPS)) == c.draft.gold
+        assert c.draft.prompt.answer_prefix == start + "\n"
+        assert all(e in _user_text(c) for e in c.draft.evidence) and len(c.draft.evidence) == ROUTE_HOPS
+
+
+def test_passage_gold_is_the_nth_long_passage_of_its_request():
+    for i in range(20):
+        c = case("passage", index=i, length=4096)
+        turns = c.draft.prompt.turns
+        ordinal, kind, topic = re.search(r"Reproduce the (\w+) (\w+) about (.+) that you", turns[-1][1]).groups()
+        nth = ["first", "second", "third"].index(ordinal)
+        answers = [turns[j + 1][1] for j in range(0, len(turns) - 1, 2)
+                   if turns[j][1] == f"Write a {kind} about {topic}."]
+        assert len(answers) == PASSAGE_REPEATS == len(set(answers)) and answers[nth] == c.draft.gold
+        assert PASSAGE_PIECES[0] <= c.draft.gold.count("\n") + 1 <= PASSAGE_PIECES[1]
+        assert c.draft.max_new_tokens > len(c.draft.gold) // 4 and c.draft.evidence == (c.draft.gold,)
+
+
+def test_chain_gold_is_the_value_the_asked_variable_holds():
+    for i in range(20):
+        c = case("chain", index=i, length=2048)
+        text = _user_text(c)
+        values, refs = {}, {}
+        for name, ref, number in re.findall(r"VAR (\w+) = (?:VAR (\w+)|(\d+))\.", text):
+            assert name not in values and name not in refs  # every variable assigned once
+            (refs if ref else values)[name] = ref or number
+        asked = re.search(r"What is the value of VAR (\w+)\?", text).group(1)
+        hops = 0
+        while asked in refs:
+            asked, hops = refs[asked], hops + 1
+        assert hops == CHAIN_HOPS and values[asked] == c.draft.gold
+        assert all(e in text for e in c.draft.evidence) and len(c.draft.evidence) == CHAIN_HOPS + 1
+
+
 # ---- scoring ----
 
 def test_scoring_rules():
@@ -155,6 +210,11 @@ def test_scoring_rules():
     assert path_prefix(" Kel -> Mar -> Ost", ("Kel", "Mar", "Ost")) == 1.0
     assert path_prefix(" Kel -> Ulm -> Ost", ("Kel", "Mar", "Ost")) == pytest.approx(1 / 3)
     assert path_prefix(" kel, then Mar", ("Kel", "Mar", "Ost")) == pytest.approx(2 / 3)
+    assert path_prefix("Kel\nMar\nOst\n", ("Kel", "Mar", "Ost", "Ulm")) == 0.75
+    assert final_number("VAR A = VAR B.\nVAR B = 12345.\n\nAnswer: 12,345", "12345") == 1.0
+    assert final_number("VAR A = 12345.\nAnswer: 54321 (or 12345)", "12345") == 0.0
+    assert final_number("VAR A = VAR B.\nVAR B = 12345.", "12345") == 1.0
+    assert final_number("VAR B = 12345. So it is 7", "12345") == 0.0
     assert sequence_ratio("  Quiet rain over the river. ", "quiet rain over the river") == 1.0
     assert 0 < sequence_ratio("quiet rain", "quiet rain over the river") < 1
     assert set_overlap(" ABCDE, FGHIJ", ("ABCDE", "FGHIJ", "KLMNO", "PQRST")) == 0.5
@@ -340,22 +400,24 @@ def test_prompt_lengths_with_the_real_tokenizers():
                 c = case(task, length=length, measure=renderer.count)
                 rendered = renderer.render(c.draft.prompt, c.draft.stop)
                 budget = length - c.draft.max_new_tokens
-                assert len(rendered.ids) == c.n_tokens and budget - max(0.03 * budget, 40) <= c.n_tokens <= budget
+                unit = 320 if task == "passage" else 40
+                assert len(rendered.ids) == c.n_tokens and budget - max(0.03 * budget, unit) <= c.n_tokens <= budget
 
 
 @pytest.mark.slow
 def test_eval_smoke_on_smollm2(tmp_path):
     out, docs = tmp_path / "smoke.jsonl", tmp_path / "docs"
-    cmd = [sys.executable, "-m", "dysco_edge.cli", "eval", str(models.smollm2_q4_1()), "--tasks", "passkey,kv",
-           "--lengths", "384", "--n", "1", "--methods", "plain,dysco", "--head-map", str(BENCH_HEADS),
+    cmd = [sys.executable, "-m", "dysco_edge.cli", "eval", str(models.smollm2_q4_1()),
+           "--tasks", "passkey," + ",".join(LONG_TASKS), "--lengths", "1536", "--n", "1", "--methods", "plain,dysco", "--head-map", str(BENCH_HEADS),
            "--threads", "2", "--out", str(out)]
     first = subprocess.run(cmd + ["--report", str(docs)], capture_output=True, text=True, timeout=300, check=False)
     assert first.returncode == 0, first.stderr
     records = read_records(out)
-    assert len(records) == 4 and {r["method"] for r in records} == {"plain", "dysco"}
-    assert all(0 <= r["score"] <= 1 and r["n_prompt"] <= 384 for r in records)
+    assert len(records) == 8 and {r["method"] for r in records} == {"plain", "dysco"}
+    assert {r["task"] for r in records} == {"passkey", *LONG_TASKS}
+    assert all(0 <= r["score"] <= 1 and r["n_prompt"] + r["n_generated"] <= 1536 for r in records)
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
-    assert again.returncode == 0 and "0 results to compute" in again.stderr and len(read_records(out)) == 4
+    assert again.returncode == 0 and "0 results to compute" in again.stderr and len(read_records(out)) == 8
     assert "| passkey | plain |" in (docs / "smoke.md").read_text()
     assert (docs / "smoke-smollm2-135m-instruct-q4-1-gguf-dev.png").stat().st_size > 10_000
     report = subprocess.run([sys.executable, "-m", "dysco_edge.cli", "eval-report", str(out), "--out", str(docs),

@@ -15,6 +15,7 @@ _NUMBER = re.compile(r"\d[\d,]*")
 _VARIABLE = re.compile(r"\b[A-Z]{5}\b")
 _PATH_SEPARATORS = re.compile(r"->|\u2192|,|;|\n|\bthen\b", re.IGNORECASE)
 _WORD = re.compile(r"[A-Za-z]+")
+_ANSWER = re.compile(r"answer\s*:", re.IGNORECASE)
 
 
 def normalize(text: str) -> str:
@@ -26,6 +27,13 @@ def first_number(prediction: str, gold: Gold) -> float:
     """1 when the first number in the prediction is the gold number (thousands commas ignored)."""
     match = _NUMBER.search(prediction)
     return float(match is not None and match.group().replace(",", "") == str(gold))
+
+
+def final_number(prediction: str, gold: Gold) -> float:
+    """1 when the answer's number is the gold: the first after the last 'Answer:', else the last one."""
+    parts = _ANSWER.split(prediction)
+    numbers = _NUMBER.findall(parts[-1])[:1] if len(parts) > 1 else _NUMBER.findall(prediction)[-1:]
+    return float(bool(numbers) and numbers[0].replace(",", "") == str(gold))
 
 
 def path_prefix(prediction: str, gold: Gold) -> float:
@@ -54,13 +62,14 @@ def set_overlap(prediction: str, gold: Gold) -> float:
 
 SCORERS: dict[str, Callable[[str, Gold], float]] = {
     "first_number": first_number,
+    "final_number": final_number,
     "path_prefix": path_prefix,
     "sequence_ratio": sequence_ratio,
     "set_overlap": set_overlap,
 }
 
 
-EXACT_SCORERS = frozenset({"first_number"})  # 0 or 1 only: Wilson intervals apply
+EXACT_SCORERS = frozenset({"first_number", "final_number"})  # 0 or 1 only: Wilson intervals apply
 
 
 def score(rule: str, prediction: str, gold: Gold) -> float:

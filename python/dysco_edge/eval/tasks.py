@@ -1,8 +1,11 @@
 """Long-context evaluation tasks, generated locally from a seed at a requested length in tokens.
 
-Five tasks: multi-key passkey retrieval in filler prose, key-value lookup in a JSON object,
-path traversal (every city has one outgoing road; follow h hops), MRCR-style multi-round
-coreference (reproduce the n-th of several similar requests), and variable tracking.
+Five tasks answered in a few tokens: multi-key passkey retrieval in filler prose, key-value
+lookup in a JSON object, path traversal (every city has one outgoing road; follow h hops),
+MRCR-style multi-round coreference (reproduce the n-th of several similar requests), and
+variable tracking. Three whose answers are long, the kind the paper's gains come from: route
+listing (every city along a route, one per line), long-answer MRCR (reproduce a passage of
+100-300 tokens) and chain tracing (follow assignments back step by step, then answer).
 
 A task builder turns (rng, units) into a Draft; `make_case` picks the largest number of
 units whose prompt, measured with the caller's tokenizer, leaves room for the answer inside
@@ -59,6 +62,7 @@ class Draft:
     max_new_tokens: int
     stop: tuple[str, ...] = ()
     details: Mapping[str, Any] = field(default_factory=dict)
+    evidence: tuple[str, ...] = ()  # prompt text the answer comes from (attention measurements)
 
     def __post_init__(self):
         if self.scorer not in SCORERS:
@@ -93,6 +97,7 @@ class TaskSpec:
     build: Builder
     min_units: int
     about: str
+    long_answer: bool = False
 
 
 def check_split(split: str) -> str:
@@ -244,13 +249,95 @@ def build_vt(rng: random.Random, units: int) -> Draft:
                  {"depth": round(depths[0], 4), "chain": VT_CHAIN})
 
 
+# ---- tasks whose answers are long ----
+# Difficulty set on the dev split so that plain decoding of Qwen2.5-Coder-1.5B-Instruct scores
+# 20-70% at 8K tokens (docs/eval/, issue 16).
+
+ROUTE_HOPS = 10
+ROUTE_DECOYS = 3  # roads between other cities per hop of the route
+PASSAGE_REPEATS = 3
+PASSAGE_PIECES = (6, 12)  # lines per passage: 100-300 tokens
+CHAIN_HOPS, CHAIN_DECOYS = 5, 4  # 5 values in the text: a guess scores 0.2
+
+
+def build_route(rng: random.Random, units: int) -> Draft:
+    taken: set[str] = set()
+    route = words.distinct(rng, words.city_name, ROUTE_HOPS + 1, taken)
+    links = [_road(a, b) for a, b in itertools.pairwise(route)]
+    decoys = _decoy_roads(rng, taken, ROUTE_HOPS * ROUTE_DECOYS)
+    facts = links + decoys
+    body = prose(insert_at_depths(words.filler_sentences(rng, units), facts, [rng.random() for _ in facts]))
+    ask = (f"Start in {route[0]} and follow the one-way roads for {ROUTE_HOPS} steps. List every city you "
+           f"reach, in order, one per line, and nothing else.")
+    content = f"The text below mentions one-way roads between cities.\n\n{body}\n\n{ask}"
+    prompt = Prompt((("user", content),), f"{route[0]}\n")
+    return Draft(prompt, tuple(route[1:]), "path_prefix", 6 * ROUTE_HOPS + 8, ("\n\n",),
+                 {"hops": ROUTE_HOPS, "decoys": len(decoys)}, tuple(links))
+
+
+def _decoy_roads(rng: random.Random, taken: set, count: int) -> list[str]:
+    """Roads that never touch the route: chains of other cities, so that following one from a
+    route city is never ambiguous, yet the text is full of roads."""
+    cities = words.distinct(rng, words.city_name, count + 1, taken)
+    return [_road(a, b) for a, b in itertools.pairwise(cities)]
+
+
+def build_passage(rng: random.Random, units: int) -> Draft:
+    kind, topic = rng.choice(words.KINDS), rng.choice(words.TOPICS)
+    nth = rng.randrange(PASSAGE_REPEATS) + 1
+    depths = sorted(rng.random() for _ in range(PASSAGE_REPEATS))
+    targets = [_passage(rng, kind, topic) for _ in range(PASSAGE_REPEATS)]
+    rounds = [_round(k, t, _passage(rng, k, t)) for k, t in (_other_request(rng, kind, topic) for _ in range(units))]
+    turns = [turn for pair in insert_at_depths(rounds, [_round(kind, topic, p) for p in targets], depths)
+             for turn in pair]
+    ask = (f"Reproduce the {_ORDINALS[nth]} {kind} about {topic} that you wrote in this conversation, "
+           f"exactly as written, every line of it, and nothing else.")
+    gold = targets[nth - 1]
+    return Draft(Prompt(tuple(turns) + (("user", ask),)), gold, "sequence_ratio", len(gold) // 3 + 32, (),
+                 {"depth": round(depths[nth - 1], 4), "nth": nth, "repeats": PASSAGE_REPEATS,
+                  "gold_chars": len(gold)}, (gold,))
+
+
+def _passage(rng: random.Random, kind: str, topic: str) -> str:
+    """Several pieces of one kind and topic: passages on the same request differ only in their words."""
+    return "\n".join(words.piece(rng, kind, topic) for _ in range(rng.randint(*PASSAGE_PIECES)))
+
+
+def build_chain(rng: random.Random, units: int) -> Draft:
+    taken: set[str] = set()
+    values = words.distinct(rng, lambda r: words.number(r, 5), CHAIN_DECOYS + 1, set())
+    chains = [words.distinct(rng, words.variable_name, CHAIN_HOPS + 1, taken) for _ in values]
+    facts = [line for names, value in zip(chains, values) for line in _assignments(names, value)]
+    body = prose(insert_at_depths(words.filler_sentences(rng, units), facts, [rng.random() for _ in facts]))
+    asked = chains[0][-1]
+    ask = (f"What is the value of VAR {asked}? Work backwards: write each assignment you follow on its own "
+           f"line, exactly as it appears in the text, until you reach a number; then write 'Answer: ' "
+           f"and the number.")
+    content = f"Variable assignments are hidden in the text below.\n\n{body}\n\n{ask}"
+    prompt = Prompt((("user", content),), f"VAR {asked} = VAR")  # the first step written, not skipped
+    # no blank-line stop: models often leave one before the answer line
+    return Draft(prompt, values[0], "final_number", 12 * CHAIN_HOPS + 24, (),
+                 {"hops": CHAIN_HOPS, "decoys": CHAIN_DECOYS}, tuple(_assignments(chains[0], values[0])))
+
+
+def _assignments(names: list[str], value: str) -> list[str]:
+    return [f"VAR {names[0]} = {value}."] + [f"VAR {b} = VAR {a}." for a, b in itertools.pairwise(names)]
+
+
 TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in (
     TaskSpec("passkey", build_passkey, 8, "multi-key passkey retrieval in filler prose"),
     TaskSpec("kv", build_kv, 8, "key-value lookup in a JSON object"),
     TaskSpec("path", build_path, 8, f"path traversal, {HOPS} hops, one outgoing road per city"),
     TaskSpec("mrcr", build_mrcr, 4, f"multi-round coreference: reproduce the n-th of {MRCR_REPEATS} requests"),
     TaskSpec("vt", build_vt, 8, f"variable tracking, chains of {VT_CHAIN}"),
+    TaskSpec("route", build_route, 8, f"route listing: every city along {ROUTE_HOPS} hops, one per line", True),
+    TaskSpec("passage", build_passage, 2, f"long-answer MRCR: reproduce the n-th of {PASSAGE_REPEATS} passages "
+                                          f"of {PASSAGE_PIECES[0]}-{PASSAGE_PIECES[1]} lines", True),
+    TaskSpec("chain", build_chain, 8, f"chain tracing: {CHAIN_HOPS} assignments followed back step by step, "
+                                      f"then the value", True),
 )}
+SHORT_TASKS = tuple(name for name, spec in TASKS.items() if not spec.long_answer)
+LONG_TASKS = tuple(name for name, spec in TASKS.items() if spec.long_answer)
 
 
 def task_spec(name: str) -> TaskSpec:
