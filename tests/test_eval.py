@@ -172,6 +172,18 @@ def test_route_gold_lists_every_city_along_the_roads():
         assert all(e in _user_text(c) for e in c.draft.evidence) and len(c.draft.evidence) == ROUTE_HOPS
 
 
+def test_long_tasks_take_a_difficulty_option_by_name():
+    assert len(case("route:hops=4").draft.gold) == 4 and len(case("route:hops=12").draft.gold) == 12
+    assert case("route:hops=4").task == "route:hops=4" and case("route").draft.gold != case("route:hops=4").draft.gold
+    assert case("chain:hops=2").draft.details["hops"] == 2 and case("passage:repeats=5").draft.details["repeats"] == 5
+    with pytest.raises(ValueError, match="task route: unknown option 'depth' \\(options: hops\\)"):
+        case("route:depth=3")
+    with pytest.raises(ValueError, match="task passage: repeats must be a whole number from 1 to 8, got '9'"):
+        case("passage:repeats=9")
+    with pytest.raises(ValueError, match="task kv: unknown option 'hops' \\(options: none\\)"):
+        case("kv:hops=2")
+
+
 def test_passage_gold_is_the_nth_long_passage_of_its_request():
     for i in range(20):
         c = case("passage", index=i, length=4096)
@@ -326,6 +338,21 @@ def test_resume_skips_finished_cases_and_interruptions_lose_nothing(tmp_path):
     assert len(records) == 12 == len({(r["task"], r["index"], r["method"]) for r in records})
     third = FakeRunner(plan)
     assert run_eval(plan, open_runner=lambda p: contextlib.nullcontext(third)).written == 0 and not third.calls
+
+
+def test_shards_split_the_cases_of_one_plan_between_runs(tmp_path):
+    (tmp_path / "whole").mkdir()
+    whole = FakeRunner(fake_plan(tmp_path / "whole"))
+    run_eval(whole.plan, open_runner=lambda p: contextlib.nullcontext(whole))
+    parts = []
+    for k in range(2):
+        (tmp_path / str(k)).mkdir()
+        runner = FakeRunner(fake_plan(tmp_path / str(k), shard=(k, 2)))
+        run_eval(runner.plan, open_runner=lambda p: contextlib.nullcontext(runner))
+        parts.append(set(runner.calls))
+    assert not parts[0] & parts[1] and parts[0] | parts[1] == set(whole.calls)
+    with pytest.raises(ValueError, match="--shard K/N needs 0 <= K < N, got 2/2"):
+        fake_plan(tmp_path, shard=(2, 2))
 
 
 def test_time_limit_stops_between_cases(tmp_path):

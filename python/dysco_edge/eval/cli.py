@@ -35,6 +35,8 @@ def add_parser(subparsers) -> None:
     ev.add_argument("--batch", type=int, default=512, help="prefill batch size")
     ev.add_argument("--time-limit", type=float, metavar="SECONDS",
                     help="start no case that might end after this; run again to continue")
+    ev.add_argument("--shard", default="0/1", metavar="K/N",
+                    help="only cases i with i %% N == K, to split one cell over N processes (default 0/1)")
     ev.add_argument("--report", metavar="DIR", help="also write the report of --out into DIR")
     rep = subparsers.add_parser("eval-report", help="markdown tables and PNG plots from eval results")
     rep.add_argument("results", nargs="+", help="results files (JSONL) from dysco-edge eval")
@@ -85,7 +87,14 @@ def build_plan(args: argparse.Namespace):
                     args.split, args.n, resolve_methods(args.methods, args.tuned), Path(args.out),
                     base_seed=args.seed, head_map=Path(args.head_map) if args.head_map else None,
                     n_gpu_layers=args.n_gpu_layers, flash_attn=args.flash_attn, n_threads=args.threads,
-                    n_batch=args.batch, time_limit=args.time_limit)
+                    n_batch=args.batch, time_limit=args.time_limit, shard=parse_shard(args.shard))
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    k, slash, n = text.partition("/")
+    if not (slash and k.isdigit() and n.isdigit()):
+        raise InputError(f"--shard: expected K/N like 0/2, got {text!r}")
+    return int(k), int(n)
 
 
 def run_eval_command(args: argparse.Namespace) -> int:

@@ -43,6 +43,7 @@ class EvalPlan:
     n_threads: int | None = None
     n_batch: int = 512
     time_limit: float | None = None  # seconds; stop before a case that might not finish in time
+    shard: tuple[int, int] = (0, 1)  # (k, n): only the case indices i with i % n == k (parallel runs)
 
     def __post_init__(self):
         for task in self.tasks:
@@ -56,6 +57,8 @@ class EvalPlan:
             method.check_complete()
         if self.n < 1:
             raise InputError(f"--n must be >= 1, got {self.n}")
+        if not 0 <= self.shard[0] < self.shard[1]:
+            raise InputError(f"--shard K/N needs 0 <= K < N, got {self.shard[0]}/{self.shard[1]}")
         if self.time_limit is not None and self.time_limit <= 0:
             raise InputError(f"--time-limit must be > 0 seconds, got {self.time_limit}")
 
@@ -80,7 +83,7 @@ class RunSummary:
 def pending_work(plan: EvalPlan, done: set[tuple], model_name: str) -> list[WorkItem]:
     """Unfinished (case, methods), case index outermost: a cut-short run leaves every cell about as full."""
     work = []
-    for index in range(plan.n):
+    for index in range(plan.shard[0], plan.n, plan.shard[1]):
         for length in sorted(plan.lengths):
             for task in plan.tasks:
                 seed = case_seed(task, plan.split, length, index, plan.base_seed)

@@ -14,11 +14,12 @@ and test cases are drawn from disjoint seeds and never share an instance.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import random
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from . import words
@@ -98,6 +99,7 @@ class TaskSpec:
     min_units: int
     about: str
     long_answer: bool = False
+    knobs: tuple[str, ...] = ()  # difficulty options its builder takes: "route:hops=8"
 
 
 def check_split(split: str) -> str:
@@ -216,7 +218,7 @@ def build_mrcr(rng: random.Random, units: int) -> Draft:
                  {"depth": round(depths[nth - 1], 4), "nth": nth, "repeats": MRCR_REPEATS})
 
 
-_ORDINALS = {1: "first", 2: "second", 3: "third", 4: "fourth"}
+_ORDINALS = dict(enumerate(("first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth"), 1))
 
 
 def _other_request(rng: random.Random, kind: str, topic: str) -> tuple[str, str]:
@@ -260,19 +262,19 @@ PASSAGE_PIECES = (6, 12)  # lines per passage: 100-300 tokens
 CHAIN_HOPS, CHAIN_DECOYS = 5, 4  # 5 values in the text: a guess scores 0.2
 
 
-def build_route(rng: random.Random, units: int) -> Draft:
+def build_route(rng: random.Random, units: int, hops: int = ROUTE_HOPS) -> Draft:
     taken: set[str] = set()
-    route = words.distinct(rng, words.city_name, ROUTE_HOPS + 1, taken)
+    route = words.distinct(rng, words.city_name, hops + 1, taken)
     links = [_road(a, b) for a, b in itertools.pairwise(route)]
-    decoys = _decoy_roads(rng, taken, ROUTE_HOPS * ROUTE_DECOYS)
+    decoys = _decoy_roads(rng, taken, hops * ROUTE_DECOYS)
     facts = links + decoys
     body = prose(insert_at_depths(words.filler_sentences(rng, units), facts, [rng.random() for _ in facts]))
-    ask = (f"Start in {route[0]} and follow the one-way roads for {ROUTE_HOPS} steps. List every city you "
+    ask = (f"Start in {route[0]} and follow the one-way roads for {hops} steps. List every city you "
            f"reach, in order, one per line, and nothing else.")
     content = f"The text below mentions one-way roads between cities.\n\n{body}\n\n{ask}"
     prompt = Prompt((("user", content),), f"{route[0]}\n")
-    return Draft(prompt, tuple(route[1:]), "path_prefix", 6 * ROUTE_HOPS + 8, ("\n\n",),
-                 {"hops": ROUTE_HOPS, "decoys": len(decoys)}, tuple(links))
+    return Draft(prompt, tuple(route[1:]), "path_prefix", 6 * hops + 8, ("\n\n",),
+                 {"hops": hops, "decoys": len(decoys)}, tuple(links))
 
 
 def _decoy_roads(rng: random.Random, taken: set, count: int) -> list[str]:
@@ -282,11 +284,11 @@ def _decoy_roads(rng: random.Random, taken: set, count: int) -> list[str]:
     return [_road(a, b) for a, b in itertools.pairwise(cities)]
 
 
-def build_passage(rng: random.Random, units: int) -> Draft:
+def build_passage(rng: random.Random, units: int, repeats: int = PASSAGE_REPEATS) -> Draft:
     kind, topic = rng.choice(words.KINDS), rng.choice(words.TOPICS)
-    nth = rng.randrange(PASSAGE_REPEATS) + 1
-    depths = sorted(rng.random() for _ in range(PASSAGE_REPEATS))
-    targets = [_passage(rng, kind, topic) for _ in range(PASSAGE_REPEATS)]
+    nth = rng.randrange(repeats) + 1
+    depths = sorted(rng.random() for _ in range(repeats))
+    targets = [_passage(rng, kind, topic) for _ in range(repeats)]
     rounds = [_round(k, t, _passage(rng, k, t)) for k, t in (_other_request(rng, kind, topic) for _ in range(units))]
     turns = [turn for pair in insert_at_depths(rounds, [_round(kind, topic, p) for p in targets], depths)
              for turn in pair]
@@ -294,7 +296,7 @@ def build_passage(rng: random.Random, units: int) -> Draft:
            f"exactly as written, every line of it, and nothing else.")
     gold = targets[nth - 1]
     return Draft(Prompt(tuple(turns) + (("user", ask),)), gold, "sequence_ratio", len(gold) // 3 + 32, (),
-                 {"depth": round(depths[nth - 1], 4), "nth": nth, "repeats": PASSAGE_REPEATS,
+                 {"depth": round(depths[nth - 1], 4), "nth": nth, "repeats": repeats,
                   "gold_chars": len(gold)}, (gold,))
 
 
@@ -303,10 +305,10 @@ def _passage(rng: random.Random, kind: str, topic: str) -> str:
     return "\n".join(words.piece(rng, kind, topic) for _ in range(rng.randint(*PASSAGE_PIECES)))
 
 
-def build_chain(rng: random.Random, units: int) -> Draft:
+def build_chain(rng: random.Random, units: int, hops: int = CHAIN_HOPS) -> Draft:
     taken: set[str] = set()
     values = words.distinct(rng, lambda r: words.number(r, 5), CHAIN_DECOYS + 1, set())
-    chains = [words.distinct(rng, words.variable_name, CHAIN_HOPS + 1, taken) for _ in values]
+    chains = [words.distinct(rng, words.variable_name, hops + 1, taken) for _ in values]
     facts = [line for names, value in zip(chains, values) for line in _assignments(names, value)]
     body = prose(insert_at_depths(words.filler_sentences(rng, units), facts, [rng.random() for _ in facts]))
     asked = chains[0][-1]
@@ -316,8 +318,8 @@ def build_chain(rng: random.Random, units: int) -> Draft:
     content = f"Variable assignments are hidden in the text below.\n\n{body}\n\n{ask}"
     prompt = Prompt((("user", content),), f"VAR {asked} = VAR")  # the first step written, not skipped
     # no blank-line stop: models often leave one before the answer line
-    return Draft(prompt, values[0], "final_number", 12 * CHAIN_HOPS + 24, (),
-                 {"hops": CHAIN_HOPS, "decoys": CHAIN_DECOYS}, tuple(_assignments(chains[0], values[0])))
+    return Draft(prompt, values[0], "final_number", 12 * hops + 24, (),
+                 {"hops": hops, "decoys": CHAIN_DECOYS}, tuple(_assignments(chains[0], values[0])))
 
 
 def _assignments(names: list[str], value: str) -> list[str]:
@@ -330,21 +332,38 @@ TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in (
     TaskSpec("path", build_path, 8, f"path traversal, {HOPS} hops, one outgoing road per city"),
     TaskSpec("mrcr", build_mrcr, 4, f"multi-round coreference: reproduce the n-th of {MRCR_REPEATS} requests"),
     TaskSpec("vt", build_vt, 8, f"variable tracking, chains of {VT_CHAIN}"),
-    TaskSpec("route", build_route, 8, f"route listing: every city along {ROUTE_HOPS} hops, one per line", True),
+    TaskSpec("route", build_route, 8, f"route listing: every city along {ROUTE_HOPS} hops, one per line", True,
+             ("hops",)),
     TaskSpec("passage", build_passage, 2, f"long-answer MRCR: reproduce the n-th of {PASSAGE_REPEATS} passages "
-                                          f"of {PASSAGE_PIECES[0]}-{PASSAGE_PIECES[1]} lines", True),
+                                          f"of {PASSAGE_PIECES[0]}-{PASSAGE_PIECES[1]} lines", True, ("repeats",)),
     TaskSpec("chain", build_chain, 8, f"chain tracing: {CHAIN_HOPS} assignments followed back step by step, "
-                                      f"then the value", True),
+                                      f"then the value", True, ("hops",)),
 )}
 SHORT_TASKS = tuple(name for name, spec in TASKS.items() if not spec.long_answer)
 LONG_TASKS = tuple(name for name, spec in TASKS.items() if spec.long_answer)
 
 
 def task_spec(name: str) -> TaskSpec:
+    """A task by name, with difficulty options where it has knobs: 'route', 'route:hops=8'."""
+    base, _, rest = name.partition(":")
     try:
-        return TASKS[name]
+        spec = TASKS[base]
     except KeyError:
-        raise InputError(f"unknown task {name!r}; known: {', '.join(TASKS)}") from None
+        raise InputError(f"unknown task {base!r}; known: {', '.join(TASKS)}") from None
+    if not rest:
+        return spec
+    options = dict(_task_option(spec, item) for item in rest.split("+"))
+    return replace(spec, name=name, build=functools.partial(spec.build, **options))
+
+
+def _task_option(spec: TaskSpec, item: str) -> tuple[str, int]:
+    key, _, value = item.partition("=")
+    if key not in spec.knobs:
+        raise InputError(f"task {spec.name}: unknown option {key!r} (options: {', '.join(spec.knobs) or 'none'})")
+    if not value.isdigit() or not 1 <= int(value) <= (len(_ORDINALS) if key == "repeats" else 64):
+        raise InputError(f"task {spec.name}: {key} must be a whole number from 1 to "
+                         f"{len(_ORDINALS) if key == 'repeats' else 64}, got {value!r}")
+    return key, int(value)
 
 
 def make_case(task: str, *, split: str, length: int, index: int, measure: Measure, base_seed: int = 0) -> Case:
