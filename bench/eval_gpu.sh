@@ -24,7 +24,7 @@ ship)
     mkdir -p .evalship .git/info
     grep -qx '/.evalship/' .git/info/exclude 2>/dev/null || echo /.evalship/ >> .git/info/exclude
     rm -f ".evalship/$3".part*
-    split -b 50000000 -d -a 1 "$2" ".evalship/$3.part"  # 50 MB: the working tree travels too (64 MiB a call)
+    split -b 50000000 -d -a 2 "$2" ".evalship/$3.part"  # 50 MB: the working tree travels too (64 MiB a call)
     ls -l .evalship/; sha256sum "$2" ;;
 take)
     mkdir -p /tmp/models/parts
