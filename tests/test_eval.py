@@ -168,7 +168,8 @@ def test_route_gold_lists_every_city_along_the_roads():
         assert len(outgoing) == len(roads) and len(roads) > ROUTE_HOPS  # one road out of a city, decoys too
         start = re.search(r"Start in (\w+) and follow", _user_text(c)).group(1)
         assert tuple(_follow(outgoing, start, ROUTE_HOPS)) == c.draft.gold
-        assert c.draft.prompt.answer_prefix == start + "\n"
+        assert len({city[:3] for city in (start, *c.draft.gold)}) == ROUTE_HOPS + 1  # names start apart
+        assert c.draft.prompt.answer_prefix == "1."
         assert all(e in _user_text(c) for e in c.draft.evidence) and len(c.draft.evidence) == ROUTE_HOPS
 
 
@@ -176,7 +177,8 @@ def test_long_tasks_take_a_difficulty_option_by_name():
     assert len(case("route:hops=4").draft.gold) == 4 and len(case("route:hops=12").draft.gold) == 12
     assert case("route:hops=4").task == "route:hops=4" and case("route").draft.gold != case("route:hops=4").draft.gold
     assert case("chain:hops=2").draft.details["hops"] == 2 and case("passage:repeats=5").draft.details["repeats"] == 5
-    with pytest.raises(ValueError, match="task route: unknown option 'depth' \\(options: hops\\)"):
+    assert case("route:hops=3+decoys=0").draft.details["decoys"] == 0
+    with pytest.raises(ValueError, match="task route: unknown option 'depth' \\(options: hops, decoys\\)"):
         case("route:depth=3")
     with pytest.raises(ValueError, match="task passage: repeats must be a whole number from 1 to 8, got '9'"):
         case("passage:repeats=9")
@@ -188,7 +190,7 @@ def test_passage_gold_is_the_nth_long_passage_of_its_request():
     for i in range(20):
         c = case("passage", index=i, length=4096)
         turns = c.draft.prompt.turns
-        ordinal, kind, topic = re.search(r"Reproduce the (\w+) (\w+) about (.+) that you", turns[-1][1]).groups()
+        ordinal, kind, topic = re.search(r"Reproduce the (\w+) (.+?) about (.+) that you", turns[-1][1]).groups()
         nth = ["first", "second", "third"].index(ordinal)
         answers = [turns[j + 1][1] for j in range(0, len(turns) - 1, 2)
                    if turns[j][1] == f"Write a {kind} about {topic}."]
@@ -223,6 +225,7 @@ def test_scoring_rules():
     assert path_prefix(" Kel -> Ulm -> Ost", ("Kel", "Mar", "Ost")) == pytest.approx(1 / 3)
     assert path_prefix(" kel, then Mar", ("Kel", "Mar", "Ost")) == pytest.approx(2 / 3)
     assert path_prefix("Kel\nMar\nOst\n", ("Kel", "Mar", "Ost", "Ulm")) == 0.75
+    assert path_prefix(" Kel\n2. Mar\n3. Ulm", ("Kel", "Mar", "Ost")) == pytest.approx(2 / 3)  # a numbered list
     assert final_number("VAR A = VAR B.\nVAR B = 12345.\n\nAnswer: 12,345", "12345") == 1.0
     assert final_number("VAR A = 12345.\nAnswer: 54321 (or 12345)", "12345") == 0.0
     assert final_number("VAR A = VAR B.\nVAR B = 12345.", "12345") == 1.0

@@ -38,9 +38,10 @@ setup() {
 calibrate() {  # detection and calibration together: calibration is plain decoding, no heads
     detect default & detect long --documents 24 & detect cap --max-layer 13 &
     local gpu=1
-    for spec in route:hops=6 route:hops=10 route:hops=16 passage:repeats=2 passage:repeats=3 \
-                passage:repeats=5 chain:hops=3 chain:hops=5 chain:hops=8; do
-        ev $gpu "calib-${spec//[:=]/_}" --tasks $spec --lengths 8192 --n 20 --methods plain --time-limit 120 &
+    for spec in route:hops=4+decoys=0 route:hops=8+decoys=0 route:hops=8+decoys=1 route:hops=12+decoys=0 \
+                passage:repeats=1 passage:repeats=2 passage:repeats=3 \
+                chain:hops=3+decoys=2 chain:hops=5+decoys=2 chain:hops=5+decoys=4 chain:hops=8+decoys=2; do
+        ev $gpu "calib-${spec//[:=+]/_}" --tasks $spec --lengths 8192 --n 20 --methods plain --time-limit 120 &
         gpu=$(( 1 - gpu ))
     done
     wait
@@ -51,13 +52,13 @@ calibrate() {  # detection and calibration together: calibration is plain decodi
 dev() {
     local maps=$R/heads-default.json t
     for t in ${TASKS//,/ }; do
-        ev 0 "dev-A-${t//[:=]/_}" --tasks $t --lengths 16384 --n 20 --methods plain,dysco,fast --head-map $maps \
+        ev 0 "dev-A-${t//[:=+]/_}" --tasks $t --lengths 16384 --n 20 --methods plain,dysco,fast --head-map $maps \
             --time-limit 240 &
-        ev 1 "dev-B-${t//[:=]/_}" --tasks $t --lengths 16384 --n 20 --head-map $maps --time-limit 240 \
+        ev 1 "dev-B-${t//[:=+]/_}" --tasks $t --lengths 16384 --n 20 --head-map $maps --time-limit 240 \
             --methods "random,dysco:strength=4,dysco:top_k_ratio=0.02,dysco:decay=0.5" &
-        ev 0 "dev-long-${t//[:=]/_}" --tasks $t --lengths 16384 --n 20 --methods dysco \
+        ev 0 "dev-long-${t//[:=+]/_}" --tasks $t --lengths 16384 --n 20 --methods dysco \
             --head-map $R/heads-long.json --time-limit 240 &
-        ev 1 "dev-cap-${t//[:=]/_}" --tasks $t --lengths 16384 --n 20 --methods dysco \
+        ev 1 "dev-cap-${t//[:=+]/_}" --tasks $t --lengths 16384 --n 20 --methods dysco \
             --head-map $R/heads-cap.json --time-limit 240 &
     done
     wait
@@ -70,7 +71,7 @@ test_at() {  # LENGTH SECONDS: the chosen variant, plain and random heads on tes
     read -r method twin map < $R/config.txt
     for t in ${TASKS//,/ }; do
         for k in 0 1; do
-            ev $k "test-$length-${t//[:=]/_}-$k" --tasks $t --lengths $length --n 100 --split test \
+            ev $k "test-$length-${t//[:=+]/_}-$k" --tasks $t --lengths $length --n 100 --split test \
                 --methods "plain,$method,$twin" --head-map $map --shard $k/2 --time-limit $limit &
         done
     done

@@ -99,7 +99,7 @@ class TaskSpec:
     min_units: int
     about: str
     long_answer: bool = False
-    knobs: tuple[str, ...] = ()  # difficulty options its builder takes: "route:hops=8"
+    knobs: tuple[tuple[str, int, int], ...] = ()  # difficulty options (name, low, high): "route:hops=8"
 
 
 def check_split(split: str) -> str:
@@ -255,44 +255,46 @@ def build_vt(rng: random.Random, units: int) -> Draft:
 # Difficulty set on the dev split so that plain decoding of Qwen2.5-Coder-1.5B-Instruct scores
 # 20-70% at 8K tokens (docs/eval/, issue 16).
 
-ROUTE_HOPS = 10
-ROUTE_DECOYS = 3  # roads between other cities per hop of the route
+ROUTE_HOPS, ROUTE_DECOYS = 10, 1  # decoys: roads between other cities, per hop of the route
 PASSAGE_REPEATS = 3
 PASSAGE_PIECES = (6, 12)  # lines per passage: 100-300 tokens
+# what a passage is asked as -> the kind of its lines (words.piece)
+PASSAGE_FORMS = {"poem": "poem", "list of slogans": "slogan", "set of riddles": "riddle", "song": "limerick"}
 CHAIN_HOPS, CHAIN_DECOYS = 5, 4  # 5 values in the text: a guess scores 0.2
 
 
-def build_route(rng: random.Random, units: int, hops: int = ROUTE_HOPS) -> Draft:
+def build_route(rng: random.Random, units: int, hops: int = ROUTE_HOPS, decoys: int = ROUTE_DECOYS) -> Draft:
     taken: set[str] = set()
-    route = words.distinct(rng, words.city_name, hops + 1, taken)
+    route = words.city_names_apart(rng, hops + 1, taken)
     links = [_road(a, b) for a, b in itertools.pairwise(route)]
-    decoys = _decoy_roads(rng, taken, hops * ROUTE_DECOYS)
-    facts = links + decoys
+    others = _decoy_roads(rng, taken, hops * decoys)
+    facts = links + others
     body = prose(insert_at_depths(words.filler_sentences(rng, units), facts, [rng.random() for _ in facts]))
-    ask = (f"Start in {route[0]} and follow the one-way roads for {hops} steps. List every city you "
-           f"reach, in order, one per line, and nothing else.")
+    ask = (f"Start in {route[0]} and follow the one-way roads for {hops} steps. List the cities you reach "
+           f"as a numbered list, one per line (1. is the city one road away from {route[0]}), and nothing else.")
     content = f"The text below mentions one-way roads between cities.\n\n{body}\n\n{ask}"
-    prompt = Prompt((("user", content),), f"{route[0]}\n")
+    prompt = Prompt((("user", content),), "1.")  # the list started: no preamble to score around
     return Draft(prompt, tuple(route[1:]), "path_prefix", 6 * hops + 8, ("\n\n",),
-                 {"hops": hops, "decoys": len(decoys)}, tuple(links))
+                 {"hops": hops, "decoys": len(others)}, tuple(links))
 
 
 def _decoy_roads(rng: random.Random, taken: set, count: int) -> list[str]:
-    """Roads that never touch the route: chains of other cities, so that following one from a
-    route city is never ambiguous, yet the text is full of roads."""
-    cities = words.distinct(rng, words.city_name, count + 1, taken)
+    """Roads that never touch the route: a chain of other cities, so that following one from a
+    route city is never ambiguous, yet the text holds more roads than the route."""
+    cities = words.distinct(rng, words.city_name, count + 1, taken) if count else []
     return [_road(a, b) for a, b in itertools.pairwise(cities)]
 
 
 def build_passage(rng: random.Random, units: int, repeats: int = PASSAGE_REPEATS) -> Draft:
-    kind, topic = rng.choice(words.KINDS), rng.choice(words.TOPICS)
+    form, topic = rng.choice(list(PASSAGE_FORMS)), rng.choice(words.TOPICS)
     nth = rng.randrange(repeats) + 1
     depths = sorted(rng.random() for _ in range(repeats))
-    targets = [_passage(rng, kind, topic) for _ in range(repeats)]
-    rounds = [_round(k, t, _passage(rng, k, t)) for k, t in (_other_request(rng, kind, topic) for _ in range(units))]
-    turns = [turn for pair in insert_at_depths(rounds, [_round(kind, topic, p) for p in targets], depths)
+    targets = [_passage(rng, form, topic) for _ in range(repeats)]
+    others = (_other_passage_request(rng, form, topic) for _ in range(units))
+    rounds = [_passage_round(f, t, _passage(rng, f, t)) for f, t in others]
+    turns = [turn for pair in insert_at_depths(rounds, [_passage_round(form, topic, p) for p in targets], depths)
              for turn in pair]
-    ask = (f"Reproduce the {_ORDINALS[nth]} {kind} about {topic} that you wrote in this conversation, "
+    ask = (f"Reproduce the {_ORDINALS[nth]} {form} about {topic} that you wrote in this conversation, "
            f"exactly as written, every line of it, and nothing else.")
     gold = targets[nth - 1]
     return Draft(Prompt(tuple(turns) + (("user", ask),)), gold, "sequence_ratio", len(gold) // 3 + 32, (),
@@ -300,14 +302,25 @@ def build_passage(rng: random.Random, units: int, repeats: int = PASSAGE_REPEATS
                   "gold_chars": len(gold)}, (gold,))
 
 
-def _passage(rng: random.Random, kind: str, topic: str) -> str:
-    """Several pieces of one kind and topic: passages on the same request differ only in their words."""
-    return "\n".join(words.piece(rng, kind, topic) for _ in range(rng.randint(*PASSAGE_PIECES)))
+def _passage(rng: random.Random, form: str, topic: str) -> str:
+    """Lines of one kind and topic: passages asked for the same way differ only in their words."""
+    return "\n".join(words.piece(rng, PASSAGE_FORMS[form], topic) for _ in range(rng.randint(*PASSAGE_PIECES)))
 
 
-def build_chain(rng: random.Random, units: int, hops: int = CHAIN_HOPS) -> Draft:
+def _other_passage_request(rng: random.Random, form: str, topic: str) -> tuple[str, str]:
+    while True:
+        pair = (rng.choice(list(PASSAGE_FORMS)), rng.choice(words.TOPICS))
+        if pair != (form, topic):
+            return pair
+
+
+def _passage_round(form: str, topic: str, text: str) -> tuple:
+    return (("user", f"Write a {form} about {topic}."), ("assistant", text))
+
+
+def build_chain(rng: random.Random, units: int, hops: int = CHAIN_HOPS, decoys: int = CHAIN_DECOYS) -> Draft:
     taken: set[str] = set()
-    values = words.distinct(rng, lambda r: words.number(r, 5), CHAIN_DECOYS + 1, set())
+    values = words.distinct(rng, lambda r: words.number(r, 5), decoys + 1, set())
     chains = [words.distinct(rng, words.variable_name, hops + 1, taken) for _ in values]
     facts = [line for names, value in zip(chains, values) for line in _assignments(names, value)]
     body = prose(insert_at_depths(words.filler_sentences(rng, units), facts, [rng.random() for _ in facts]))
@@ -319,7 +332,7 @@ def build_chain(rng: random.Random, units: int, hops: int = CHAIN_HOPS) -> Draft
     prompt = Prompt((("user", content),), f"VAR {asked} = VAR")  # the first step written, not skipped
     # no blank-line stop: models often leave one before the answer line
     return Draft(prompt, values[0], "final_number", 12 * hops + 24, (),
-                 {"hops": hops, "decoys": CHAIN_DECOYS}, tuple(_assignments(chains[0], values[0])))
+                 {"hops": hops, "decoys": decoys}, tuple(_assignments(chains[0], values[0])))
 
 
 def _assignments(names: list[str], value: str) -> list[str]:
@@ -333,11 +346,12 @@ TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in (
     TaskSpec("mrcr", build_mrcr, 4, f"multi-round coreference: reproduce the n-th of {MRCR_REPEATS} requests"),
     TaskSpec("vt", build_vt, 8, f"variable tracking, chains of {VT_CHAIN}"),
     TaskSpec("route", build_route, 8, f"route listing: every city along {ROUTE_HOPS} hops, one per line", True,
-             ("hops",)),
+             (("hops", 1, 16), ("decoys", 0, 8))),
     TaskSpec("passage", build_passage, 2, f"long-answer MRCR: reproduce the n-th of {PASSAGE_REPEATS} passages "
-                                          f"of {PASSAGE_PIECES[0]}-{PASSAGE_PIECES[1]} lines", True, ("repeats",)),
+                                          f"of {PASSAGE_PIECES[0]}-{PASSAGE_PIECES[1]} lines", True,
+             (("repeats", 1, 8),)),
     TaskSpec("chain", build_chain, 8, f"chain tracing: {CHAIN_HOPS} assignments followed back step by step, "
-                                      f"then the value", True, ("hops",)),
+                                      f"then the value", True, (("hops", 1, 16), ("decoys", 0, 8))),
 )}
 SHORT_TASKS = tuple(name for name, spec in TASKS.items() if not spec.long_answer)
 LONG_TASKS = tuple(name for name, spec in TASKS.items() if spec.long_answer)
@@ -358,11 +372,12 @@ def task_spec(name: str) -> TaskSpec:
 
 def _task_option(spec: TaskSpec, item: str) -> tuple[str, int]:
     key, _, value = item.partition("=")
-    if key not in spec.knobs:
-        raise InputError(f"task {spec.name}: unknown option {key!r} (options: {', '.join(spec.knobs) or 'none'})")
-    if not value.isdigit() or not 1 <= int(value) <= (len(_ORDINALS) if key == "repeats" else 64):
-        raise InputError(f"task {spec.name}: {key} must be a whole number from 1 to "
-                         f"{len(_ORDINALS) if key == 'repeats' else 64}, got {value!r}")
+    bounds = {name: (low, high) for name, low, high in spec.knobs}
+    if key not in bounds:
+        raise InputError(f"task {spec.name}: unknown option {key!r} (options: {', '.join(bounds) or 'none'})")
+    low, high = bounds[key]
+    if not value.isdigit() or not low <= int(value) <= high:
+        raise InputError(f"task {spec.name}: {key} must be a whole number from {low} to {high}, got {value!r}")
     return key, int(value)
 
 

@@ -86,6 +86,15 @@ def city_name(rng: random.Random) -> str:
     return "".join(parts).capitalize()
 
 
+def city_names_apart(rng: random.Random, count: int, taken: set) -> list[str]:
+    """`count` city names that all start with different syllables (names alike confuse small
+    models more than the task means to), none in `taken` (which is updated)."""
+    out: list[str] = []
+    for first in rng.sample(_SYLLABLES, count):
+        out += distinct(rng, lambda r: (first + r.choice(_SYLLABLES)).capitalize(), 1, taken)
+    return out
+
+
 def variable_name(rng: random.Random) -> str:
     return "".join(rng.choice(string.ascii_uppercase) for _ in range(5))
 
