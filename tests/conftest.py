@@ -15,6 +15,9 @@ def pytest_configure(config):
     # documents opened by tests (and the CLI they start) keep their KV cells out of the user's cache
     if "DYSCO_EDGE_KV_CACHE" not in os.environ:
         config._test_kv_dir = os.environ["DYSCO_EDGE_KV_CACHE"] = tempfile.mkdtemp(prefix="dysco-edge-test-kv-")
+    # catalog models assembled by tests live with the other test models (kept between runs: 1.1 GB
+    # is assembled once), not in the user's model cache
+    os.environ.setdefault("DYSCO_EDGE_MODEL_CACHE", str(models.cache_dir() / "catalog"))
 
 
 def pytest_unconfigure(config):

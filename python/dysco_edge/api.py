@@ -18,7 +18,7 @@ from .errors import ContextOverflow, InputError, NoHeadMap
 from .heads.gguf_meta import check_gguf_file
 from .heads.lookup import FoundHeadMap, locate_head_map, no_head_map_message
 from .heads.maps import HeadMap, ModelShape, load_head_map
-from .models import default_model_path
+from .models import resolve as resolve_model
 from .runtime.engine import Engine, EngineOptions, ProgressFn, choose_offload
 from .runtime.generation import ContextLock, Generation, Request, TextStream
 from .runtime.prefix_cache import PrefixCache
@@ -38,6 +38,8 @@ CTX_ROUNDING = 256  # llama.cpp pads a context to this anyway
 class Model:
     """A GGUF model on llama.cpp that generates with DySCO (or plainly).
 
+    path: a GGUF file, a model's name from the catalog (`Model("qwen2.5-coder-1.5b")`; see
+    dysco_edge.models; a part-based one is assembled on first use), or None for the default model.
     n_ctx None: the context grows to what each input needs (prompt + max_new_tokens, rounded up
     to 256), up to the model's training context. n_gpu_layers None and flash_attn "auto": with a
     GPU build, every layer offloaded and flash attention on; on a CPU build, neither."""
@@ -45,7 +47,7 @@ class Model:
     def __init__(self, path: Optional[Union[str, Path]] = None, *, n_ctx: Optional[int] = None,
                  n_gpu_layers: Optional[int] = None, flash_attn: Union[bool, str] = "auto", n_batch: int = 512,
                  n_threads: Optional[int] = None, head_map: Optional[Union[str, Path, HeadMap]] = None):
-        self.path = check_gguf_file(Path(path) if path else default_model_path())
+        self.path = check_gguf_file(resolve_model(path or None))
         layers, flash = choose_offload(n_gpu_layers, flash_attn)
         self._auto_ctx = n_ctx is None
         self.engine = Engine(self.path, EngineOptions(n_ctx=n_ctx or AUTO_CTX_START, n_batch=n_batch,

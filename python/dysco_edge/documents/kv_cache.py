@@ -29,6 +29,7 @@ from typing import Optional, Sequence
 from .._version import __version__
 from ..errors import InputError
 from ..heads.gguf_meta import gguf_index_end
+from ..paths import user_cache_dir
 
 MAGIC = b"DYSCOKV\0"
 FORMAT_VERSION = 1
@@ -41,11 +42,7 @@ _STALE_TEMP_S = 3600.0  # a temporary file this old belongs to a process that di
 
 def default_cache_dir() -> Path:
     """$DYSCO_EDGE_KV_CACHE, else $XDG_CACHE_HOME/dysco-edge/kv, else ~/.cache/dysco-edge/kv."""
-    explicit = os.environ.get("DYSCO_EDGE_KV_CACHE")
-    if explicit:
-        return Path(explicit)
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "dysco-edge" / "kv"
+    return user_cache_dir("DYSCO_EDGE_KV_CACHE", "kv")
 
 
 def parse_size(text: str) -> int:

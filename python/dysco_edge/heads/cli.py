@@ -1,10 +1,11 @@
 """`dysco-edge heads ...`: show, import, embed and detect QR-head maps.
 
-  heads show MODEL.gguf                       which head map a model gets, and from where
+  heads show MODEL.gguf | --model NAME        which head map a model gets, and from where
   heads import FILE --model MODEL.gguf -o OUT.json
                                               a DySCO YAML / QRHead head set -> head map
   heads embed MODEL.gguf MAP.json -o OUT.gguf write the map into the GGUF's metadata
-  heads detect MODEL.gguf [-o MAP.json]       QR-head detection (QRHead) on a calibration set
+  heads detect MODEL.gguf | --model NAME [-o MAP.json]
+                                              QR-head detection (QRHead) on a calibration set
   heads select MAP.json --max-layer K -o OUT.json
                                               re-pick a detected map's top 16 under a layer cap
 
@@ -18,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..cli.models import add_model_arguments, required_model
 from ..errors import InputError
 from ..progress import Progress
 
@@ -37,7 +39,7 @@ def add_parser(subparsers) -> None:
 
 def _add_show(sub) -> None:
     show = sub.add_parser("show", help="which head map a model gets, and where it comes from")
-    show.add_argument("model", help="GGUF file")
+    add_model_arguments(show, positional_help="GGUF file")
     show.add_argument("--head-map", metavar="FILE", help="a head map to check against the model instead")
 
 
@@ -66,7 +68,7 @@ def _add_embed(sub) -> None:
 
 def _add_detect(sub) -> None:
     detect = sub.add_parser("detect", help="detect QR heads (QRHead) on a generated calibration set")
-    detect.add_argument("model", help="GGUF file")
+    add_model_arguments(detect, positional_help="GGUF file")
     detect.add_argument("--examples", type=int, default=64, help="calibration examples (default 64)")
     detect.add_argument("--seed", type=int, default=0, help="calibration seed (default 0)")
     detect.add_argument("--documents", type=int, default=8, help="documents per example (default 8)")
@@ -108,7 +110,7 @@ def _show(args) -> int:
     from .lookup import locate_head_map, no_head_map_message
     from .maps import load_head_map
 
-    path = _gguf(args.model)
+    path = _gguf(required_model(args))
     shape = model_shape(path)
     user_map = load_head_map(args.head_map) if args.head_map else None
     found = locate_head_map(shape, path, user_map=user_map, user_map_path=args.head_map or "")
@@ -186,7 +188,7 @@ def _detect(args) -> int:
     from .detect import detect_heads, detection_head_map
 
     _check_detect_args(args)
-    path = _gguf(args.model)
+    path = _gguf(required_model(args))
     with Engine(path, EngineOptions(n_ctx=4096, n_gpu_layers=args.n_gpu_layers, n_threads=args.n_threads)) as eng:
         shape = ModelShape.from_gguf_metadata(eng.metadata)
         if args.max_layer is not None and args.max_layer >= shape.n_layer:
@@ -242,7 +244,7 @@ def _check_detect_args(args) -> None:
 
 # ---- shared ----
 
-def _gguf(path: str) -> Path:
+def _gguf(path: str | Path) -> Path:
     from .gguf_meta import check_gguf_file
     return check_gguf_file(path)
 

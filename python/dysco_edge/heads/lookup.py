@@ -1,9 +1,10 @@
 """Which head map a model gets, and where it came from.
 
 Order: a map the user passes (head_map= / --head-map) always wins; otherwise
-the map embedded in the GGUF (`dysco.*` keys), then the shipped `head_maps/`,
-then the user's head-map directory ($DYSCO_HEAD_MAPS, else
-~/.config/dysco-edge/head_maps/). An embedded map that does not fit the model
+the map embedded in the GGUF (`dysco.*` keys), then the shipped `head_maps/`
+(first the one the model catalog names for this file, when it is shipped and
+fits; else by shape), then the user's head-map directory ($DYSCO_HEAD_MAPS,
+else ~/.config/dysco-edge/head_maps/). An embedded map that does not fit the model
 is an error (the file is wrong), not skipped silently.
 """
 from __future__ import annotations
@@ -22,8 +23,10 @@ from .maps import (
     check_head_map_fits,
     find_head_map,
     load_head_map,
+    shipped_head_map_file,
 )
 from ..errors import InputError
+from ..models import head_map_name_for
 
 __all__ = ["FoundHeadMap", "locate_head_map", "no_head_map_message", "user_head_map_dirs", "user_head_maps"]
 
@@ -78,10 +81,24 @@ def locate_head_map(shape: ModelShape, gguf_path: Path, *, user_map: HeadMap | N
             raise HeadMapMismatch(f"the head map embedded in {gguf_path.name} does not fit it: {err}; "
                                   "embed a map detected for this model, or pass one with --head-map") from None
         return FoundHeadMap(embedded, EMBEDDED, gguf_path.name)
-    shipped = find_head_map(shape)
+    shipped = _named_by_catalog(gguf_path, shape) or find_head_map(shape)
     if shipped is not None:
         return FoundHeadMap(shipped, SHIPPED)
     return _from_user_dirs(shape)
+
+
+def _named_by_catalog(gguf_path: Path, shape: ModelShape) -> HeadMap | None:
+    """The shipped map models.py names for a catalog model's file; None when the file is not a
+    catalog model's, the map is not shipped yet, or it does not fit (then lookup goes by shape)."""
+    stem = head_map_name_for(gguf_path)
+    head_map = shipped_head_map_file(stem) if stem else None
+    if head_map is None:
+        return None
+    try:
+        check_head_map_fits(head_map, shape)
+    except HeadMapMismatch:
+        return None
+    return head_map
 
 
 def _from_user_dirs(shape: ModelShape) -> FoundHeadMap | None:

