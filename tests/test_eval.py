@@ -171,6 +171,11 @@ def test_route_gold_lists_every_city_along_the_roads():
         assert len({city[:3] for city in (start, *c.draft.gold)}) == ROUTE_HOPS + 1  # names start apart
         assert c.draft.prompt.answer_prefix == "1."
         assert all(e in _user_text(c) for e in c.draft.evidence) and len(c.draft.evidence) == ROUTE_HOPS
+        at = [_user_text(c).index(e) for e in c.draft.evidence]
+        assert at == sorted(at)  # a travel log: the route's roads in route order
+    shuffled = [case("route:ordered=0", index=i) for i in range(20)]
+    assert any([_user_text(c).index(e) for e in c.draft.evidence] != sorted(_user_text(c).index(e) for e in
+               c.draft.evidence) for c in shuffled)
 
 
 def test_long_tasks_take_a_difficulty_option_by_name():
@@ -178,7 +183,7 @@ def test_long_tasks_take_a_difficulty_option_by_name():
     assert case("route:hops=4").task == "route:hops=4" and case("route").draft.gold != case("route:hops=4").draft.gold
     assert case("chain:hops=2").draft.details["hops"] == 2 and case("passage:repeats=5").draft.details["repeats"] == 5
     assert case("route:hops=3+decoys=0").draft.details["decoys"] == 0
-    with pytest.raises(ValueError, match="task route: unknown option 'depth' \\(options: hops, decoys\\)"):
+    with pytest.raises(ValueError, match="task route: unknown option 'depth' \\(options: hops, decoys, ordered\\)"):
         case("route:depth=3")
     with pytest.raises(ValueError, match="task passage: repeats must be a whole number from 1 to 8, got '9'"):
         case("passage:repeats=9")

@@ -38,7 +38,7 @@ setup() {
 calibrate() {  # detection and calibration together: calibration is plain decoding, no heads
     detect default & detect long --documents 24 & detect cap --max-layer 13 &
     local gpu=1
-    for spec in route:hops=4+decoys=0 route:hops=8+decoys=0 route:hops=8+decoys=1 route:hops=12+decoys=0 \
+    for spec in route:hops=4+ordered=0 route:hops=8+decoys=0 route:hops=8+decoys=1 route:hops=12+decoys=2 \
                 passage:repeats=1 passage:repeats=2 passage:repeats=3 \
                 chain:hops=3+decoys=2 chain:hops=5+decoys=2 chain:hops=5+decoys=4 chain:hops=8+decoys=2; do
         ev $gpu "calib-${spec//[:=+]/_}" --tasks $spec --lengths 8192 --n 20 --methods plain --time-limit 120 &

@@ -256,6 +256,9 @@ def build_vt(rng: random.Random, units: int) -> Draft:
 # 20-70% at 8K tokens (docs/eval/, issue 16).
 
 ROUTE_HOPS, ROUTE_DECOYS = 10, 1  # decoys: roads between other cities, per hop of the route
+# 1: the route's roads come in route order, among the decoys (a travel log): a small model lists
+# roads in the order it read them rather than following them (Qwen2.5-Coder-1.5B at 2K)
+ROUTE_ORDERED = 1
 PASSAGE_REPEATS = 3
 PASSAGE_PIECES = (6, 12)  # lines per passage: 100-300 tokens
 # what a passage is asked as -> the kind of its lines (words.piece)
@@ -263,19 +266,22 @@ PASSAGE_FORMS = {"poem": "poem", "list of slogans": "slogan", "set of riddles": 
 CHAIN_HOPS, CHAIN_DECOYS = 5, 4  # 5 values in the text: a guess scores 0.2
 
 
-def build_route(rng: random.Random, units: int, hops: int = ROUTE_HOPS, decoys: int = ROUTE_DECOYS) -> Draft:
+def build_route(rng: random.Random, units: int, hops: int = ROUTE_HOPS, decoys: int = ROUTE_DECOYS,
+                ordered: int = ROUTE_ORDERED) -> Draft:
     taken: set[str] = set()
     route = words.city_names_apart(rng, hops + 1, taken)
     links = [_road(a, b) for a, b in itertools.pairwise(route)]
     others = _decoy_roads(rng, taken, hops * decoys)
-    facts = links + others
-    body = prose(insert_at_depths(words.filler_sentences(rng, units), facts, [rng.random() for _ in facts]))
+    depths = [rng.random() for _ in links]
+    depths = sorted(depths) if ordered else depths
+    body = prose(insert_at_depths(words.filler_sentences(rng, units), links + others,
+                                  depths + [rng.random() for _ in others]))
     ask = (f"Start in {route[0]} and follow the one-way roads for {hops} steps. List the cities you reach "
            f"as a numbered list, one per line (1. is the city one road away from {route[0]}), and nothing else.")
     content = f"The text below mentions one-way roads between cities.\n\n{body}\n\n{ask}"
     prompt = Prompt((("user", content),), "1.")  # the list started: no preamble to score around
     return Draft(prompt, tuple(route[1:]), "path_prefix", 6 * hops + 8, ("\n\n",),
-                 {"hops": hops, "decoys": len(others)}, tuple(links))
+                 {"hops": hops, "decoys": len(others), "ordered": ordered}, tuple(links))
 
 
 def _decoy_roads(rng: random.Random, taken: set, count: int) -> list[str]:
@@ -346,7 +352,7 @@ TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in (
     TaskSpec("mrcr", build_mrcr, 4, f"multi-round coreference: reproduce the n-th of {MRCR_REPEATS} requests"),
     TaskSpec("vt", build_vt, 8, f"variable tracking, chains of {VT_CHAIN}"),
     TaskSpec("route", build_route, 8, f"route listing: every city along {ROUTE_HOPS} hops, one per line", True,
-             (("hops", 1, 16), ("decoys", 0, 8))),
+             (("hops", 1, 16), ("decoys", 0, 8), ("ordered", 0, 1))),
     TaskSpec("passage", build_passage, 2, f"long-answer MRCR: reproduce the n-th of {PASSAGE_REPEATS} passages "
                                           f"of {PASSAGE_PIECES[0]}-{PASSAGE_PIECES[1]} lines", True,
              (("repeats", 1, 8),)),
