@@ -141,7 +141,9 @@ def write_report(paths: Sequence[str | Path], out_dir: str | Path, *, name: str 
 
 def _task_notes() -> str:
     scored = {"passkey": "exact", "kv": "exact", "path": "partial: correct route prefix",
-              "mrcr": "partial: similarity ratio", "vt": "partial: set overlap"}
+              "mrcr": "partial: similarity ratio", "vt": "partial: set overlap",
+              "route": "partial: correct route prefix", "passage": "partial: similarity ratio",
+              "chain": "exact: the number after 'Answer:'"}
     return "Tasks: " + "; ".join(f"**{t}** {spec.about} ({scored.get(t, '')})" for t, spec in TASKS.items()) + "."
 
 
