@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Packs what a CUDA run on the lent GPU machine needs (it has no network) into .dev/device:
-# the pristine llama.cpp tree without other backends, llama-cpp-python's Python files,
-# a cffi wheel for its Python, and the tiny test model. Run from the repository root.
+# the pristine llama.cpp tree without other backends (RPC stays: the build has it by default),
+# llama-cpp-python's Python files, a cffi wheel for its Python, and the tiny test model.
+# Run from the repository root.
 set -euo pipefail
 dest=.dev/device
 tree=$(python3 native/fetch_llama.py)
 rm -rf "$dest" && mkdir -p "$dest/llama.cpp/ggml/src" "$dest/pylib" "$dest/wheels"
 cp -r "$tree"/{CMakeLists.txt,LICENSE,cmake,include,src,vendor} "$dest/llama.cpp/"
 cp -r "$tree"/ggml/{CMakeLists.txt,cmake,include,.gitignore} "$dest/llama.cpp/ggml/" 2>/dev/null || true
-( cd "$tree/ggml/src" && cp -r $(ls | grep -vE '^ggml-(blas|cann|et|hexagon|hip|metal|musa|opencl|openvino|rpc|sycl|virtgpu|vulkan|webgpu|zdnn|zendnn)$') "$OLDPWD/$dest/llama.cpp/ggml/src/" )
+( cd "$tree/ggml/src" && cp -r $(ls | grep -vE '^ggml-(blas|cann|et|hexagon|hip|metal|musa|opencl|openvino|sycl|virtgpu|vulkan|webgpu|zdnn|zendnn)$') "$OLDPWD/$dest/llama.cpp/ggml/src/" )
 cp -r "$tree"/gguf-py/gguf "$dest/pylib/gguf"
 # find_spec does not import llama_cpp: importing it needs a libllama (LLAMA_CPP_LIB_PATH) a fresh venv lacks
 site=$(python3 -c "import importlib.util, os; print(os.path.dirname(importlib.util.find_spec('llama_cpp').origin))")
