@@ -114,6 +114,9 @@ static ggml_tensor * dysco_score_mask(const llm_graph_context & g, dysco_state *
     if (st->scores_read_kq_mask(kq_mask)) {
         // the host keeps no row copy then (dysco_mask_apply asks the same question): no fallback here
         GGML_ASSERT(kq_mask->ne[0] == n_kv);
+        // the host maps the row's cells to positions after the graph ran (dysco_ubatch_done): on a CPU
+        // the allocator would otherwise give the mask's memory to later nodes of the same graph
+        ggml_set_output(kq_mask);
         // a view of a host input is one more upload per view: the one-token mask itself is the row, and
         // a longer ubatch shares one view between the layers
         if (kq_mask->ne[1] == 1) {
