@@ -5,7 +5,7 @@ Reports prefill tok/s, decode tok/s, each mode's ratio to plain (exact's target:
 the host outside llama.cpp calls, and GPU memory where nvidia-smi exists.
 
     python bench/bench_decode.py --model M.gguf --head-map head_maps/llama-3.1-8b-instruct.json \
-        --contexts 4096 16384 --gen 64 [--n-gpu-layers 99 --flash-attn]
+        --contexts 4096 16384 --gen 64 [--n-gpu-layers 99 --flash-attn] [--split-mode layer --tensor-split 1,1]
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import time
 import numpy as np
 
 from dysco_edge.runtime.decode import dysco_tokens, plain_tokens, plan_warmups
-from dysco_edge.runtime.engine import Engine, EngineOptions, Sampler
+from dysco_edge.runtime.engine import Engine, EngineOptions, Sampler, SplitOptions
 from dysco_edge.heads.maps import load_head_map
 from dysco_edge.models import default_model_path
 
@@ -27,11 +27,12 @@ FAST_TARGET = 0.93  # fast DySCO's decode speed over plain (the fast-mode issue)
 
 
 def gpu_memory_mib() -> float | None:
+    """Memory used on every GPU of the machine, summed (nvidia-smi ignores CUDA_VISIBLE_DEVICES)."""
     if not shutil.which("nvidia-smi"):
         return None
     out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
                          capture_output=True, text=True).stdout.split()
-    return float(out[0]) if out else None
+    return float(sum(float(x) for x in out)) if out else None
 
 
 class Clock:
@@ -127,7 +128,11 @@ def main():
     ap.add_argument("--repeats", type=int, default=1,
                     help="plain and DySCO runs alternate this many times; medians are reported (noisy machines)")
     ap.add_argument("--modes", default="exact,fast", help="DySCO modes to time against plain, comma-separated")
+    ap.add_argument("--split-mode", default="layer", help="layer, row or none (several GPUs)")
+    ap.add_argument("--tensor-split", default="", help="a share per GPU, e.g. 1,1 (default: by free memory)")
+    ap.add_argument("--main-gpu", type=int, default=0)
     args = ap.parse_args()
+    split = SplitOptions(args.split_mode, args.main_gpu, args.tensor_split or ())
     model = args.model or str(default_model_path())
     config = load_head_map(args.head_map).to_config()
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -140,7 +145,8 @@ def main():
     for n in args.contexts:
         eng = Engine(model, EngineOptions(n_ctx=n + args.gen + 16, n_batch=2048, n_ubatch=512,
                                           n_gpu_layers=args.n_gpu_layers, flash_attn=args.flash_attn,
-                                          n_threads=args.threads))
+                                          n_threads=args.threads, split=split))
+        where = eng.where()
         prompt = [int(t) for t in np.random.default_rng(n).integers(1000, 30000, size=n)]
         for cfg in configs:
             run(eng, prompt[:256], 4, cfg)  # warm up every graph kind
@@ -148,6 +154,7 @@ def main():
         for cfg, r in zip(configs, results):
             print_row(n, cfg, r, results[0], target / (1 + (config.l_max + 1) / eng.n_layer))
         eng.close()
+    print(f"\non {where}")
 
 
 def print_row(n: int, cfg, r: dict, plain: dict, exact_target: float) -> None:

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # On the lent GPU machine, from the repository root, after bench/cuda/prepare.sh ran here and
 # .dev was carried: build with CUDA, check against the CPU backend, then measure speed.
-#   bench/cuda/run.sh build|check|speed|doccache|native|profile|kernels|model|select
-# SHAPE=llama-3.1-8b (default), qwen3-8b or qwen2.5-1.5b picks the random-weight model and its heads
-# (published; for qwen2.5-1.5b bench/qwen2.5-1.5b-bench-heads.json, L_max as its detected map).
+#   bench/cuda/run.sh build|check|speed|doccache|native|profile|kernels|model|select|split-check|split-speed
+# SHAPE=llama-3.1-8b (default), qwen3-8b, qwen2.5-1.5b or llama-3.1-70b picks the random-weight model and its
+# heads (published; for qwen2.5-1.5b bench/qwen2.5-1.5b-bench-heads.json, L_max as its detected map).
+# split-check and split-speed need two GPUs (bench/cuda/split_session.sh runs both in the background).
 set -uo pipefail
 out=${OUT:-/tmp/out}; mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .dev/device/wheels/*.whl >/dev/null 2>&1
@@ -13,6 +14,7 @@ shape=${SHAPE:-llama-3.1-8b}
 m=/tmp/$shape.gguf
 case "$shape" in
     llama-3.1-8b) heads=head_maps/llama-3.1-8b-instruct.json ;;
+    llama-3.1-70b) heads=head_maps/llama-3.1-70b-instruct.json ;;
     qwen2.5-1.5b) heads=bench/qwen2.5-1.5b-bench-heads.json ;;
     *) heads=head_maps/$shape.json ;;
 esac
@@ -65,6 +67,27 @@ kernels)
     done ;;
 model)
     make_model ;;
+split-check)
+    # layers split over 2 GPUs (layer, TENSOR_SPLIT 1,1) against 1 GPU (split mode none): scores, logits,
+    # exact and fast DySCO decodes; MODEL=file.gguf, else a random model of SHAPE (default qwen2.5-1.5b)
+    if [ -z "${MODEL:-}" ]; then shape=${SHAPE:-qwen2.5-1.5b}; m=/tmp/$shape.gguf; make_model; fi
+    DYSCO_SCHED_REPORT=1 python3 bench/cuda/split_check.py "${MODEL:-$m}" --tensor-split "${TENSOR_SPLIT:-1,1}" \
+        > "$out/split-check.md" 2> "$out/split-check.err"
+    rc=$?; cat "$out/split-check.md"
+    echo "graphs with DySCO nodes, by backend (expect CUDA0 and CUDA1, no CPU):"
+    grep "dysco sched" "$out/split-check.err" | sed 's/.* nodes on //' | sort | uniq -c
+    tail -3 "$out/split-check.err" | grep -v "dysco sched"; exit $rc ;;
+split-speed)
+    # decode tok/s of plain, exact and fast DySCO on 1 GPU and on 2 (layer split), Llama-3.1-70B shape
+    # (random Q4_K_M, ~40 GB written directly), its published heads, flash attention
+    shape=llama-3.1-70b; m=/tmp/$shape.gguf; heads=head_maps/llama-3.1-70b-instruct.json; make_model
+    args="--model $m --head-map $heads --contexts ${CONTEXTS:-4096 32768} --gen ${GEN:-64} --repeats ${REPEATS:-1}"
+    CUDA_VISIBLE_DEVICES=0 python3 bench/bench_decode.py $args --n-gpu-layers 99 --flash-attn \
+        > "$out/split-speed-1gpu.md" 2> "$out/split-speed-1gpu.err"
+    python3 bench/bench_decode.py $args --n-gpu-layers 99 --flash-attn --split-mode layer \
+        --tensor-split "${TENSOR_SPLIT:-1,1}" > "$out/split-speed-2gpu.md" 2> "$out/split-speed-2gpu.err"
+    python3 bench/cuda/split_table.py "$out/split-speed-1gpu.md" "$out/split-speed-2gpu.md" | tee "$out/split-speed.md"
+    tail -n 1 "$out/split-speed-1gpu.md" "$out/split-speed-2gpu.md"; tail -n 2 "$out"/split-speed-*.err ;;
 select)
     g++ -O2 -ffp-contract=off -ftree-vectorize -Inative bench/select_timing.cpp native/dysco-select.cpp -o /tmp/select_timing \
         && /tmp/select_timing ${CONTEXTS:-32768} | tee "$out/select_timing.md" ;;

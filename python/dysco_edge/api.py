@@ -19,7 +19,7 @@ from .heads.gguf_meta import check_gguf_file
 from .heads.lookup import FoundHeadMap, locate_head_map, no_head_map_message
 from .heads.maps import HeadMap, ModelShape, load_head_map
 from .models import resolve as resolve_model
-from .runtime.engine import Engine, EngineOptions, ProgressFn, choose_offload
+from .runtime.engine import Engine, EngineOptions, ProgressFn, SplitOptions, choose_offload, connect_rpc
 from .runtime.generation import ContextLock, Generation, Request, TextStream
 from .runtime.prefix_cache import PrefixCache
 from .runtime.prompter import Messages, Prompter
@@ -41,18 +41,29 @@ class Model:
     path: a GGUF file, a model's name from the catalog (`Model("qwen2.5-coder-1.5b")`; see
     dysco_edge.models; a part-based one is assembled on first use), or None for the default model.
     n_ctx None: the context grows to what each input needs (prompt + max_new_tokens, rounded up
-    to 256), up to the model's training context. n_gpu_layers None and flash_attn "auto": with a
-    GPU build, every layer offloaded and flash attention on; on a CPU build, neither."""
+    to 256), up to the model's training context. n_gpu_layers None and flash_attn "auto": where a
+    device can take layers (a GPU, or an RPC server's device), every layer offloaded and flash
+    attention on; on the CPU alone, neither.
+
+    Several devices: split_mode "layer" (whole layers per device, llama.cpp's default), "row"
+    (rows of each matrix; CUDA) or "none" (only device main_gpu); tensor_split one share per device
+    (default: by free memory); rpc the host:port of `dysco-edge rpc-server`s whose devices join
+    this process's before it loads (for good: later models in the process see them too) and come
+    first in the devices' order."""
 
     def __init__(self, path: Optional[Union[str, Path]] = None, *, n_ctx: Optional[int] = None,
                  n_gpu_layers: Optional[int] = None, flash_attn: Union[bool, str] = "auto", n_batch: int = 512,
-                 n_threads: Optional[int] = None, head_map: Optional[Union[str, Path, HeadMap]] = None):
+                 n_threads: Optional[int] = None, head_map: Optional[Union[str, Path, HeadMap]] = None,
+                 split_mode: str = "layer", main_gpu: int = 0, tensor_split: Union[Sequence[float], str, None] = None,
+                 rpc: Union[str, Sequence[str], None] = None):
         self.path = check_gguf_file(resolve_model(path or None))
+        split = SplitOptions(split_mode, main_gpu, tensor_split or (), rpc or ())
+        connect_rpc(split.rpc)  # before the offload choice: the servers' devices take the layers
         layers, flash = choose_offload(n_gpu_layers, flash_attn)
         self._auto_ctx = n_ctx is None
         self.engine = Engine(self.path, EngineOptions(n_ctx=n_ctx or AUTO_CTX_START, n_batch=n_batch,
                                                       n_ubatch=n_batch, n_gpu_layers=layers, flash_attn=flash,
-                                                      n_threads=n_threads))
+                                                      n_threads=n_threads, split=split))
         self._file_identity: Optional[dict] = None
         self.shape = ModelShape.from_gguf_metadata(self.engine.metadata)
         self.prompter = Prompter(self.engine)

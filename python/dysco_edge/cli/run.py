@@ -9,6 +9,7 @@ from ..config import EXACT, FAST
 from ..errors import InputError
 from ..progress import Progress
 from .models import add_model_arguments, chosen_model
+from .devices import add_device_arguments, device_options
 
 FLASH_ATTN = ("auto", "on", "off")  # runtime.engine.FLASH_ATTN_CHOICES, without importing llama.cpp to parse
 QUESTION_ROOM = 256  # context kept for a question asked interactively (its length unknown up front)
@@ -34,9 +35,10 @@ def add_parser(subparsers) -> None:
                      help="context size (default: what the document, question and --max-tokens need, "
                           "up to the model's training context)")
     run.add_argument("--n-gpu-layers", type=int, default=None,
-                     help="layers offloaded to the GPU (default: all, with a GPU build; 0: CPU)")
+                     help="layers offloaded to the GPU(s) or RPC servers (default: all, where there are any; 0: CPU)")
     run.add_argument("--flash-attn", nargs="?", const="on", default="auto", choices=FLASH_ATTN,
                      help="flash attention (default auto: on where layers run on a GPU)")
+    add_device_arguments(run)
     run.add_argument("--temperature", type=float, default=0.0)
     run.add_argument("--seed", type=int, default=None)
     cache = run.add_argument_group("KV cache on disk (a document opened again is loaded, not prefilled)")
@@ -80,7 +82,7 @@ def run_command(args) -> int:
     path = chosen_model(args)
     from ..api import Model  # heavy imports after argument parsing
     model = Model(path, n_ctx=args.n_ctx, n_gpu_layers=args.n_gpu_layers, flash_attn=args.flash_attn,
-                  head_map=args.head_map)
+                  head_map=args.head_map, **device_options(args))
     print(f"running on {model.where()}", file=sys.stderr)
     dysco = choose_dysco(model, args)
     options = dict(max_new_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)

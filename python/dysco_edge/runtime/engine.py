@@ -8,10 +8,15 @@ decoding, KV truncation and state, tokens and text, metadata, end of generation,
 from __future__ import annotations
 
 import ctypes
+import functools
+import math
 import os
-from dataclasses import dataclass, replace
+import socket
+import struct
+import threading
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 
@@ -25,6 +30,66 @@ from .sampling import SamplingOptions
 ProgressFn = Callable[[int, int], None]
 
 
+SPLIT_MODES = ("layer", "row", "none")  # llama_cpp.LLAMA_SPLIT_MODE_* by name; layer is llama.cpp's default
+_SPLIT_MODE_IDS = {"none": llama_cpp.LLAMA_SPLIT_MODE_NONE, "layer": llama_cpp.LLAMA_SPLIT_MODE_LAYER,
+                   "row": llama_cpp.LLAMA_SPLIT_MODE_ROW}
+
+
+@dataclass(frozen=True)
+class SplitOptions:
+    """How offloaded layers spread over several devices (llama.cpp's split options), and the RPC
+    servers whose devices join this process's before the model loads."""
+    mode: str = "layer"                   # layer: whole layers per device; row: rows of each matrix (CUDA); none
+    main_gpu: int = 0                     # mode none: the one device used; row: the one for small tensors
+    tensor_split: Union[tuple[float, ...], str] = ()  # a share per device in llama.cpp's order ("3,1" too);
+                                                      # (): by free memory
+    rpc: Union[tuple[str, ...], str] = ()  # host:port of RPC servers ("a:1,b:2" is read as two)
+
+    def __post_init__(self):
+        if self.mode not in SPLIT_MODES:
+            raise InputError(f"split_mode must be one of {', '.join(SPLIT_MODES)}, got {self.mode!r}")
+        if isinstance(self.main_gpu, bool) or not isinstance(self.main_gpu, int) or self.main_gpu < 0:
+            raise InputError(f"main_gpu must be a device index >= 0, got {self.main_gpu!r}")
+        object.__setattr__(self, "tensor_split", _checked_shares(self.tensor_split))
+        object.__setattr__(self, "rpc", _checked_endpoints(self.rpc))
+
+
+def _checked_shares(shares: Union[Sequence[float], str]) -> tuple[float, ...]:
+    try:
+        values = tuple(float(x) for x in (shares.split(",") if isinstance(shares, str) else shares))
+    except (TypeError, ValueError):
+        raise InputError(f"tensor_split must be numbers, one share per device (e.g. 3,1), got {shares!r}") from None
+    if any(not math.isfinite(x) or x < 0 for x in values):
+        raise InputError(f"tensor_split shares must be finite and >= 0, got {','.join(f'{x:g}' for x in values)}")
+    if values and not any(values):
+        raise InputError("tensor_split shares are all zero: give at least one device a share (e.g. 1,1)")
+    if len(values) > llama_cpp.LLAMA_MAX_DEVICES:
+        raise InputError(f"tensor_split has {len(values)} shares; llama.cpp takes at most "
+                         f"{llama_cpp.LLAMA_MAX_DEVICES} devices")
+    return values
+
+
+def parse_endpoint(endpoint: str) -> tuple[str, int]:
+    """(host, port) of an RPC server's 'host:port' (ggml reads IPv4 addresses and host names only)."""
+    host, sep, port = endpoint.rpartition(":")
+    if not sep or not host or ":" in host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise InputError(f"an RPC server is host:port (an IPv4 address or host name, a port in 1..65535), "
+                         f"got {endpoint!r}")
+    return host, int(port)
+
+
+def _checked_endpoints(rpc: Union[str, Sequence[str]]) -> tuple[str, ...]:
+    endpoints = tuple(rpc.split(",") if isinstance(rpc, str) else rpc)
+    if not all(isinstance(e, str) for e in endpoints):
+        raise InputError(f"rpc must be host:port strings, got {rpc!r}")
+    endpoints = tuple(e.strip() for e in endpoints)
+    for endpoint in endpoints:
+        parse_endpoint(endpoint)
+    if len(set(endpoints)) < len(endpoints):
+        raise InputError(f"an RPC server is named twice in {','.join(endpoints)}: name each once")
+    return endpoints
+
+
 @dataclass(frozen=True)
 class EngineOptions:
     n_ctx: int = 8192
@@ -36,6 +101,7 @@ class EngineOptions:
     type_v: Optional[int] = None
     n_threads: Optional[int] = None
     n_seq_max: int = 1  # > 1: a unified KV cache shared by that many sequences
+    split: SplitOptions = field(default_factory=SplitOptions)
 
     def __post_init__(self):
         for name in ("n_ctx", "n_batch", "n_ubatch", "n_seq_max"):
@@ -43,36 +109,74 @@ class EngineOptions:
                 raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.n_ubatch > self.n_batch:
             raise InputError(f"n_ubatch ({self.n_ubatch}) must not exceed n_batch ({self.n_batch})")
+        if not isinstance(self.split, SplitOptions):
+            raise InputError(f"split must be a SplitOptions, got {self.split!r}")
 
 
 FLASH_ATTN_CHOICES = ("auto", "on", "off")
 _DEVICE_KINDS = {0: "CPU", 1: "GPU", 2: "iGPU", 3: "accelerator"}
+_c = ctypes
+_GGML_SIGNATURES = {  # the parts of ggml's backend registry used here: (argument types, result type)
+    "ggml_backend_dev_count": ([], _c.c_size_t),
+    "ggml_backend_dev_get": ([_c.c_size_t], _c.c_void_p),
+    "ggml_backend_dev_name": ([_c.c_void_p], _c.c_char_p),
+    "ggml_backend_dev_description": ([_c.c_void_p], _c.c_char_p),
+    "ggml_backend_dev_type": ([_c.c_void_p], _c.c_int),
+    "ggml_backend_dev_backend_reg": ([_c.c_void_p], _c.c_void_p),
+    "ggml_backend_reg_name": ([_c.c_void_p], _c.c_char_p),
+    "ggml_backend_reg_by_name": ([_c.c_char_p], _c.c_void_p),
+    "ggml_backend_reg_get_proc_address": ([_c.c_void_p, _c.c_char_p], _c.c_void_p),
+    "ggml_backend_reg_dev_count": ([_c.c_void_p], _c.c_size_t),
+    "ggml_backend_reg_dev_get": ([_c.c_void_p, _c.c_size_t], _c.c_void_p),
+    "ggml_backend_device_register": ([_c.c_void_p], None),
+}
 
 
 @dataclass(frozen=True)
 class Device:
-    kind: str  # CPU, GPU, iGPU, accelerator
-    name: str
-    description: str
+    kind: str  # CPU, GPU, iGPU, accelerator (an RPC server's device says GPU, whatever it is)
+    name: str  # CPU, CUDA0, RPC0, ...
+    description: str  # the model of the device; for an RPC device, its server's host:port
+    backend: str = ""  # the backend that registered it: CPU, CUDA, RPC, ...
 
-
-def gpu_offload_supported() -> bool:
-    """Whether this build of libllama has a GPU backend (CUDA, Metal, Vulkan, ...)."""
-    return bool(llama_cpp.llama_supports_gpu_offload())
+    def label(self) -> str:
+        return f"{self.name} ({self.description})" if self.description else self.name
 
 
 def devices() -> list[Device]:
-    """The compute devices ggml registered in this build (llama-cpp-python binds none of this)."""
+    """The compute devices ggml has registered: this build's, and those of RPC servers connected
+    (llama-cpp-python binds none of this)."""
+    return [device for device, _ in _device_handles()]
+
+
+def _device_handles() -> list[tuple[Device, int]]:
     ggml = _ggml()
     out = []
     for i in range(ggml.ggml_backend_dev_count()):
         dev = ggml.ggml_backend_dev_get(i)
-        out.append(Device(_DEVICE_KINDS.get(ggml.ggml_backend_dev_type(dev), "other"),
-                          ggml.ggml_backend_dev_name(dev).decode("utf-8", "replace"),
-                          ggml.ggml_backend_dev_description(dev).decode("utf-8", "replace")))
+        text = lambda raw: raw.decode("utf-8", "replace") if raw else ""
+        out.append((Device(_DEVICE_KINDS.get(ggml.ggml_backend_dev_type(dev), "other"),
+                           text(ggml.ggml_backend_dev_name(dev)), text(ggml.ggml_backend_dev_description(dev)),
+                           text(ggml.ggml_backend_reg_name(ggml.ggml_backend_dev_backend_reg(dev)))), dev))
     return out
 
 
+def offload_devices() -> list[Device]:
+    """The devices llama.cpp spreads offloaded layers over, in its order (the order of tensor_split's
+    shares and main_gpu's index): RPC servers' first, then GPUs, then integrated GPUs if no GPU."""
+    found = devices()
+    rpc = [d for d in found if d.backend == "RPC"]
+    gpus = [d for d in found if d.kind == "GPU" and d.backend != "RPC"]
+    return rpc + gpus + ([d for d in found if d.kind == "iGPU"] if not gpus else [])
+
+
+def gpu_offload_supported() -> bool:
+    """Whether any device can take layers: a GPU, an integrated GPU, or a connected RPC server's.
+    Not llama_supports_gpu_offload(): that is true in any build with the RPC backend, GPU or not."""
+    return bool(offload_devices())
+
+
+@functools.lru_cache(maxsize=None)
 def _ggml():
     for name in ("libggml.so", "libggml.dylib", "ggml.dll"):  # the backend registry lives here
         if (lib_dir() / name).exists():
@@ -80,12 +184,117 @@ def _ggml():
             break
     else:
         raise EngineError(f"no libggml in {lib_dir()}")
-    lib.ggml_backend_dev_count.restype = ctypes.c_size_t
-    lib.ggml_backend_dev_get.argtypes, lib.ggml_backend_dev_get.restype = [ctypes.c_size_t], ctypes.c_void_p
-    for fn in (lib.ggml_backend_dev_name, lib.ggml_backend_dev_description):
-        fn.argtypes, fn.restype = [ctypes.c_void_p], ctypes.c_char_p
-    lib.ggml_backend_dev_type.argtypes, lib.ggml_backend_dev_type.restype = [ctypes.c_void_p], ctypes.c_int
+    for fn_name, (argtypes, restype) in _GGML_SIGNATURES.items():
+        fn = getattr(lib, fn_name)
+        fn.argtypes, fn.restype = argtypes, restype
     return lib
+
+
+# ---- RPC: other machines' devices (ggml's RPC backend, protocol of ggml-rpc.h in the pinned tree) ----
+
+RPC_PROTOCOL = (7, 0)    # a server must speak 7.x with x <= 0, as ggml's own handshake demands
+RPC_TIMEOUT_S = 10.0     # for our handshake: a server serves one client at a time, a busy one never answers
+_RPC_CMD_HELLO = 14
+_RPC_CAPS_SIZE = 24      # transport capabilities in the handshake; all zero: plain TCP
+_rpc_lock = threading.Lock()
+_rpc_connected: set[str] = set()  # ggml's device registry is process-wide and permanent: register once
+
+
+def connect_rpc(endpoints: Sequence[str]) -> None:
+    """Add each RPC server's devices to ggml's registry, once per endpoint and process: every model
+    loaded afterwards, in this process, may put layers on them (they come first in llama.cpp's order)."""
+    with _rpc_lock:
+        for endpoint in endpoints:
+            if endpoint not in _rpc_connected:
+                _register_rpc_server(endpoint)
+                _rpc_connected.add(endpoint)
+
+
+def _rpc_reg(ggml, endpoint: str):
+    reg = ggml.ggml_backend_reg_by_name(b"RPC")
+    if not reg:
+        raise EngineError(f"this build of dysco-edge has no RPC backend, so {endpoint} cannot be used: "
+                          f"rebuild it with CMAKE_ARGS=-DGGML_RPC=ON (the default)")
+    return reg
+
+
+def _rpc_function(ggml, reg, name: str, restype, *argtypes):
+    address = ggml.ggml_backend_reg_get_proc_address(reg, name.encode())
+    if not address:
+        raise EngineError(f"ggml's RPC backend in this build has no {name}")
+    return ctypes.CFUNCTYPE(restype, *argtypes)(address)
+
+
+def _register_rpc_server(endpoint: str) -> None:
+    ggml = _ggml()
+    reg = _rpc_reg(ggml, endpoint)
+    rpc_handshake(endpoint)  # ggml aborts the process when a server is unreachable or answers wrongly
+    add_server = _rpc_function(ggml, reg, "ggml_backend_rpc_add_server", ctypes.c_void_p, ctypes.c_char_p)
+    server = add_server(endpoint.encode())
+    if not server:
+        raise EngineError(f"the RPC server at {endpoint} offers no devices")
+    for i in range(ggml.ggml_backend_reg_dev_count(server)):
+        ggml.ggml_backend_device_register(ggml.ggml_backend_reg_dev_get(server, i))
+
+
+def rpc_handshake(endpoint: str) -> tuple[int, int, int]:
+    """The protocol version of the RPC server at endpoint, asked over a connection of our own; an
+    EngineError naming it when it cannot be reached, does not answer, or speaks another version."""
+    host, port = parse_endpoint(endpoint)
+    hello = struct.pack("<BQ", _RPC_CMD_HELLO, _RPC_CAPS_SIZE) + bytes(_RPC_CAPS_SIZE)
+    try:
+        with socket.create_connection((host, port), timeout=RPC_TIMEOUT_S) as sock:
+            sock.sendall(hello)
+            reply = _receive(sock, 8 + 4 + _RPC_CAPS_SIZE)
+    except socket.timeout:
+        raise EngineError(f"the RPC server at {endpoint} did not answer in {RPC_TIMEOUT_S:.0f} s; it serves one "
+                          f"client at a time: is another process using it?") from None
+    except OSError as e:
+        raise EngineError(f"cannot reach the RPC server at {endpoint} ({e.strerror or e}); start one there "
+                          f"with `dysco-edge rpc-server --host ADDRESS --port {port}`") from None
+    size, major, minor, patch = struct.unpack_from("<QBBB", reply)
+    if size != 4 + _RPC_CAPS_SIZE or major != RPC_PROTOCOL[0] or minor > RPC_PROTOCOL[1]:
+        raise EngineError(f"{endpoint} did not answer as an RPC server of protocol {RPC_PROTOCOL[0]}."
+                          f"{RPC_PROTOCOL[1]} (llama.cpp's of the same version, or dysco-edge rpc-server)")
+    return major, minor, patch
+
+
+def _receive(sock, n: int) -> bytes:
+    """n bytes, or fewer if the peer closes first (a server of another protocol hangs up)."""
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data.ljust(n, b"\0")
+
+
+def rpc_server_devices(names: Sequence[str] = ()) -> list[Device]:
+    """The local devices an RPC server offers: those named, else every GPU, else the CPU."""
+    local = [d for d in devices() if d.backend != "RPC"]
+    if names:
+        known = {d.name: d for d in local}
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise InputError(f"no device named {', '.join(unknown)} here; this build has "
+                             f"{', '.join(d.name for d in local)}")
+        return [known[n] for n in names]
+    gpus = [d for d in local if d.kind in ("GPU", "iGPU")]
+    return gpus or [d for d in local if d.kind == "CPU"]
+
+
+def serve_rpc(endpoint: str, served: Sequence[Device], *, n_threads: int, cache_dir: Optional[str] = None) -> None:
+    """Serve the devices to RPC clients at endpoint ('IPv4:port') with ggml's RPC server. It blocks
+    while it serves; returning means it could not start (or stopped accepting): an EngineError."""
+    ggml = _ggml()
+    handles = [h for d, h in _device_handles() if d in served]
+    start = _rpc_function(ggml, _rpc_reg(ggml, endpoint), "ggml_backend_rpc_start_server", None, ctypes.c_char_p,
+                          ctypes.c_char_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.POINTER(ctypes.c_void_p))
+    start(endpoint.encode(), cache_dir.encode() if cache_dir else None, n_threads, len(handles),
+          (ctypes.c_void_p * len(handles))(*handles))
+    raise EngineError(f"the RPC server could not listen on {endpoint} (is the port in use, or the address "
+                      f"not one of this machine's?)")
 
 
 def choose_offload(n_gpu_layers: Optional[int], flash_attn: "str | bool",
@@ -106,16 +315,42 @@ def choose_offload(n_gpu_layers: Optional[int], flash_attn: "str | bool",
     return layers, on
 
 
+def layer_devices(split: SplitOptions) -> list[Device]:
+    """The devices that take offloaded layers under these split options."""
+    found = offload_devices()
+    if split.mode == "none":
+        return found[split.main_gpu:split.main_gpu + 1]
+    return found
+
+
+def check_split(split: SplitOptions) -> None:
+    """Refuse in words what llama.cpp would refuse in a log line (main_gpu past the devices) or
+    ignore without a word (shares for devices that are not there)."""
+    found = offload_devices()
+    names = ", ".join(d.label() for d in found) or "none: only the CPU"
+    if split.mode == "none" and found and split.main_gpu >= len(found):
+        raise InputError(f"main_gpu {split.main_gpu} names no device; the devices that take layers are, "
+                         f"from 0: {names}")
+    if len(split.tensor_split) > len(found):
+        raise InputError(f"tensor_split gives {len(split.tensor_split)} shares but {len(found)} device(s) "
+                         f"take layers here ({names}): give one share per device")
+
+
 class Engine:
     """One model and one context; positions of sequence `seq_id` are managed by the caller."""
 
     def __init__(self, model_path: str | os.PathLike, options: EngineOptions = EngineOptions()):
         self.path = Path(model_path)
         self.options = options
+        split = options.split
+        connect_rpc(split.rpc)
+        check_split(split)
         try:
             self._llm = llama_cpp.Llama(
                 model_path=str(self.path), n_ctx=options.n_ctx, n_batch=options.n_batch,
                 n_ubatch=options.n_ubatch, n_gpu_layers=options.n_gpu_layers,
+                split_mode=_SPLIT_MODE_IDS[split.mode], main_gpu=split.main_gpu,
+                tensor_split=list(split.tensor_split) or None,
                 flash_attn=options.flash_attn, type_k=options.type_k, type_v=options.type_v,
                 n_threads=options.n_threads, verbose=False)
         except ValueError as err:  # llama-cpp-python's word for "llama.cpp refused it"
@@ -184,14 +419,19 @@ class Engine:
     def where(self) -> str:
         """Where this engine runs, in words: the first line `run` prints."""
         o = self.options
-        gpus = [d for d in devices() if d.kind != "CPU"]
+        used = layer_devices(o.split)
         threads = o.n_threads or llama_cpp.llama_n_threads(self.ctx)
-        if o.n_gpu_layers == 0 or not gpus:
+        if o.n_gpu_layers == 0 or not used:
             cpu = next((d.description for d in devices() if d.kind == "CPU"), "")
             return f"CPU{': ' + cpu if cpu else ''} ({threads} thread{'s' if threads != 1 else ''})"
         layers = self.n_layer if o.n_gpu_layers < 0 else min(o.n_gpu_layers, self.n_layer)
-        names = ", ".join(d.description or d.name for d in gpus)
-        return (f"{names} ({layers}/{self.n_layer} layers offloaded, flash attention "
+        if len(used) == 1 and used[0].backend != "RPC":
+            names = used[0].description or used[0].name
+        else:  # several, or on another machine: which device is which
+            names = ", ".join(d.label() for d in used)
+        shares = ":".join(f"{x:g}" for x in o.split.tensor_split[:len(used)])
+        split = f", split by {o.split.mode}{' ' + shares if shares else ''}" if len(used) > 1 else ""
+        return (f"{names} ({layers}/{self.n_layer} layers offloaded{split}, flash attention "
                 f"{'on' if o.flash_attn else 'off'})")
 
     # ---- the model's vocabulary and metadata ----
@@ -268,9 +508,12 @@ class Engine:
     def cells_identity(self) -> dict[str, object]:
         """What besides the model file and tokens decides the bytes of saved cells."""
         o = self.options
-        return {"type_k": o.type_k, "type_v": o.type_v, "flash_attn": o.flash_attn,
-                "n_gpu_layers": o.n_gpu_layers, "devices": [d.description for d in devices()],
-                "llama_cpp": llama_cpp.__version__}
+        identity = {"type_k": o.type_k, "type_v": o.type_v, "flash_attn": o.flash_attn,
+                    "n_gpu_layers": o.n_gpu_layers, "devices": [d.description for d in devices()],
+                    "llama_cpp": llama_cpp.__version__}
+        if o.split != SplitOptions(rpc=o.split.rpc):  # the servers are among the devices already
+            identity["split"] = [o.split.mode, o.split.main_gpu, list(o.split.tensor_split)]
+        return identity
 
     # ---- decoding ----
 

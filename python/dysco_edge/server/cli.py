@@ -6,6 +6,7 @@ import os
 import sys
 
 from ..cli.models import add_model_arguments, chosen_model
+from ..cli.devices import add_device_arguments, device_options
 from ..cli.run import FLASH_ATTN
 from ..errors import DyscoEdgeError, InputError
 from ..config import FAST, MODES
@@ -34,10 +35,11 @@ def add_parser(subparsers) -> None:
     serve.add_argument("--n-ctx", type=int, default=8192,
                        help="context size, fixed so that the server's memory is known up front (default 8192)")
     serve.add_argument("--n-gpu-layers", type=int, default=None,
-                       help="layers offloaded to the GPU (default: all, with a GPU build; 0: CPU)")
+                       help="layers offloaded to the GPU(s) or RPC servers (default: all, where there are any; 0: CPU)")
     serve.add_argument("--flash-attn", nargs="?", const="on", default="auto", choices=FLASH_ATTN,
                        help="flash attention (default auto: on where layers run on a GPU)")
     serve.add_argument("--threads", type=int, default=None, help="CPU threads for llama.cpp")
+    add_device_arguments(serve)
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     serve.set_defaults(handler=serve_command)
 
@@ -56,7 +58,7 @@ def serve_command(args) -> int:
     if args.n_ctx < 1:
         raise InputError(f"--n-ctx must be >= 1, got {args.n_ctx}")
     model = Model(chosen_model(args), n_ctx=args.n_ctx, n_gpu_layers=args.n_gpu_layers, flash_attn=args.flash_attn,
-                  n_threads=args.threads, head_map=args.head_map)
+                  n_threads=args.threads, head_map=args.head_map, **device_options(args))
     try:
         settings = ServerSettings(model_id=args.alias or args.model_name or model.path.name, api_key=args.api_key,
                                   cors_origins=tuple(args.cors), max_queue=args.queue, max_tokens=args.max_tokens,
