@@ -9,6 +9,7 @@
 # speed (issue 20) -> test at 32K with the time left. Results in /tmp/i16; STAGE.done marks each.
 set -u
 M=/tmp/models/qwen15.gguf R=/tmp/i16 START=$(date +%s)
+export OUT=$R  # run.sh writes there too: a call's own $OUT is emptied when the call ends
 mkdir -p $R
 left() { echo $(( START + ${BUDGET_S:-1500} - $(date +%s) )); }
 stage() { echo "$(date +%T) $1" >> $R/stages.txt; }
