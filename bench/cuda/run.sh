@@ -26,7 +26,9 @@ case "$1" in
 build)
     nvidia-smi -L | tee "$out/device.txt"
     start=$(date +%s)
-    cmake -S . -B build/cuda -G Ninja -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES="${CUDA_ARCHS:-90}" \
+    # a .dev packed before RPC was built by default lacks ggml-rpc: build without it then
+    rpc=$([ -d .dev/device/llama.cpp/ggml/src/ggml-rpc ] && echo ON || echo OFF)
+    cmake -S . -B build/cuda -G Ninja -DGGML_CUDA=ON -DGGML_RPC=$rpc -DCMAKE_CUDA_ARCHITECTURES="${CUDA_ARCHS:-90}" \
         -DDYSCO_LLAMA_SRC=$PWD/.dev/device/llama.cpp -DPython3_EXECUTABLE=$(which python3) > "$out/cmake.log" 2>&1 \
       && cmake --build build/cuda -j "$(nproc)" > "$out/build.log" 2>&1
     rc=$?; echo "build rc=$rc in $(( $(date +%s) - start )) s" | tee -a "$out/device.txt"; tail -5 "$out/build.log"

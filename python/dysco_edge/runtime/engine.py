@@ -154,11 +154,14 @@ def _device_handles() -> list[tuple[Device, int]]:
     out = []
     for i in range(ggml.ggml_backend_dev_count()):
         dev = ggml.ggml_backend_dev_get(i)
-        text = lambda raw: raw.decode("utf-8", "replace") if raw else ""
         out.append((Device(_DEVICE_KINDS.get(ggml.ggml_backend_dev_type(dev), "other"),
-                           text(ggml.ggml_backend_dev_name(dev)), text(ggml.ggml_backend_dev_description(dev)),
-                           text(ggml.ggml_backend_reg_name(ggml.ggml_backend_dev_backend_reg(dev)))), dev))
+                           _text(ggml.ggml_backend_dev_name(dev)), _text(ggml.ggml_backend_dev_description(dev)),
+                           _text(ggml.ggml_backend_reg_name(ggml.ggml_backend_dev_backend_reg(dev)))), dev))
     return out
+
+
+def _text(raw: Optional[bytes]) -> str:
+    return raw.decode("utf-8", "replace") if raw else ""
 
 
 def offload_devices() -> list[Device]:
@@ -299,8 +302,9 @@ def serve_rpc(endpoint: str, served: Sequence[Device], *, n_threads: int, cache_
 
 def choose_offload(n_gpu_layers: Optional[int], flash_attn: "str | bool",
                    gpu: Optional[bool] = None) -> tuple[int, bool]:
-    """(layers to offload, flash attention) as llama.cpp defaults them: with a GPU backend every
-    layer is offloaded and flash attention is on; explicit choices win. `gpu` None: ask the build."""
+    """(layers to offload, flash attention) as llama.cpp defaults them: where a device can take
+    layers (a GPU, an RPC server's) every layer is offloaded and flash attention is on; explicit
+    choices win. `gpu` None: ask the registered devices (gpu_offload_supported)."""
     if isinstance(flash_attn, bool):
         flash_attn = "on" if flash_attn else "off"
     if flash_attn not in FLASH_ATTN_CHOICES:
@@ -310,7 +314,7 @@ def choose_offload(n_gpu_layers: Optional[int], flash_attn: "str | bool",
     gpu = gpu_offload_supported() if gpu is None else gpu
     layers = n_gpu_layers if n_gpu_layers is not None else (-1 if gpu else 0)
     if not gpu:
-        layers = 0  # a CPU build ignores offloading; say so by recording 0
+        layers = 0  # nothing to offload to: llama.cpp ignores it; say so by recording 0
     on = {"on": True, "off": False, "auto": gpu and layers != 0}[flash_attn]
     return layers, on
 

@@ -74,7 +74,7 @@ def _announce(model, args) -> None:
     found = model.find_heads()  # looked up now, not by the first request
     heads = f"DySCO ({args.dysco_mode}) with {found.describe()}" if found else "no QR heads: dysco \"auto\" answers plainly"
     print(f"dysco-edge: serving {model.path.name} (n_ctx {model.n_ctx}; {heads}) on "
-          f"http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
+          f"http://{args.host}:{args.port}/v1; running on {model.where()}", file=sys.stderr, flush=True)
     if not _is_loopback(args.host) and not args.api_key:
         print(f"dysco-edge: warning: {args.host} is reachable from other machines and no --api-key is set",
               file=sys.stderr, flush=True)
