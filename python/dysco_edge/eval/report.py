@@ -13,8 +13,8 @@ from .stats import Estimate
 from .tasks import TASKS
 from ..errors import InputError
 
-CI_NOTE = ("95% intervals: Wilson score interval for the exact-match tasks (passkey, kv); percentile bootstrap "
-           "(2000 resamples) for the partial-score tasks (path, mrcr, vt; it collapses to a point when every "
+CI_NOTE = ("95% intervals: Wilson score interval for the exact-match tasks (passkey, kv, chain); percentile bootstrap "
+           "(2000 resamples) for the partial-score tasks (path, mrcr, vt, route, passage; it collapses to a point when every "
            "score in a cell is equal), for the averages over tasks (cases resampled within each task) and for "
            "paired differences (same cases, both methods).")
 
