@@ -28,6 +28,7 @@ SHIPPED = {
     "Llama-3.1-70B-Instruct": ("llama", 80, 64, 8, 8192, 32, "Meta-Llama-3.1-70B-Instruct"),
     "SmolLM2-135M-Instruct": ("llama", 30, 9, 3, 576, 16, "Smollm2 135M 8k Lc100K Mix1 Ep2 | smollm2 135M"),
     "Gemma-3-270M": ("gemma3", 18, 4, 1, 640, 16, "Gemma 3 270m | gemma-3 270M"),
+    "Qwen2.5-Coder-1.5B-Instruct": ("qwen2", 28, 12, 2, 1536, 16, "Qwen2.5 Coder 1.5B Instruct GGUF"),
 }
 
 
