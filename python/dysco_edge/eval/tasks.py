@@ -221,9 +221,10 @@ def build_mrcr(rng: random.Random, units: int) -> Draft:
 _ORDINALS = dict(enumerate(("first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth"), 1))
 
 
-def _other_request(rng: random.Random, kind: str, topic: str) -> tuple[str, str]:
+def _other_request(rng: random.Random, kind: str, topic: str,
+                   kinds: tuple[str, ...] = words.KINDS) -> tuple[str, str]:
     while True:
-        pair = (rng.choice(words.KINDS), rng.choice(words.TOPICS))
+        pair = (rng.choice(kinds), rng.choice(words.TOPICS))
         if pair != (kind, topic):
             return pair
 
@@ -296,9 +297,9 @@ def build_passage(rng: random.Random, units: int, repeats: int = PASSAGE_REPEATS
     nth = rng.randrange(repeats) + 1
     depths = sorted(rng.random() for _ in range(repeats))
     targets = [_passage(rng, form, topic) for _ in range(repeats)]
-    others = (_other_passage_request(rng, form, topic) for _ in range(units))
-    rounds = [_passage_round(f, t, _passage(rng, f, t)) for f, t in others]
-    turns = [turn for pair in insert_at_depths(rounds, [_passage_round(form, topic, p) for p in targets], depths)
+    others = (_other_request(rng, form, topic, tuple(PASSAGE_FORMS)) for _ in range(units))
+    rounds = [_round(f, t, _passage(rng, f, t)) for f, t in others]
+    turns = [turn for pair in insert_at_depths(rounds, [_round(form, topic, p) for p in targets], depths)
              for turn in pair]
     ask = (f"Reproduce the {_ORDINALS[nth]} {form} about {topic} that you wrote in this conversation, "
            f"exactly as written, every line of it, and nothing else.")
@@ -311,17 +312,6 @@ def build_passage(rng: random.Random, units: int, repeats: int = PASSAGE_REPEATS
 def _passage(rng: random.Random, form: str, topic: str) -> str:
     """Lines of one kind and topic: passages asked for the same way differ only in their words."""
     return "\n".join(words.piece(rng, PASSAGE_FORMS[form], topic) for _ in range(rng.randint(*PASSAGE_PIECES)))
-
-
-def _other_passage_request(rng: random.Random, form: str, topic: str) -> tuple[str, str]:
-    while True:
-        pair = (rng.choice(list(PASSAGE_FORMS)), rng.choice(words.TOPICS))
-        if pair != (form, topic):
-            return pair
-
-
-def _passage_round(form: str, topic: str, text: str) -> tuple:
-    return (("user", f"Write a {form} about {topic}."), ("assistant", text))
 
 
 def build_chain(rng: random.Random, units: int, hops: int = CHAIN_HOPS, decoys: int = CHAIN_DECOYS) -> Draft:
@@ -359,7 +349,6 @@ TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in (
     TaskSpec("chain", build_chain, 8, f"chain tracing: {CHAIN_HOPS} assignments followed back step by step, "
                                       f"then the value", True, (("hops", 1, 16), ("decoys", 0, 8))),
 )}
-SHORT_TASKS = tuple(name for name, spec in TASKS.items() if not spec.long_answer)
 LONG_TASKS = tuple(name for name, spec in TASKS.items() if spec.long_answer)
 
 
