@@ -163,7 +163,7 @@ def test_rpc_server_bad_arguments(argv, message, capsys):
 
 @pytest.mark.parametrize("kwargs,message", [
     (dict(mode="rows"), "split_mode must be one of layer, row, none, got 'rows'"),
-    (dict(main_gpu=-1), "main_gpu must be a device index >= 0, got -1"),
+    (dict(main_gpu=-1), "main_gpu: expected a device index in 0..2147483647, got -1"),
     (dict(tensor_split="3,x"), "tensor_split must be numbers, one share per device \\(e.g. 3,1\\), got '3,x'"),
     (dict(tensor_split=(1, -2)), "shares must be finite and >= 0, got 1,-2"),
     (dict(tensor_split=(0, 0)), "all zero"),

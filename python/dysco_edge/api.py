@@ -12,14 +12,17 @@ from pathlib import Path
 from typing import Iterator, Optional, Sequence, Union
 
 from .config import DyscoConfig
+from .context_memory import available_bytes, check_n_ctx, kv_shape
 from .documents.kv_cache import model_identity
 from .documents.prefill import CacheSpec, as_cache, open_prefix
-from .errors import ContextOverflow, InputError, NoHeadMap
+from .errors import ConfigError, ContextOverflow, InputError, NoHeadMap
 from .heads.gguf_meta import check_gguf_file
 from .heads.lookup import FoundHeadMap, locate_head_map, no_head_map_message
-from .heads.maps import HeadMap, ModelShape, load_head_map
+from .heads.maps import HeadMap, ModelShape, heads_outside, load_head_map
+from .limits import int_in
 from .models import resolve as resolve_model
-from .runtime.engine import Engine, EngineOptions, ProgressFn, SplitOptions, choose_offload, connect_rpc
+from .runtime.engine import (Engine, EngineOptions, ProgressFn, SplitOptions, choose_offload, connect_rpc,
+                             offload_free_bytes)
 from .runtime.generation import ContextLock, Generation, Request, TextStream
 from .runtime.prefix_cache import PrefixCache
 from .runtime.prompter import Messages, Prompter
@@ -60,6 +63,10 @@ class Model:
         split = SplitOptions(split_mode, main_gpu, tensor_split or (), rpc or ())
         connect_rpc(split.rpc)  # before the offload choice: the servers' devices take the layers
         layers, flash = choose_offload(n_gpu_layers, flash_attn)
+        self._kv_shape = kv_shape(self.path)  # a context that cannot fit is refused before any work
+        self._device_free = offload_free_bytes() if layers != 0 else 0
+        if n_ctx is not None:
+            n_ctx = check_n_ctx(n_ctx, self._kv_shape, available=available_bytes(self._device_free))
         self._auto_ctx = n_ctx is None
         self.engine = Engine(self.path, EngineOptions(n_ctx=n_ctx or AUTO_CTX_START, n_batch=n_batch,
                                                       n_ubatch=n_batch, n_gpu_layers=layers, flash_attn=flash,
@@ -139,7 +146,20 @@ class Model:
             config = found.to_config()
         else:
             raise InputError(f"dysco must be a DyscoConfig, a HeadMap, 'auto' or None, got {dysco!r}")
+        self._check_fits(config)
         return self.prompter.with_template_sequences(config)
+
+    def _check_fits(self, config: Optional[DyscoConfig]) -> None:
+        """QR heads and template token ids inside this model, before they reach C."""
+        if config is None:
+            return
+        outside = heads_outside(config.qr_heads, self.shape)
+        if outside:
+            raise ConfigError(f"qr_heads: {'; '.join(outside[:3])}")
+        n_vocab = self.engine.n_vocab
+        bad = next((t for seq in config.template_sequences for t in seq if t >= n_vocab), None)
+        if bad is not None:
+            raise ConfigError(f"template_sequences: token id {bad} is outside the vocabulary (0..{n_vocab - 1})")
 
     def prompt_ids(self, prompt: Optional[str] = None, *, messages: Optional[Messages] = None,
                    token_ids: Optional[Sequence[int]] = None) -> tuple[list[int], int]:
@@ -157,8 +177,7 @@ class Model:
         """Generate an answer. With stream=True, returns an iterator of text pieces whose
         `.result` (set once it is exhausted) is the Generation."""
         ids, warmup_auto = self.prompt_ids(prompt, messages=messages, token_ids=token_ids)
-        if max_new_tokens < 1:
-            raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        max_new_tokens = int_in(max_new_tokens, "max_new_tokens", 1, 2**63 - 1)
         self.fit(len(ids), max_new_tokens)
         request = Request(ids, self.resolve_dysco(dysco),
                           SamplingOptions(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed),
@@ -186,6 +205,7 @@ class Model:
                                   n_prompt=n_prompt, n_ctx=self.n_ctx_train)
         want = min(-(-(n_prompt + max(room, 1)) // CTX_ROUNDING) * CTX_ROUNDING, self.n_ctx_train)
         if want > self.n_ctx:
+            check_n_ctx(want, self._kv_shape, available=available_bytes(self._device_free))
             with self._lock:
                 self.engine.resize(want)
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from typing import Any, Callable
 
 from .flat_yaml import FlatYamlError, parse_flow_list, parse_scalar, read_flat_yaml, unquote
 from .errors import ConfigError
+from .limits import INT32_MAX, is_int as _is_int, is_real as _is_real, shown
 
 __all__ = [
     "AUTO",
@@ -199,16 +199,13 @@ def _refuse_unknown(options: Mapping[str, Any]) -> None:
 
 # ---- field checks: (value, name used in the message) -> canonical value ----
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _is_real(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
 def _bad(name: str, value: Any, expected: str) -> ConfigError:
-    return ConfigError(f"{name}: expected {expected}, got {value!r}")
+    return ConfigError(f"{name}: expected {expected}, got {shown(value)}")
+
+
+def _index(value: Any) -> bool:
+    """An int the C side can hold as an int32 index or count (>= 0)."""
+    return _is_int(value) and 0 <= value <= INT32_MAX
 
 
 def _items(value: Any, name: str, expected: str) -> tuple:
@@ -231,11 +228,11 @@ def _check_qr_heads(value: Any, name: str) -> tuple[HeadPair, ...]:
 
 
 def _head_pair(item: Any, name: str) -> HeadPair:
-    expected = "(layer, head) pairs of non-negative ints"
+    expected = f"(layer, head) pairs of ints in 0..{INT32_MAX}"
     if isinstance(item, (str, bytes)) or not isinstance(item, Iterable):
         raise _bad(name, item, expected)
     pair = tuple(item)
-    if len(pair) != 2 or not all(_is_int(v) and v >= 0 for v in pair):
+    if len(pair) != 2 or not all(_index(v) for v in pair):
         raise _bad(name, item, expected)
     return int(pair[0]), int(pair[1])
 
@@ -251,8 +248,8 @@ def _check_top_p(value: Any, name: str) -> float | None:
 def _check_top_k(value: Any, name: str) -> int | None:
     if value is None:
         return None
-    if not (_is_int(value) and value >= 1):
-        raise _bad(name, value, "an int >= 1 or None")
+    if not (_index(value) and value >= 1):
+        raise _bad(name, value, f"an int in 1..{INT32_MAX} or None")
     return int(value)
 
 
@@ -269,27 +266,27 @@ def _check_decay(value: Any, name: str) -> float:
 
 
 def _check_count(value: Any, name: str) -> int:
-    if not (_is_int(value) and value >= 0):
-        raise _bad(name, value, "an int >= 0")
+    if not _index(value):
+        raise _bad(name, value, f"an int in 0..{INT32_MAX}")
     return int(value)
 
 
 def _check_intervention_warmup(value: Any, name: str) -> int | str:
     if isinstance(value, str) and value.strip().lower() == AUTO:
         return AUTO
-    if not (_is_int(value) and value >= 0):
-        raise _bad(name, value, f"an int >= 0 or {AUTO!r}")
+    if not _index(value):
+        raise _bad(name, value, f"an int in 0..{INT32_MAX} or {AUTO!r}")
     return int(value)
 
 
 def _check_template_sequences(value: Any, name: str) -> tuple[tuple[int, ...], ...]:
     if value is None:
         return ()
-    expected = "a list of non-empty lists of token ids (ints >= 0)"
+    expected = f"a list of non-empty lists of token ids (ints in 0..{INT32_MAX})"
     sequences = []
     for seq in _items(value, name, expected):
         tokens = _items(seq, name, expected)
-        if not tokens or not all(_is_int(tok) and tok >= 0 for tok in tokens):
+        if not tokens or not all(_index(tok) for tok in tokens):
             raise _bad(name, seq, expected)
         sequences.append(tuple(int(tok) for tok in tokens))
     return tuple(sequences)

@@ -127,7 +127,7 @@ class HeadMap:
             object.__setattr__(self, "qr_heads", self.to_config().qr_heads)
         except ConfigError as err:
             raise HeadMapError(f"head map {self.name!r}: {err}") from None
-        problems = _heads_outside(self.qr_heads, self.shape)
+        problems = heads_outside(self.qr_heads, self.shape)
         if problems:
             raise HeadMapError(f"head map {self.name!r} does not fit its own shape: {'; '.join(problems)}")
         if self.qr_scores is not None:
@@ -271,7 +271,7 @@ def check_head_map_fits(head_map: HeadMap, shape: ModelShape, *, exact_shape: bo
     map deliberately applied to a model of another shape).
     """
     problems = _shape_differences(head_map, shape) if exact_shape else []
-    outside = _heads_outside(head_map.qr_heads, shape)
+    outside = heads_outside(head_map.qr_heads, shape)
     problems += outside[:3]  # the rest would only repeat the point
     if len(outside) > 3:
         problems.append(f"and {len(outside) - 3} more QR heads outside the model")
@@ -298,7 +298,7 @@ def _shape_differences(head_map: HeadMap, shape: ModelShape) -> list[str]:
     return problems
 
 
-def _heads_outside(qr_heads: Iterable[HeadPair], shape: ModelShape) -> list[str]:
+def heads_outside(qr_heads: Iterable[HeadPair], shape: ModelShape) -> list[str]:
     problems = []
     for layer, head in qr_heads:
         if layer >= shape.n_layer:

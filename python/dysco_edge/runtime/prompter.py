@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from typing import Mapping, Optional, Sequence
 
+import jinja2
+
 from ..config import AUTO, DyscoConfig
 from ..errors import InputError
+from ..limits import is_int, shown
 from .chat import NO_TEMPLATE_WARMUP, ChatTemplate
 from .engine import Engine
 
@@ -24,13 +27,34 @@ class Prompter:
         if sum(x is not None for x in (prompt, messages, token_ids)) != 1:
             raise InputError("give exactly one of prompt, messages or token_ids")
         if token_ids is not None:
-            return [int(t) for t in token_ids], NO_TEMPLATE_WARMUP
+            return self.checked_ids(token_ids), NO_TEMPLATE_WARMUP
+        if prompt is not None:
+            check_text(prompt, "prompt")
         if prompt is not None and self.chat is None:
             return self.engine.tokenize(prompt, add_bos=True), NO_TEMPLATE_WARMUP
         messages = list(messages) if messages is not None else [{"role": "user", "content": prompt}]
         if self.chat is None:
             raise InputError("this model has no chat template: pass prompt= text or token_ids=")
-        return self.chat.prompt_ids(messages), self.chat.generation_prompt_length(messages)
+        for i, message in enumerate(messages):
+            for key, value in message.items():
+                if isinstance(value, str):
+                    check_text(value, f"messages[{i}].{key}")
+        try:
+            return self.chat.prompt_ids(messages), self.chat.generation_prompt_length(messages)
+        except jinja2.TemplateError as e:  # e.g. raise_exception('roles must alternate'): the caller's to fix
+            raise InputError(f"the model's chat template refused these messages: {e}") from None
+
+    def checked_ids(self, token_ids: Sequence[int]) -> list[int]:
+        """Token ids a user gave, each an int in the vocabulary (llama.cpp asserts on others)."""
+        if isinstance(token_ids, (str, bytes)):
+            raise InputError(f"token_ids: expected a list of ints, got {shown(token_ids)}")
+        ids = list(token_ids)
+        n_vocab = self.engine.n_vocab
+        bad = next((i for i, t in enumerate(ids) if not (is_int(t) and 0 <= t < n_vocab)), None)
+        if bad is not None:
+            raise InputError(f"token_ids[{bad}]: expected a token id in 0..{n_vocab - 1} (this model's "
+                             f"vocabulary), got {shown(ids[bad])}")
+        return [int(t) for t in ids]
 
     def with_template_sequences(self, config: Optional[DyscoConfig]) -> Optional[DyscoConfig]:
         """The config with the chat template's role markers as template sequences, unless it has some."""
@@ -43,3 +67,13 @@ class Prompter:
     @staticmethod
     def intervention_warmup(config: DyscoConfig, warmup_auto: int) -> int:
         return warmup_auto if config.intervention_warmup == AUTO else config.intervention_warmup
+
+
+def check_text(text: str, name: str) -> None:
+    """Text llama.cpp can take as UTF-8: no lone surrogates (Python's stand-ins for undecodable bytes
+    in argv or for half a UTF-16 pair in JSON)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InputError(f"{name} is not valid UTF-8 text: character {e.start} is {text[e.start]!r} (undecodable "
+                         f"bytes or half a surrogate pair); pass UTF-8 text") from None

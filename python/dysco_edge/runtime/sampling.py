@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from ..errors import InputError
+from ..limits import int_in, is_int, real_in, shown
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -17,14 +18,13 @@ class SamplingOptions:
     seed: Optional[int] = None
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise InputError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise InputError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not 0 <= self.min_p < 1:
-            raise InputError(f"min_p must be in [0, 1), got {self.min_p}")
+        # llama.cpp's sampler takes float temperature/top_p/min_p, int32 top_k and a uint32 seed
+        object.__setattr__(self, "temperature", real_in(self.temperature, "temperature", 0))
+        object.__setattr__(self, "top_k", int_in(self.top_k, "top_k", 0))
+        object.__setattr__(self, "top_p", real_in(self.top_p, "top_p", 0, 1, lo_open=True))
+        object.__setattr__(self, "min_p", real_in(self.min_p, "min_p", 0, 1, hi_open=True))
+        if self.seed is not None and not is_int(self.seed):
+            raise InputError(f"seed: expected an int or None, got {shown(self.seed)}")
 
     @property
     def greedy(self) -> bool:
