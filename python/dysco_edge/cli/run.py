@@ -129,9 +129,12 @@ def questions(given: list[str]):
         yield from given
         return
     if not sys.stdin.isatty():
-        for line in sys.stdin:
-            if line.strip():
-                yield line.strip()
+        try:
+            for line in sys.stdin:
+                if line.strip():
+                    yield line.strip()
+        except UnicodeDecodeError as e:
+            raise InputError(f"standard input is not UTF-8 text ({e.reason} at byte {e.start} of a line)") from None
         return
     while True:
         try:

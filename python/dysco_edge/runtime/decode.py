@@ -28,22 +28,19 @@ class Warmups:
 
 
 def plan_warmups(n_prompt: int, context: int, intervention: int) -> Warmups:
-    """Shrink Wc, then Wi, until at least one prompt token is prefilled."""
+    """Shrink Wc, then Wi, until at least one prompt token is prefilled (in one step: a warmup
+    of 10**12 must not count down one by one)."""
     if n_prompt < 1:
         raise InputError("the prompt is empty")
-    while n_prompt <= context + intervention:
-        if context > 0:
-            context -= 1
-        else:
-            intervention -= 1
-    return Warmups(context, intervention)
+    context = min(context, max(0, n_prompt - 1 - intervention))
+    return Warmups(context, min(intervention, n_prompt - 1 - context))
 
 
 def prefill(engine: Engine, tokens: Sequence[int], start: int, end: int,
-            progress: Optional[ProgressFn] = None) -> None:
-    """Positions start..end-1 the usual way, without logits or bias."""
+            progress: Optional[ProgressFn] = None, *, last_logits: bool = False) -> None:
+    """Positions start..end-1 the usual way, without bias; logits for end-1 only if asked."""
     if end > start:
-        engine.decode(tokens[start:end], start, want_logits=False, progress=progress)
+        engine.decode(tokens[start:end], start, want_logits=last_logits, progress=progress)
 
 
 def warm_context(engine: Engine, books, tokens: Sequence[int], first: int, stop: int) -> None:
@@ -109,7 +106,9 @@ def dysco_tokens(engine: Engine, prompt: Sequence[int], config: DyscoConfig, war
     n = len(prompt)
     start_fed = n - warmups.fed
     first_iv = warmups.first_intervention(n)
-    prefill(engine, prompt, reuse, start_fed, progress)
+    # Wc = Wi = 0 (a one-token prompt shrinks them so): no prompt token is fed one at a time, and
+    # the first token comes from the prefill's logits, as in plain decoding
+    prefill(engine, prompt, reuse, start_fed, progress, last_logits=warmups.fed == 0)
     engine.native.set_heads(config.qr_heads)
     strategy = bookkeeping or default_bookkeeping(config)
     books = strategy(config, template_mask(prompt, config.template_sequences), start_fed,

@@ -24,6 +24,7 @@ from . import _llama  # noqa: F401  (points llama_cpp at our libllama before it 
 import llama_cpp
 
 from ..errors import EngineError, InputError
+from ..limits import INT32_MAX, MAX_THREADS, int_in
 from .native import NativeContext, lib_dir
 from .sampling import SamplingOptions
 
@@ -48,8 +49,7 @@ class SplitOptions:
     def __post_init__(self):
         if self.mode not in SPLIT_MODES:
             raise InputError(f"split_mode must be one of {', '.join(SPLIT_MODES)}, got {self.mode!r}")
-        if isinstance(self.main_gpu, bool) or not isinstance(self.main_gpu, int) or self.main_gpu < 0:
-            raise InputError(f"main_gpu must be a device index >= 0, got {self.main_gpu!r}")
+        object.__setattr__(self, "main_gpu", int_in(self.main_gpu, "main_gpu", 0, INT32_MAX, what="a device index"))
         object.__setattr__(self, "tensor_split", _checked_shares(self.tensor_split))
         object.__setattr__(self, "rpc", _checked_endpoints(self.rpc))
 
@@ -104,9 +104,11 @@ class EngineOptions:
     split: SplitOptions = field(default_factory=SplitOptions)
 
     def __post_init__(self):
-        for name in ("n_ctx", "n_batch", "n_ubatch", "n_seq_max"):
-            if getattr(self, name) < 1:
-                raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("n_ctx", "n_batch", "n_ubatch", "n_seq_max"):  # uint32 in llama.cpp, int32 positions
+            object.__setattr__(self, name, int_in(getattr(self, name), name, 1, INT32_MAX))
+        object.__setattr__(self, "n_gpu_layers", int_in(self.n_gpu_layers, "n_gpu_layers", -1, INT32_MAX))
+        if self.n_threads is not None:
+            object.__setattr__(self, "n_threads", int_in(self.n_threads, "n_threads", 1, MAX_THREADS))
         if self.n_ubatch > self.n_batch:
             raise InputError(f"n_ubatch ({self.n_ubatch}) must not exceed n_batch ({self.n_batch})")
         if not isinstance(self.split, SplitOptions):
@@ -129,6 +131,7 @@ _GGML_SIGNATURES = {  # the parts of ggml's backend registry used here: (argumen
     "ggml_backend_reg_dev_count": ([_c.c_void_p], _c.c_size_t),
     "ggml_backend_reg_dev_get": ([_c.c_void_p, _c.c_size_t], _c.c_void_p),
     "ggml_backend_device_register": ([_c.c_void_p], None),
+    "ggml_backend_dev_memory": ([_c.c_void_p, _c.POINTER(_c.c_size_t), _c.POINTER(_c.c_size_t)], None),
 }
 
 
@@ -173,6 +176,17 @@ def offload_devices() -> list[Device]:
     return rpc + gpus + ([d for d in found if d.kind == "iGPU"] if not gpus else [])
 
 
+def offload_free_bytes() -> int:
+    """Free memory of the devices that take offloaded layers, together (0 on the CPU alone)."""
+    ggml, free, total = _ggml(), ctypes.c_size_t(), ctypes.c_size_t()
+    found, offload = 0, offload_devices()
+    for device, handle in _device_handles():
+        if device in offload:
+            ggml.ggml_backend_dev_memory(handle, ctypes.byref(free), ctypes.byref(total))
+            found += free.value
+    return found
+
+
 def gpu_offload_supported() -> bool:
     """Whether any device can take layers: a GPU, an integrated GPU, or a connected RPC server's.
     Not llama_supports_gpu_offload(): that is true in any build with the RPC backend, GPU or not."""
@@ -198,6 +212,10 @@ def _ggml():
 RPC_PROTOCOL = (7, 0)    # a server must speak 7.x with x <= 0, as ggml's own handshake demands
 RPC_TIMEOUT_S = 10.0     # for our handshake: a server serves one client at a time, a busy one never answers
 _RPC_CMD_HELLO = 14
+# what ggml's client asks of every device as it registers and loads: (command, reply size)
+_RPC_DEVICE_QUERIES = ((11, 16), (1, 8), (2, 8))  # GET_DEVICE_MEMORY, GET_ALIGNMENT, GET_MAX_SIZE
+_RPC_CMD_DEVICE_COUNT = 15
+RPC_MAX_DEVICES = 64     # more from one server is garbage, not hardware
 _RPC_CAPS_SIZE = 24      # transport capabilities in the handshake; all zero: plain TCP
 _rpc_lock = threading.Lock()
 _rpc_connected: set[str] = set()  # ggml's device registry is process-wide and permanent: register once
@@ -241,20 +259,28 @@ def _register_rpc_server(endpoint: str) -> None:
 
 
 def rpc_handshake(endpoint: str) -> tuple[int, int, int]:
-    """The protocol version of the RPC server at endpoint, asked over a connection of our own; an
-    EngineError naming it when it cannot be reached, does not answer, or speaks another version."""
+    """The protocol version of the RPC server at endpoint, asked over a connection of our own, with
+    the questions ggml's client asks next (device count; each device's memory, alignment, maximum
+    size) checked too: ggml aborts the process on any malformed answer. An EngineError names the
+    server when it cannot be reached, does not answer, speaks another version or answers wrongly."""
     host, port = parse_endpoint(endpoint)
     hello = struct.pack("<BQ", _RPC_CMD_HELLO, _RPC_CAPS_SIZE) + bytes(_RPC_CAPS_SIZE)
     try:
         with socket.create_connection((host, port), timeout=RPC_TIMEOUT_S) as sock:
             sock.sendall(hello)
             reply = _receive(sock, 8 + 4 + _RPC_CAPS_SIZE)
+            version = _check_hello(endpoint, reply)
+            _check_devices(endpoint, sock)
+            return version
     except socket.timeout:
         raise EngineError(f"the RPC server at {endpoint} did not answer in {RPC_TIMEOUT_S:.0f} s; it serves one "
                           f"client at a time: is another process using it?") from None
     except OSError as e:
         raise EngineError(f"cannot reach the RPC server at {endpoint} ({e.strerror or e}); start one there "
                           f"with `dysco-edge rpc-server --host ADDRESS --port {port}`") from None
+
+
+def _check_hello(endpoint: str, reply: bytes) -> tuple[int, int, int]:
     size, major, minor, patch = struct.unpack_from("<QBBB", reply)
     if size != 4 + _RPC_CAPS_SIZE or major != RPC_PROTOCOL[0] or minor > RPC_PROTOCOL[1]:
         raise EngineError(f"{endpoint} did not answer as an RPC server of protocol {RPC_PROTOCOL[0]}."
@@ -262,14 +288,37 @@ def rpc_handshake(endpoint: str) -> tuple[int, int, int]:
     return major, minor, patch
 
 
-def _receive(sock, n: int) -> bytes:
-    """n bytes, or fewer if the peer closes first (a server of another protocol hangs up)."""
+def _rpc_ask(endpoint: str, sock, cmd: int, payload: bytes, reply_size: int) -> bytes:
+    """One command's reply, as ggml's client reads it (its size first); EngineError when it is not that."""
+    sock.sendall(struct.pack("<BQ", cmd, len(payload)) + payload)
+    head = _receive(sock, 8, exact=True)
+    body = _receive(sock, reply_size, exact=True) if head == struct.pack("<Q", reply_size) else None
+    if body is None:
+        raise EngineError(f"the RPC server at {endpoint} answered the handshake but not command {cmd} (it closed "
+                          f"the connection or sent something else): is it a dysco-edge rpc-server of this version?")
+    return body
+
+
+def _check_devices(endpoint: str, sock) -> None:
+    (count,) = struct.unpack("<I", _rpc_ask(endpoint, sock, _RPC_CMD_DEVICE_COUNT, b"", 4))
+    if not 1 <= count <= RPC_MAX_DEVICES:
+        raise EngineError(f"the RPC server at {endpoint} says it has {count} devices; expected 1..{RPC_MAX_DEVICES}")
+    for device in range(count):
+        for cmd, size in _RPC_DEVICE_QUERIES:
+            _rpc_ask(endpoint, sock, cmd, struct.pack("<I", device), size)
+
+
+def _receive(sock, n: int, *, exact: bool = False) -> Optional[bytes]:
+    """n bytes; if the peer closes first (a server of another protocol hangs up), what came padded
+    with zeros, or None when `exact`."""
     data = b""
     while len(data) < n:
         chunk = sock.recv(n - len(data))
         if not chunk:
             break
         data += chunk
+    if exact and len(data) < n:
+        return None
     return data.ljust(n, b"\0")
 
 
@@ -359,22 +408,57 @@ class Engine:
                 n_threads=options.n_threads, verbose=False)
         except ValueError as err:  # llama-cpp-python's word for "llama.cpp refused it"
             raise EngineError(f"llama.cpp could not load {self.path}: {err}") from None
-        self.model = self._llm.model
+        self._closed = False
+        self._model = self._llm.model
         self._own_ctx = self._new_context(options.n_ctx) if options.n_seq_max > 1 else None
         self._batch = None
         self._bind(self._own_ctx or self._llm.ctx)
-        self._vocab = llama_cpp.llama_model_get_vocab(self.model)
+        self._vocab_ptr = llama_cpp.llama_model_get_vocab(self.model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
         self.n_layer = llama_cpp.llama_model_n_layer(self.model)
         self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(self.model)
 
+    # ---- every pointer is handed out only while the model lives: a closed model (or one that
+    # llama-cpp-python freed at interpreter exit) answers EngineError, never a dangling pointer ----
+
+    @property
+    def closed(self) -> bool:
+        return self._closed or self._llm._model.model is None
+
+    def _alive(self) -> None:
+        if self.closed:
+            raise EngineError(f"the model {self.path.name} is closed: load it again to generate")
+
+    @property
+    def model(self):
+        self._alive()
+        return self._model
+
+    @property
+    def ctx(self):
+        self._alive()
+        return self._ctx
+
+    @property
+    def native(self) -> NativeContext:
+        self._alive()
+        return self._native
+
+    @property
+    def _vocab(self):
+        self._alive()
+        return self._vocab_ptr
+
     def _bind(self, ctx) -> None:
         """Make ctx the context every call uses (its batch and DySCO controls with it)."""
-        self.ctx = ctx
+        self._ctx = ctx
         self.n_ctx = llama_cpp.llama_n_ctx(ctx)
         # llama.cpp caps a batch at the requested n_ctx (it pads n_ctx itself): feed what it takes
         self.n_batch = llama_cpp.llama_n_batch(ctx)
-        self.native = NativeContext(ctypes.cast(ctx, ctypes.c_void_p).value)
+        self._native = NativeContext(ctypes.cast(ctx, ctypes.c_void_p).value)
+        # the context's DySCO state must exist before llama.cpp builds its first graph: a graph built
+        # without it holds none, and reused for a DySCO step (same shape) it would never bias or select
+        self._native.set_capture(False)
         if self._batch is not None:
             llama_cpp.llama_batch_free(self._batch)
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
@@ -406,6 +490,7 @@ class Engine:
             self.load_seq(cells, 0)
 
     def close(self) -> None:
+        self._closed = True
         if self._own_ctx is not None:
             llama_cpp.llama_free(self._own_ctx)
             self._own_ctx = None
@@ -447,17 +532,30 @@ class Engine:
 
     def tokenize(self, text: str, *, add_bos: bool = False, special: bool = False) -> list[int]:
         """Token ids of text; `special` parses special-token text such as '<|im_start|>'."""
-        return self._llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special)
+        self._alive()
+        try:
+            data = text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise InputError(f"text to tokenize is not valid UTF-8: character {e.start} is {text[e.start]!r}") from None
+        return self._llm.tokenize(data, add_bos=add_bos, special=special)
 
     def detokenize(self, ids: Sequence[int], *, special: bool = False) -> bytes:
         """The bytes of ids (a token may end inside a UTF-8 character)."""
+        self._alive()
         return self._llm.detokenize(list(ids), special=special)
 
     def special_text(self, which: str) -> str:
         """The text of the 'bos' or 'eos' token ('' when the model has none)."""
         token = {"bos": llama_cpp.llama_vocab_bos, "eos": llama_cpp.llama_vocab_eos}[which](self._vocab)
-        if token < 0:
-            return ""
+        return self.token_text(token) if token >= 0 else ""
+
+    def is_control(self, token: int) -> bool:
+        """Whether the token is a control token (or <unk>): text only special-token parsing turns into it."""
+        attr = llama_cpp.llama_vocab_get_attr(self._vocab, token)
+        return bool(attr & (llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_UNKNOWN))
+
+    def token_text(self, token: int) -> str:
+        """The text a special token is written as (e.g. '<|im_end|>')."""
         return llama_cpp.llama_vocab_get_text(self._vocab, token).decode("utf-8", errors="replace")
 
     def is_end(self, token: int) -> bool:

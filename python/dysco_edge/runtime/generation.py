@@ -77,9 +77,10 @@ def token_stream(engine: Engine, cache: PrefixCache, lock: ContextLock, req: Req
                 yield token
         finally:
             tokens.close()
-            engine.native.clear_bias(-1)
-            engine.native.set_capture(False)
-            cache.release(req.prompt, clean_end)
+            if not engine.closed:  # a stream collected at interpreter exit may outlive its model
+                engine.native.clear_bias(-1)
+                engine.native.set_capture(False)
+                cache.release(req.prompt, clean_end)
             sampler.close()
 
 
@@ -92,7 +93,8 @@ def _start(engine: Engine, cache: PrefixCache, req: Request, sampler: Sampler) -
         return plain_tokens(engine, req.prompt, reuse=reuse, sampler=sampler, max_new_tokens=limit,
                             is_end=engine.is_end, progress=req.progress), n - 1
     warm = plan_warmups(n, req.config.context_warmup, Prompter.intervention_warmup(req.config, req.warmup_auto))
-    reuse = req.n_cached = cache.claim(req.prompt, n - warm.fed)
+    # at least the last prompt token is decoded again: its logits give the first token
+    reuse = req.n_cached = cache.claim(req.prompt, min(n - warm.fed, n - 1))
     return dysco_tokens(engine, req.prompt, req.config, warm, reuse=reuse, sampler=sampler,
                         max_new_tokens=limit, is_end=engine.is_end, trace=req.trace,
                         progress=req.progress), warm.first_intervention(n)
