@@ -11,6 +11,8 @@ import jinja2
 from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from . import user_text
+
 NO_TEMPLATE_WARMUP = 2  # the spec's intervention warmup when no chat template is used
 _SENTINEL = "\u2063dysco\u2063"
 
@@ -49,7 +51,10 @@ class ChatTemplate:
     template: jinja2.Template
     bos_token: str
     eos_token: str
-    tokenize: Callable[[str], list[int]]  # special tokens parsed
+    tokenize: Callable[..., list[int]]  # (text, *, special): special-token text parsed or not
+    is_control: Callable[[int], bool]
+    token_text: Callable[[int], str]
+    source: str = ""
 
     @classmethod
     def from_engine(cls, engine) -> "ChatTemplate | None":
@@ -57,19 +62,21 @@ class ChatTemplate:
         if not source:
             return None
         return cls(compile_template(source), engine.special_text("bos"), engine.special_text("eos"),
-                   lambda text: engine.tokenize(text, special=True))
+                   engine.tokenize, engine.is_control, engine.token_text, source)
 
     def render(self, messages: Sequence[Mapping[str, str]], *, add_generation_prompt: bool = True) -> str:
         return self.template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
                                     bos_token=self.bos_token, eos_token=self.eos_token)
 
-    def prompt_ids(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
-        return self.tokenize(self.render(messages))
+    def prompt_ids(self, messages: Sequence[Mapping[str, str]], *, add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of the rendered messages; special-token text is parsed in the template's markup
+        only, never in what the messages say (runtime/user_text.py)."""
+        return user_text.encode(self, messages, add_generation_prompt)
 
     def generation_prompt_length(self, messages: Sequence[Mapping[str, str]]) -> int:
         """Tokens the template appends to open the assistant's turn (intervention warmup 'auto')."""
-        with_prompt = self.tokenize(self.render(messages, add_generation_prompt=True))
-        without = self.tokenize(self.render(messages, add_generation_prompt=False))
+        with_prompt = self.prompt_ids(messages, add_generation_prompt=True)
+        without = self.prompt_ids(messages, add_generation_prompt=False)
         return max(0, len(with_prompt) - len(without)) if with_prompt[:len(without)] == without else NO_TEMPLATE_WARMUP
 
     def role_markers(self) -> list[list[int]]:
@@ -84,7 +91,7 @@ class ChatTemplate:
             eos = self.eos_token
             if eos and eos in head:  # drop a default system turn the template put first
                 head = head[head.rfind(eos) + len(eos):]
-            ids = self.tokenize(head.lstrip("\n")) if head.strip() else []
+            ids = self.tokenize(head.lstrip("\n"), special=True) if head.strip() else []
             if ids and ids not in markers:
                 markers.append(ids)
         return markers
