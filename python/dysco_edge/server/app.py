@@ -7,20 +7,21 @@ Every answer says whether DySCO ran in its `X-DySCO` header: "on", "off", or
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import time
 from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sse_starlette.sse import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 
 from ..errors import DyscoEdgeError
+from .guard import RequireKey, http_error_response, unexpected_error_response, validation_error_response
 from .queue import Channel, Job, QueueFull, Worker
 from .responses import ApiError, ChatShape, Shape, TextShape, api_error
 from .schemas import ChatBody, CompletionBody, DyscoChoice, GenerationBody, choose_dysco
@@ -32,16 +33,19 @@ PING_S = 15  # an SSE comment line this often keeps idle proxies from closing a 
 def create_app(model, settings: ServerSettings) -> FastAPI:
     service = Service(model, settings)
     app = FastAPI(title="dysco-edge", lifespan=service.lifespan, docs_url=None, redoc_url=None)
-    if settings.cors_origins:
+    if settings.api_key is not None:  # every route but /health, before any body is read
+        app.add_middleware(RequireKey, key=settings.api_key, open_paths=("/health",))
+    if settings.cors_origins:  # outside the key check: a browser's preflight carries no key
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_headers=["*"],
                            allow_methods=["GET", "POST"], expose_headers=["X-DySCO", "Retry-After"])
     app.add_exception_handler(ApiError, _api_error_response)
-    app.add_exception_handler(RequestValidationError, _validation_error_response)
-    auth = [Depends(service.authorize)]  # dependencies run before the body is validated: 401 first
+    app.add_exception_handler(RequestValidationError, validation_error_response)
+    app.add_exception_handler(HTTPException, http_error_response)  # 404, 405 in OpenAI's shape
+    app.add_exception_handler(Exception, unexpected_error_response)  # a 500 in OpenAI's shape, no traceback
     app.add_api_route("/health", service.health, methods=["GET"])
-    app.add_api_route("/v1/models", service.models, methods=["GET"], dependencies=auth)
-    app.add_api_route("/v1/chat/completions", service.chat, methods=["POST"], dependencies=auth)
-    app.add_api_route("/v1/completions", service.completions, methods=["POST"], dependencies=auth)
+    app.add_api_route("/v1/models", service.models, methods=["GET"])
+    app.add_api_route("/v1/chat/completions", service.chat, methods=["POST"])
+    app.add_api_route("/v1/completions", service.completions, methods=["POST"])
     return app
 
 
@@ -57,13 +61,6 @@ class Service:
             yield
         finally:
             await run_in_threadpool(self.worker.stop)
-
-    def authorize(self, request: Request) -> None:
-        key = self.settings.api_key
-        given = request.headers.get("authorization", "")
-        if key is not None and not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
-            raise ApiError(401, "invalid or missing API key (Authorization: Bearer <key>)",
-                           type="authentication_error")
 
     async def health(self) -> dict:
         return {"status": "ok"}
@@ -192,14 +189,3 @@ def _json(obj: dict) -> str:
 
 async def _api_error_response(request: Request, exc: ApiError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
-
-
-async def _validation_error_response(request: Request, exc: RequestValidationError) -> JSONResponse:
-    """Pydantic's complaints about a body as one 400 naming each field."""
-    problems, params = [], []
-    for err in exc.errors():
-        loc = ".".join(str(part) for part in err.get("loc", ()) if part != "body")
-        problems.append(f"{loc or 'body'}: {str(err.get('msg', '')).removeprefix('Value error, ')}")
-        params.append(loc)
-    error = ApiError(400, "; ".join(problems), param=params[0] if params else None)
-    return JSONResponse(error.body(), status_code=400)
