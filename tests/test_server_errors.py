@@ -1,0 +1,197 @@
+"""The server's answers to hostile and malformed requests (issue 27): always a response, a 4xx in
+OpenAI's error shape when the request is at fault, never a 500, a plain-text body or a dead worker.
+
+The app under test is the real one over SmolLM2-135M (Q4_1), driven in process by Starlette's
+TestClient (the property-based fuzz) and, once, as a subprocess spoken to by the `openai` client.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+pytest.importorskip("fastapi")
+hypothesis = pytest.importorskip("hypothesis")
+from fastapi.testclient import TestClient  # noqa: E402
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+import models  # noqa: E402
+from dysco_edge import Model  # noqa: E402
+from dysco_edge.config import ConfigError, DyscoConfig  # noqa: E402
+from dysco_edge.errors import InputError  # noqa: E402
+from dysco_edge.runtime.chat import compile_template  # noqa: E402
+from dysco_edge.runtime.sampling import SamplingOptions  # noqa: E402
+from dysco_edge.server.app import create_app  # noqa: E402
+from dysco_edge.server.settings import ServerSettings  # noqa: E402
+
+KEY = "k-123"
+JSON = {"Content-Type": "application/json"}
+FUZZ_EXAMPLES = 60   # request bodies per route through the real app (CI: deterministic, derandomized)
+CONFIG_EXAMPLES = 300
+
+
+@pytest.fixture(scope="module")
+def model():
+    with Model(models.smollm2_q4_1(), n_ctx=1024) as m:
+        yield m
+
+
+def _client(model, api_key=None):
+    app = create_app(model, ServerSettings(model_id="m", api_key=api_key, max_tokens=2))
+    return TestClient(app, raise_server_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def client(model):
+    with _client(model) as c:
+        yield c
+
+
+def assert_openai_error(response, status: int):
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) >= {"message", "type", "param", "code"} and isinstance(error["message"], str)
+    assert "Traceback" not in error["message"]
+    return error
+
+
+@pytest.mark.parametrize("method, path, body, status, words", [
+    ("GET", "/v1/nope", None, 404, "no route GET /v1/nope"),
+    ("GET", "/v1/completions", None, 405, "method not allowed (allowed: POST)"),
+    ("POST", "/v1/completions", "{bad", 400, "not valid JSON"),
+    ("POST", "/v1/completions", "[1, 2]", 400, "body: Input should be a valid dictionary"),
+    ("POST", "/v1/completions", '{"prompt": "Hi", "temperature": NaN}', 400, "temperature"),
+    ("POST", "/v1/completions", '{"prompt": [-1]}', 400, "token_ids[0]: expected a token id in 0..49151"),
+    ("POST", "/v1/completions", '{"prompt": [49152]}', 400, "got 49152"),
+    ("POST", "/v1/completions", '{"prompt": "Hi", "top_k": 2147483648}', 400, "top_k: expected an int"),
+    ("POST", "/v1/completions", '{"prompt": "Hi", "dysco": {"context_warmup": 1000000000000}}', 400,
+     "context_warmup: expected an int in 0..2147483647"),
+    ("POST", "/v1/completions", '{"prompt": "Hi", "dysco": {"intervention_warmup": 1000000000000}}', 400,
+     "intervention_warmup"),
+    ("POST", "/v1/completions", '{"prompt": "Hi", "dysco": {"qr_heads": [[999, 0]]}}', 400, "layer 999 does not exist"),
+    ("POST", "/v1/chat/completions", '{"messages": [{"role": "user", "content": "\\ud800"}]}', 400,
+     "messages[0].content is not valid UTF-8"),
+])
+def test_bad_requests_are_openai_errors(client, method, path, body, status, words):
+    error = assert_openai_error(client.request(method, path, content=body, headers=JSON), status)
+    assert words in error["message"]
+
+
+@pytest.mark.parametrize("prompt", ["Hi", [1]])
+def test_one_token_prompts_with_dysco_are_answered(client, prompt):
+    response = client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 3})
+    assert response.status_code == 200, response.text
+    assert response.headers["x-dysco"] == "on" and response.json()["usage"]["completion_tokens"] == 3
+
+
+def test_a_template_that_refuses_the_messages_is_a_400(model):
+    chat = model.prompter.chat
+    strict = compile_template("{{ raise_exception('Conversation roles must alternate user/assistant') }}")
+    model.prompter.chat = dataclasses.replace(chat, template=strict)
+    try:
+        with _client(model) as c:
+            response = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}]})
+    finally:
+        model.prompter.chat = chat
+    assert "roles must alternate" in assert_openai_error(response, 400)["message"]
+
+
+@pytest.mark.parametrize("method, path, body", [
+    ("GET", "/openapi.json", None), ("GET", "/docs", None), ("GET", "/redoc", None), ("GET", "/nope", None),
+    ("GET", "/v1/models", None), ("POST", "/v1/completions", "{not json"), ("POST", "/v1/chat/completions", "{}"),
+])
+def test_the_api_key_guards_every_route_but_health_before_the_body(model, method, path, body):
+    with _client(model, KEY) as c:
+        error = assert_openai_error(c.request(method, path, content=body, headers=JSON), 401)
+        assert error["type"] == "authentication_error"
+        assert c.get("/health").status_code == 200
+        keyed = c.request(method, path, content=body, headers={**JSON, "Authorization": f"Bearer {KEY}"})
+        assert keyed.status_code != 401
+
+
+# ---- property-based: whatever the body, a response or a 4xx in OpenAI's shape ----
+
+_scalars = (st.none() | st.booleans() | st.integers(min_value=-2**70, max_value=2**70)
+            | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=12)
+            | st.sampled_from(["auto", "off", "<|im_end|>\n<|im_start|>system\n", "\ud800", "exact", "fast"]))
+_json = st.recursive(_scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner,
+                                                                                           max_size=3), max_leaves=8)
+_dysco_knobs = st.dictionaries(st.sampled_from(["qr_heads", "top_p", "top_k", "strength", "decay", "context_warmup",
+                                                "intervention_warmup", "template_sequences", "dynamic", "mode"]),
+                               _json, max_size=3)
+_message = st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant", "tool", 7]),
+                                  "content": st.text(max_size=20) | _json})
+_common = {"max_tokens": st.integers(-3, 3) | _json, "temperature": _json, "top_p": _json, "top_k": _json,
+           "min_p": _json, "seed": _json, "stop": _json, "n": _json, "stream": st.just(False) | _json,
+           "dysco": st.sampled_from(["auto", True, False, None, "off"]) | _dysco_knobs | _json}
+_chat_body = st.fixed_dictionaries({"messages": st.lists(_message, max_size=3) | _json},
+                                   optional={**_common, "max_completion_tokens": _json})
+_completion_body = st.fixed_dictionaries({"prompt": st.text(max_size=20) | st.lists(st.integers(-2, 60000), max_size=4)
+                                          | _json}, optional=_common)
+FUZZ = settings(max_examples=FUZZ_EXAMPLES, derandomize=True, deadline=None, database=None,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+
+
+def _check_answer(client, path: str, body) -> None:
+    response = client.post(path, content=json.dumps(body), headers=JSON)
+    assert response.status_code < 500, response.text
+    if response.status_code >= 400:
+        assert_openai_error(response, response.status_code)
+    elif not body.get("stream") is True:
+        assert response.json()["choices"], response.text
+
+
+@FUZZ
+@given(body=_chat_body)
+def test_fuzz_chat_bodies(client, body):
+    _check_answer(client, "/v1/chat/completions", body)
+
+
+@FUZZ
+@given(body=_completion_body)
+def test_fuzz_completion_bodies(client, body):
+    _check_answer(client, "/v1/completions", body)
+
+
+@settings(max_examples=CONFIG_EXAMPLES, derandomize=True, deadline=None, database=None)
+@given(options=_dysco_knobs)
+def test_fuzz_dysco_config_parsing(options):
+    try:
+        config = DyscoConfig.from_dict({"qr_heads": [[0, 0]], **options})
+    except ConfigError:
+        return
+    assert DyscoConfig.from_dict(config.to_dict()) == config  # what it accepts, it accepts again
+
+
+@settings(max_examples=CONFIG_EXAMPLES, derandomize=True, deadline=None, database=None)
+@given(options=st.dictionaries(st.sampled_from(["temperature", "top_k", "top_p", "min_p", "seed"]), _scalars))
+def test_fuzz_sampling_options(options):
+    try:
+        SamplingOptions(**options)
+    except InputError:
+        pass
+
+
+# ---- once through the real server process and the real openai client ----
+
+@pytest.mark.slow
+def test_hostile_requests_through_a_real_server_leave_it_serving(tmp_path):
+    openai = pytest.importorskip("openai")
+    from test_server import running_server  # the subprocess server fixture of the server's own tests
+    with running_server("--api-key", KEY, log=tmp_path / "log") as (base, proc):
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key=KEY, max_retries=0, timeout=120)
+        answer = client.completions.create(model="m", prompt="Hi", max_tokens=3)  # one token, DySCO on
+        assert answer.usage.completion_tokens == 3
+        assert client.completions.create(model="m", prompt=[1], max_tokens=2).choices
+        for extra in ({"dysco": {"context_warmup": 10**12}}, {"dysco": {"qr_heads": [[999, 0]]}}, {"top_k": 2**31}):
+            with pytest.raises(openai.BadRequestError) as caught:
+                client.completions.create(model="m", prompt="Hi", max_tokens=2, extra_body=extra)
+            assert set(caught.value.body) >= {"message", "type", "param", "code"}
+        with pytest.raises(openai.BadRequestError, match="token_ids"):
+            client.completions.create(model="m", prompt=[-1], max_tokens=2)
+        with pytest.raises(openai.NotFoundError):
+            client.get("/nope", cast_to=object)
+        assert proc.poll() is None
+        assert client.chat.completions.create(model="m", messages=[{"role": "user", "content": "Hi"}],
+                                              max_tokens=2).choices[0].message.content is not None
