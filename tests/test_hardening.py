@@ -122,6 +122,13 @@ def test_rpc_peer_that_answers_hello_then_misbehaves_is_an_engine_error(after_he
     assert endpoint not in engine_mod._rpc_connected
 
 
+@pytest.mark.parametrize("endpoint", ["a..b:50052", "\u00e9t\u00e9.example:50052", "a" * 64 + ".example:50052"])
+def test_rpc_host_names_python_or_ggml_cannot_resolve_are_input_errors(endpoint):
+    for connect in (engine_mod.rpc_handshake, lambda e: engine_mod.SplitOptions(rpc=e)):
+        with pytest.raises(InputError, match="an RPC server is host:port"):
+            connect(endpoint)
+
+
 # ---- 5. context sizes that cannot be ----
 
 @pytest.mark.parametrize("n_ctx", [99999999999999999999, 2**32, 2**31])

@@ -78,6 +78,14 @@ def test_bad_requests_are_openai_errors(client, method, path, body, status, word
     assert words in error["message"]
 
 
+@pytest.mark.parametrize("body, param", [('{"prompt": "Hi", "top_k": 2147483648}', "top_k"),
+                                         ('{"prompt": [3, -1]}', "token_ids[1]"),
+                                         ('{"prompt": "Hi", "dysco": {"top_k": 0}}', "dysco.top_k")])
+def test_errors_name_the_field(client, body, param):
+    error = assert_openai_error(client.post("/v1/completions", content=body, headers=JSON), 400)
+    assert error["param"] == param
+
+
 @pytest.mark.parametrize("prompt", ["Hi", [1]])
 def test_one_token_prompts_with_dysco_are_answered(client, prompt):
     response = client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 3})

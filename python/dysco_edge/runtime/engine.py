@@ -11,6 +11,7 @@ import ctypes
 import functools
 import math
 import os
+import re
 import socket
 import struct
 import threading
@@ -69,10 +70,16 @@ def _checked_shares(shares: Union[Sequence[float], str]) -> tuple[float, ...]:
     return values
 
 
+_HOST = re.compile(r"[A-Za-z0-9._-]{1,253}")
+
+
 def parse_endpoint(endpoint: str) -> tuple[str, int]:
     """(host, port) of an RPC server's 'host:port' (ggml reads IPv4 addresses and host names only)."""
     host, sep, port = endpoint.rpartition(":")
-    if not sep or not host or ":" in host or not port.isdigit() or not 0 < int(port) < 65536:
+    # an ASCII name of labels 1..63 long: ggml hands the bytes to gethostbyname (no IDNA), and Python's
+    # resolver raises UnicodeError, not OSError, on an empty or overlong label
+    labels_ok = _HOST.fullmatch(host) is not None and all(0 < len(label) < 64 for label in host.split("."))
+    if not sep or not labels_ok or not port.isdigit() or not 0 < int(port) < 65536:
         raise InputError(f"an RPC server is host:port (an IPv4 address or host name, a port in 1..65535), "
                          f"got {endpoint!r}")
     return host, int(port)

@@ -2,12 +2,14 @@
 llama-server's two extensions we speak (prefill progress, context overflow)."""
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from typing import Optional
 
 from ..errors import ConfigError, ContextOverflow, DyscoEdgeError, InputError, NoHeadMap
 
+_FIELD = re.compile(r"([A-Za-z_][\w.\[\]]*): ")
 # our Generation.finish_reason -> OpenAI's ("context": the context filled up)
 FINISH = {"stop": "stop", "length": "length", "context": "length", "interrupted": "stop"}
 
@@ -36,8 +38,9 @@ def api_error(exc: Exception) -> ApiError:
     if isinstance(exc, ConfigError):
         field = str(exc).split(":", 1)[0]
         return ApiError(400, str(exc), param=f"dysco.{field}" if field.replace("/", "").isidentifier() else "dysco")
-    if isinstance(exc, (InputError, NoHeadMap)):
-        return ApiError(400, str(exc))
+    if isinstance(exc, (InputError, NoHeadMap)):  # "top_k: expected ..." names its field: param top_k
+        named = _FIELD.match(str(exc))
+        return ApiError(400, str(exc), param=named.group(1) if named else None)
     return ApiError(500, f"the server failed to answer: {exc}", type="server_error")
 
 
