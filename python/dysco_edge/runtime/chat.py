@@ -4,7 +4,7 @@ the generation prompt's length (intervention warmup "auto") and the role markers
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 import jinja2
@@ -55,6 +55,7 @@ class ChatTemplate:
     is_control: Callable[[int], bool]
     token_text: Callable[[int], str]
     source: str = ""
+    scanned: dict = field(default_factory=dict, compare=False, repr=False)  # user_text.control_texts' last answer
 
     @classmethod
     def from_engine(cls, engine) -> "ChatTemplate | None":

@@ -35,8 +35,16 @@ def encode(chat, messages: Sequence[Mapping[str, Any]], add_generation_prompt: b
 
 
 def control_texts(strings: Sequence[str], chat) -> set[str]:
-    """The texts of the control tokens that special-token parsing finds in the strings."""
-    return {chat.token_text(t) for s in strings for t in set(chat.tokenize(s, special=True)) if chat.is_control(t)}
+    """The texts of the control tokens that special-token parsing finds in the strings. The last
+    answer is kept on the chat template: a request encodes the same messages 3 times."""
+    key = tuple(strings)
+    found = chat.scanned.get(key)  # threads share a model: only atomic dict operations here
+    if found is None:
+        found = frozenset(chat.token_text(t) for s in strings for t in set(chat.tokenize(s, special=True))
+                          if chat.is_control(t))
+        chat.scanned.clear()
+        chat.scanned[key] = found
+    return set(found)
 
 
 def defuse(text: str, found: set[str], mark: str) -> str:
