@@ -262,6 +262,7 @@ def test_lone_surrogate_in_a_message_is_an_input_error(model):
 def test_invalid_utf8_on_the_command_line_and_stdin_is_one_line():
     path = str(models.smollm2_q4_1())
     for done in (_cli("run", path, "-p", "caf\udce9", "--no-dysco", "--no-cache"),  # as argv bytes b"caf\xe9"
+                 _cli("run", path, "-q", "caf\udce9", "--no-dysco", "--no-cache"),
                  _cli("run", path, "--no-dysco", "--no-cache", stdin=b"caf\xe9 ?\n")):
         last = done.stderr.decode().strip().splitlines()[-1]
         assert done.returncode == 2 and ("not UTF-8" in last or "not valid UTF-8" in last), done.stderr.decode()

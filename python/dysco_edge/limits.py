@@ -1,4 +1,5 @@
-"""The one place numbers are checked before they reach C: ranged, finite, of the right kind.
+"""The one place inputs are checked before they reach C: numbers ranged, finite, of the right
+kind; text valid UTF-8.
 
 llama.cpp and the DySCO C API take int32 (positions, token ids, counts), uint32 (context
 sizes) and finite floats; Python's unbounded ints and its NaN/inf would wrap, truncate or
@@ -64,3 +65,13 @@ def shown(value: Any) -> str:
     except ValueError:
         return f"a {type(value).__name__} holding a huge int"
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+def check_text(text: str, name: str) -> None:
+    """Text llama.cpp can take as UTF-8: no lone surrogates (Python's stand-ins for undecodable bytes
+    in argv, or half a UTF-16 pair in JSON)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InputError(f"{name} is not valid UTF-8 text: character {e.start} is {text[e.start]!r} (undecodable "
+                         f"bytes or half a surrogate pair); pass UTF-8 text") from None

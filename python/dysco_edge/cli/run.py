@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..config import EXACT, FAST
 from ..errors import InputError
+from ..limits import check_text
 from ..progress import Progress
 from .models import add_model_arguments, chosen_model
 from .devices import add_device_arguments, device_options
@@ -73,6 +74,9 @@ def check_args(args) -> None:
         raise InputError(f"--n-ctx must be >= 1, got {args.n_ctx}")
     if args.prompt is not None and not args.prompt.strip():
         raise InputError("the prompt is empty")
+    for name, texts in (("--prompt", [args.prompt] if args.prompt is not None else []), ("--question", args.question)):
+        for text in texts:
+            check_text(text, name)
 
 
 def run_command(args) -> int:

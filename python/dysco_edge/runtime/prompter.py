@@ -8,7 +8,7 @@ import jinja2
 
 from ..config import AUTO, DyscoConfig
 from ..errors import InputError
-from ..limits import is_int, shown
+from ..limits import check_text, is_int, shown
 from .chat import NO_TEMPLATE_WARMUP, ChatTemplate
 from .engine import Engine
 
@@ -67,13 +67,3 @@ class Prompter:
     @staticmethod
     def intervention_warmup(config: DyscoConfig, warmup_auto: int) -> int:
         return warmup_auto if config.intervention_warmup == AUTO else config.intervention_warmup
-
-
-def check_text(text: str, name: str) -> None:
-    """Text llama.cpp can take as UTF-8: no lone surrogates (Python's stand-ins for undecodable bytes
-    in argv or for half a UTF-16 pair in JSON)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise InputError(f"{name} is not valid UTF-8 text: character {e.start} is {text[e.start]!r} (undecodable "
-                         f"bytes or half a surrogate pair); pass UTF-8 text") from None
