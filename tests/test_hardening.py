@@ -267,3 +267,20 @@ def test_invalid_utf8_on_the_command_line_and_stdin_is_one_line():
         last = done.stderr.decode().strip().splitlines()[-1]
         assert done.returncode == 2 and ("not UTF-8" in last or "not valid UTF-8" in last), done.stderr.decode()
         assert b"Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("build", [models.smollm2_q4_1, models.gemma3_270m])
+def test_kv_estimate_is_what_llama_cpp_stores_per_position(build):
+    # oracle: llama.cpp's own serialized cells of a sequence grow by exactly the KV bytes per position
+    # (F16 cells; Gemma 3's window layers hold every position below their 512 window)
+    from dysco_edge.context_memory import kv_shape
+    path = build()
+    shape = kv_shape(path)
+    with Model(path, n_ctx=256) as m:
+        sizes = {}
+        for n in (10, 30):
+            m.prefill(list(range(100, 100 + n)))
+            sizes[n] = len(m.prefix_cells()[1])
+    caches = 2 if shape.window else 1  # an iSWA model keeps a base and a window cache
+    per_cell = 12  # llama.cpp writes a cell's position, its sequence count and id beside K and V
+    assert sizes[30] - sizes[10] == shape.bytes_for(30) - shape.bytes_for(10) + 20 * per_cell * caches
