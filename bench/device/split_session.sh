@@ -5,9 +5,9 @@
 set -u
 export OUT=/tmp/res; mkdir -p $OUT
 {
-    bash bench/cuda/run.sh build || exit 1
+    bash bench/device/run.sh build || exit 1
     nvidia-smi -L
-    bash bench/cuda/run.sh split-check
-    REPEATS=${REPEATS:-2} bash bench/cuda/run.sh split-speed
+    bash bench/device/run.sh split-check
+    REPEATS=${REPEATS:-2} bash bench/device/run.sh split-speed
     echo "split session done"
 } > $OUT/split-session.log 2>&1

@@ -4,8 +4,8 @@ Prefills CONTEXT random tokens, warms every graph, then runs PART once between
 cudaProfilerStart/Stop, so that `ncu --profile-from-start off` times only its kernels:
 
     ncu --profile-from-start off --metrics gpu__time_duration.sum --csv \\
-        python bench/cuda/kernel_profile.py MODEL.gguf HEAD_MAP.json --part probe
-    python bench/cuda/kernel_profile.py --summarize ncu.csv   # per-kernel totals
+        python bench/device/kernel_profile.py MODEL.gguf HEAD_MAP.json --part probe
+    python bench/device/kernel_profile.py --summarize ncu.csv   # per-kernel totals
 
 PART: probe, plain (a full pass with logits), capture (a full pass recording scores),
 biased (a full pass with a DySCO bias). Also prints the part's wall time without ncu

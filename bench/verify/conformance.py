@@ -2,7 +2,7 @@
 DySCO loop; per case, whether the generated tokens equal the reference and the mean /
 minimum Jaccard overlap of the selected set per intervention step.
 
-    python bench/conformance.py [--model F32_OR_Q4_GGUF] [--golden PATH] [--flash-attn]
+    python bench/verify/conformance.py [--model F32_OR_Q4_GGUF] [--golden PATH] [--flash-attn]
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from dysco_edge.runtime.engine import Engine, EngineOptions, Sampler
 
 import llama_cpp
 
-GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "golden" / "smollm2_reference.json"
+GOLDEN = Path(__file__).resolve().parents[3] / "shared" / "golden" / "smollm2_reference.json"
 
 _spec = importlib.util.spec_from_file_location("reference_harness", Path(__file__).with_name("reference_harness.py"))
 reference_harness = importlib.util.module_from_spec(_spec)

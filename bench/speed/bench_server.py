@@ -7,7 +7,7 @@ and the table gives medians.
 2. Time to first token of a follow-up question on a document already prefilled (the first
    question prefilled it; each timed question reuses its KV cells).
 
-    python bench/bench_server.py [--model M.gguf] [--doc-tokens 6000] [--gen 128] [--repeats 5]
+    python bench/speed/bench_server.py [--model M.gguf] [--doc-tokens 6000] [--gen 128] [--repeats 5]
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 // context: importance update, selection, bias fill, the bias copy that dysco_set_bias makes.
 // Separates the host CPU's speed from Python and from the GPU passes.
 //
-//   g++ -O2 -ffp-contract=off -ftree-vectorize -Inative bench/select_timing.cpp native/dysco-select.cpp -o /tmp/select_timing
+//   g++ -O2 -ffp-contract=off -ftree-vectorize -Inative bench/speed/select_timing.cpp native/dysco-select.cpp -o /tmp/select_timing
 //   /tmp/select_timing 32768 4096 0.975
 #include "dysco-select.h"
 

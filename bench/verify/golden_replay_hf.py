@@ -2,14 +2,14 @@
 several guesses of how the reference harness fed the model, and prints the Jaccard overlap of
 the selected set with the reference's (the table in bench/RESULTS.md, "Golden conformance").
 
-    DYSCO_EDGE_LIB_DIR=... PYTHONPATH=python:tests python bench/golden_replay_hf.py [full]
+    DYSCO_EDGE_LIB_DIR=... PYTHONPATH=python:tests python bench/verify/golden_replay_hf.py [full]
 
 `full` runs whole cases (slow: every step recomputes the prompt without a KV cache).
 """
 import json, math, sys
 from pathlib import Path
 import numpy as np, torch
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT / 'python'), str(ROOT / 'tests')]
 import oracle, models
 G = json.load(open(ROOT.parent / 'shared' / 'golden' / 'smollm2_reference.json'))['cases']

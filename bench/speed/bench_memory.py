@@ -1,7 +1,7 @@
 """Memory over many short generations in one process: RSS after a warm-up and after N more
 generations (DySCO and plain alternating), to show nothing accumulates per generation.
 
-    python bench/bench_memory.py [--n 1000] [--head-map FILE]
+    python bench/speed/bench_memory.py [--n 1000] [--head-map FILE]
 """
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ For each context length: decode tokens/s of a plain one-token step; the same ste
 bias set; with score capture on; and the probe (time ratio to a plain step, against the
 target 1.1 x (L_max+1)/L).
 
-    python bench/bench_native.py [--model PATH] [--head-map JSON] [--contexts 1024 6144] [--steps 64]
+    python bench/speed/bench_native.py [--model PATH] [--head-map JSON] [--contexts 1024 6144] [--steps 64]
 """
 from __future__ import annotations
 

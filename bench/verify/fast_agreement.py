@@ -6,7 +6,7 @@ the longer answer), whether the answers are identical, and the Jaccard index of 
 intervention step while both runs have fed the same tokens (after the first divergence the
 contexts differ and S is not comparable).
 
-    python bench/fast_agreement.py --golden-model SMOLLM2_F32.gguf [--eval-model M.gguf]
+    python bench/verify/fast_agreement.py --golden-model SMOLLM2_F32.gguf [--eval-model M.gguf]
         [--tasks passkey,kv,vt] [--length 2048] [--n 8] [--n-gpu-layers 99 --flash-attn]
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ from dysco_edge import DyscoConfig, Model
 from dysco_edge.eval.prompts import PromptRenderer
 from dysco_edge.eval.tasks import make_case
 
-GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "golden" / "smollm2_reference.json"
+GOLDEN = Path(__file__).resolve().parents[3] / "shared" / "golden" / "smollm2_reference.json"
 
 
 def compare(model: Model, ids: list[int], config: DyscoConfig, max_new_tokens: int) -> dict:

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Issue 16 on the lent 2-GPU machine, start to end in the background (a call may last 10 minutes,
 # the machine stays ours only while calls follow each other):
-#   setsid nohup bash bench/cuda/long_eval.sh > /tmp/long_eval.log 2>&1 &
-# build -> (wait for /tmp/models/qwen15.ok, made once `bench/eval_gpu.sh take` checked the model)
+#   setsid nohup bash bench/device/long_eval.sh > /tmp/long_eval.log 2>&1 &
+# build -> (wait for /tmp/models/qwen15.ok, made once `bench/device/eval_gpu.sh take` checked the model)
 # -> head detection (default, long calibration prompts, layer cap) with the difficulty calibration
 # (plain, dev, 8K) -> dev at 16K (every variant) -> the variant chosen on dev against plain and
 # random heads on test at 16K (n=100), with the gold-attention measurement -> the 2-GPU split
@@ -27,13 +27,13 @@ detect() {  # NAME [detect args]
 }
 
 setup() {
-    bash bench/cuda/run.sh build > $R/build.log 2>&1 || { stage "build failed"; exit 1; }
+    bash bench/device/run.sh build > $R/build.log 2>&1 || { stage "build failed"; exit 1; }
     [ -d /tmp/site/cffi ] || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site \
         .dev/device/wheels/*.whl > /dev/null 2>&1
     export PYTHONPATH=/tmp/site:$PWD/python:$PWD/.dev/device/pylib DYSCO_EDGE_LIB_DIR=$PWD/build/cuda/bin
     export PYTHONUNBUFFERED=1
     # issue 20's 70B file, written on the CPU while the GPUs evaluate (run.sh split-speed finds it)
-    [ -f /tmp/llama-3.1-70b.gguf ] || ( python3 bench/cuda/make_random_gguf.py --shape llama-3.1-70b \
+    [ -f /tmp/llama-3.1-70b.gguf ] || ( python3 bench/device/make_random_gguf.py --shape llama-3.1-70b \
         --vocab-from .dev/device/tiny-qwen3-v1-f32.gguf --out /tmp/70b.part > $R/make-70b.log 2>&1 \
         && mv /tmp/70b.part /tmp/llama-3.1-70b.gguf ) &
     until [ -f /tmp/models/qwen15.ok ]; do sleep 2; done
@@ -50,7 +50,7 @@ calibrate() {  # detection and calibration together: calibration is plain decodi
         gpu=$(( 1 - gpu ))
     done
     wait
-    python3 bench/long_eval_pick.py levels $R > $R/levels.txt 2>> $R/picks.txt
+    python3 bench/research/long_eval_pick.py levels $R > $R/levels.txt 2>> $R/picks.txt
     stage "calibrated: $(cat $R/levels.txt)"
 }
 
@@ -67,7 +67,7 @@ dev() {
             --head-map $R/heads-cap.json --time-limit 240 &
     done
     wait
-    python3 bench/long_eval_pick.py config $R > $R/config.txt 2>> $R/picks.txt
+    python3 bench/research/long_eval_pick.py config $R > $R/config.txt 2>> $R/picks.txt
     stage "dev done: $(cat $R/config.txt)"
 }
 
@@ -86,17 +86,17 @@ main() {
     setup
     calibrate
     TASKS=$(cat $R/levels.txt)
-    OUT=$R MODEL=$M bash bench/cuda/run.sh split-check > $R/split-check.log 2>&1 &
+    OUT=$R MODEL=$M bash bench/device/run.sh split-check > $R/split-check.log 2>&1 &
     dev
     read -r method twin map < $R/config.txt
-    CUDA_VISIBLE_DEVICES=1 timeout 420 python3 bench/gold_attention.py $M --tasks $TASKS --length 16384 --n 5 \
+    CUDA_VISIBLE_DEVICES=1 timeout 420 python3 bench/research/gold_attention.py $M --tasks $TASKS --length 16384 --n 5 \
         --methods "plain;dysco;$method" --head-map $map --n-gpu-layers 99 --flash-attn \
         --out $R/gold.jsonl > $R/gold.md 2> $R/gold.log &
     test_at 16384 420
     wait
     stage "test 16K done"
     until [ -f /tmp/llama-3.1-70b.gguf ]; do sleep 2; done
-    OUT=$R REPEATS=2 bash bench/cuda/run.sh split-speed > $R/split-speed.log 2>&1
+    OUT=$R REPEATS=2 bash bench/device/run.sh split-speed > $R/split-speed.log 2>&1
     stage "split speed done"
     [ "$(left)" -gt 120 ] && test_at 32768 $(( $(left) - 60 )) && wait
     stage "all done"

@@ -4,7 +4,7 @@ of the same kind between measurements (so the DySCO state and graphs are live, a
 DySCO prefills the prompt less its last Wc + Wi tokens (they are fed one by one afterwards); the
 plain loop prefills all but the last one. Each measurement is one llama_decode call sequence.
 
-    python bench/bench_prefill.py [--model PATH] [--head-map JSON] [--context 1024] [--repeats 4]
+    python bench/speed/bench_prefill.py [--model PATH] [--head-map JSON] [--context 1024] [--repeats 4]
 """
 from __future__ import annotations
 

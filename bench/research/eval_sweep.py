@@ -10,7 +10,7 @@ A variant's dev score is the mean over (task, length) cells of the cell means, o
 compared variant has (paired). The table also shows the score at each length, which is where
 top_k (absolute vs. a ratio of the prompt) against context length shows.
 
-  python bench/eval_sweep.py MODEL.gguf --head-map heads.json --lengths 2048,8192 --n 30 \
+  python bench/research/eval_sweep.py MODEL.gguf --head-map heads.json --lengths 2048,8192 --n 30 \
       --out results/dev-sweep.jsonl --stage all --write-tuned results/tuned.json
 """
 from __future__ import annotations

@@ -1,8 +1,8 @@
-"""Choices the long-answer evaluation makes from its own dev results (bench/cuda/long_eval.sh).
+"""Choices the long-answer evaluation makes from its own dev results (bench/device/long_eval.sh).
 
-    python bench/long_eval_pick.py levels DIR   # per task, the difficulty whose plain dev score
+    python bench/research/long_eval_pick.py levels DIR   # per task, the difficulty whose plain dev score
                                                 # at 8K is nearest 0.45 (inside 0.2-0.7 if any is)
-    python bench/long_eval_pick.py config DIR   # the DySCO variant with the best mean dev score
+    python bench/research/long_eval_pick.py config DIR   # the DySCO variant with the best mean dev score
                                                 # over the tasks: "METHOD RANDOM HEAD_MAP"
 
 Only dev results are read: the test split never informs a choice.

@@ -4,8 +4,8 @@ DySCO decodes in exact and fast mode (token agreement, Jaccard of every step's s
 QR heads sit in the first, a middle and the last layers, so both GPUs hold some. Run with
 DYSCO_SCHED_REPORT=1 to list the backend of every DySCO node (expect CUDA0 and CUDA1 only).
 
-    python bench/cuda/split_check.py MODEL.gguf [--tensor-split 1,1]
-    python bench/cuda/split_check.py MODEL.gguf --rpc 127.0.0.1:50052,127.0.0.1:50053   # dry run, no GPU
+    python bench/device/split_check.py MODEL.gguf [--tensor-split 1,1]
+    python bench/device/split_check.py MODEL.gguf --rpc 127.0.0.1:50052,127.0.0.1:50053   # dry run, no GPU
 """
 from __future__ import annotations
 

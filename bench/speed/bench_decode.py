@@ -4,7 +4,7 @@ Reports prefill tok/s, decode tok/s, each mode's ratio to plain (exact's target:
 0.95 (GPU) x plain/(1+(L_max+1)/L); fast's: 0.93), the share of a DySCO decode step spent on
 the host outside llama.cpp calls, and GPU memory where nvidia-smi exists.
 
-    python bench/bench_decode.py --model M.gguf --head-map head_maps/llama-3.1-8b-instruct.json \
+    python bench/speed/bench_decode.py --model M.gguf --head-map head_maps/llama-3.1-8b-instruct.json \
         --contexts 4096 16384 --gen 64 [--n-gpu-layers 99 --flash-attn] [--split-mode layer --tensor-split 1,1]
 """
 from __future__ import annotations

@@ -6,10 +6,10 @@
 set -u
 export OUT=/tmp/res; mkdir -p $OUT
 {
-    bash bench/cuda/run.sh build || exit 1
+    bash bench/device/run.sh build || exit 1
     for shape in qwen2.5-1.5b qwen3-8b; do
-        SHAPE=$shape CONTEXTS="4096 32768" REPEATS=3 GEN=128 bash bench/cuda/run.sh speed
+        SHAPE=$shape CONTEXTS="4096 32768" REPEATS=3 GEN=128 bash bench/device/run.sh speed
     done
-    SHAPE=qwen2.5-1.5b TOKENS=30000 bash bench/cuda/run.sh doccache
+    SHAPE=qwen2.5-1.5b TOKENS=30000 bash bench/device/run.sh doccache
     echo "session done"
 } > $OUT/session.log 2>&1

@@ -5,7 +5,7 @@ the pass (the default), "decode" holds the update, selection and bias, and "prob
 With DYSCO_HOST_TIMELINE=1 each context prints, when freed, the host time between DySCO's hook
 points (native/dysco-state.h dysco_timeline), plain passes included.
 
-    python bench/cuda/step_profile.py MODEL.gguf HEAD_MAP.json [--context 4096] [--gen 48]
+    python bench/device/step_profile.py MODEL.gguf HEAD_MAP.json [--context 4096] [--gen 48]
 """
 from __future__ import annotations
 

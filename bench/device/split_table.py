@@ -1,7 +1,7 @@
 """One table from two bench_decode.py outputs, one GPU and two (run.sh split-speed): decode tok/s per
 context and mode, two GPUs over one, and DySCO over plain in each setting.
 
-    python bench/cuda/split_table.py one-gpu.md two-gpus.md
+    python bench/device/split_table.py one-gpu.md two-gpus.md
 """
 from __future__ import annotations
 

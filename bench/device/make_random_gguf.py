@@ -3,7 +3,7 @@ model downloads): Llama-3.1-8B, Qwen3-8B or Qwen2.5-1.5B, written as F16 then qu
 Llama-3.1-70B written as Q4_K_M directly (its F16 would need 140 GB of disk): a few random rows per
 tensor quantized by ggml, repeated, in llama.cpp's Q4_K_M mix of types.
 
-    python bench/cuda/make_random_gguf.py --shape llama-3.1-8b --vocab-from tiny.gguf --out m.gguf --type q4_k_m
+    python bench/device/make_random_gguf.py --shape llama-3.1-8b --vocab-from tiny.gguf --out m.gguf --type q4_k_m
 """
 from __future__ import annotations
 

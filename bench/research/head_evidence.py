@@ -12,7 +12,7 @@ that mass over the mass on all passages ("gold share"), and whether the gold pas
 more mass than any other ("top-1"). `--far N` adds the prompts whose gold passage starts
 more than N tokens before the answer (e.g. N = a sliding window).
 
-    python bench/head_evidence.py --model M.gguf [--head-map [LABEL=]MAP.json ...] [--prompts 32]
+    python bench/research/head_evidence.py --model M.gguf [--head-map [LABEL=]MAP.json ...] [--prompts 32]
 """
 from __future__ import annotations
 

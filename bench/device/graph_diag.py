@@ -2,7 +2,7 @@
 ("CUDA Graph id N reused", "warmup complete", "warmup reset") per decode phase, and the
 step time of each phase with and without a synchronize.
 
-    python bench/cuda/graph_diag.py MODEL.gguf HEAD_MAP.json [--context 8192] [--gen 32]
+    python bench/device/graph_diag.py MODEL.gguf HEAD_MAP.json [--context 8192] [--gen 32]
 """
 from __future__ import annotations
 
