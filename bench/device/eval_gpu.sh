@@ -4,7 +4,8 @@
 #   bench/device/eval_gpu.sh ship MODEL.gguf NAME           here: split a model into <= 50 MB parts in .evalship/
 #   bench/device/eval_gpu.sh take NAME K [SHA256]           there: keep part K (call with carry
 #                                                    [".evalship/NAME.partK"]), in any order; with the
-#                                                    sha256 `ship` printed, join the parts kept and check
+#                                                    sha256 `ship` printed, join the parts kept, check
+#                                                    and mark them (/tmp/models/NAME.ok)
 #   bench/device/eval_gpu.sh eval NAME RESULTS [eval args]  there: one chunk of `dysco-edge eval` on the GPU,
 #                                                    at most TIME_LIMIT s (default 420); RESULTS comes
 #                                                    back in $OUT; run the same line again to continue
@@ -31,7 +32,8 @@ take)
     cp ".evalship/$2.part$3" /tmp/models/parts/ && ls -l /tmp/models/parts || exit 1
     [ -z "${4:-}" ] && exit 0
     cat $(ls /tmp/models/parts/"$2".part* | sort -V) > "/tmp/models/$2.gguf"
-    echo "$4  /tmp/models/$2.gguf" | sha256sum -c ;;
+    # NAME.ok: the model is whole and checked (sessions waiting for it start then)
+    echo "$4  /tmp/models/$2.gguf" | sha256sum -c && touch "/tmp/models/$2.ok" ;;
 eval|sweep)
     what=$1 name=$2 results=$3; shift 3
     mkdir -p "$out" "$(dirname "$results")"

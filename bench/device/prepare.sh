@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Packs what a CUDA run on the lent GPU machine needs (it has no network) into .dev/device:
-# the pristine llama.cpp tree without other backends (RPC stays: the build has it by default),
+# the pristine llama.cpp tree without other backends (RPC stays: the build has it by default), with
+# its common library and llama-bench (run.sh build builds them: bench/speed/bench_api.py compares),
 # llama-cpp-python's Python files, a cffi wheel for its Python, and the tiny test model.
 # Run from the repository root.
 set -euo pipefail
 dest=.dev/device
 tree=$(python3 native/fetch_llama.py)
 rm -rf "$dest" && mkdir -p "$dest/llama.cpp/ggml/src" "$dest/pylib" "$dest/wheels"
-cp -r "$tree"/{CMakeLists.txt,LICENSE,cmake,include,src,vendor} "$dest/llama.cpp/"
+cp -r "$tree"/{CMakeLists.txt,LICENSE,cmake,include,src,vendor,common} "$dest/llama.cpp/"
+mkdir -p "$dest/llama.cpp/tools" && cp -r "$tree"/tools/llama-bench "$dest/llama.cpp/tools/"
 cp -r "$tree"/ggml/{CMakeLists.txt,cmake,include,.gitignore} "$dest/llama.cpp/ggml/" 2>/dev/null || true
 ( cd "$tree/ggml/src" && cp -r $(ls | grep -vE '^ggml-(blas|cann|et|hexagon|hip|metal|musa|opencl|openvino|sycl|virtgpu|vulkan|webgpu|zdnn|zendnn)$') "$OLDPWD/$dest/llama.cpp/ggml/src/" )
 cp -r "$tree"/gguf-py/gguf "$dest/pylib/gguf"

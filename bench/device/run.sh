@@ -28,7 +28,10 @@ build)
     start=$(date +%s)
     # a .dev packed before RPC was built by default lacks ggml-rpc: build without it then
     rpc=$([ -d .dev/device/llama.cpp/ggml/src/ggml-rpc ] && echo ON || echo OFF)
-    cmake -S . -B build/cuda -G Ninja -DGGML_CUDA=ON -DGGML_RPC=$rpc -DCMAKE_CUDA_ARCHITECTURES="${CUDA_ARCHS:-90}" \
+    # llama-bench beside the libraries (build/cuda/bin) when prepare.sh packed it
+    lb=$([ -d .dev/device/llama.cpp/tools/llama-bench ] && echo ON || echo OFF)
+    cmake -S . -B build/cuda -G Ninja -DGGML_CUDA=ON -DGGML_RPC=$rpc -DDYSCO_LLAMA_BENCH=$lb \
+        -DCMAKE_CUDA_ARCHITECTURES="${CUDA_ARCHS:-90}" \
         -DDYSCO_LLAMA_SRC=$PWD/.dev/device/llama.cpp -DPython3_EXECUTABLE=$(which python3) > "$out/cmake.log" 2>&1 \
       && cmake --build build/cuda -j "$(nproc)" > "$out/build.log" 2>&1
     rc=$?; echo "build rc=$rc in $(( $(date +%s) - start )) s" | tee -a "$out/device.txt"; tail -5 "$out/build.log"
@@ -41,10 +44,14 @@ check)
     DYSCO_SCHED_REPORT=1 python3 bench/device/check_cuda.py .dev/device/tiny-qwen3-v1-f32.gguf > "$out/check.md" 2> "$out/check.err"
     rc=$?; cat "$out/check.md"; sort "$out/check.err" | uniq -c | grep "dysco sched" | head; tail -3 "$out/check.err"; exit $rc ;;
 speed)
-    make_model
-    python3 bench/speed/bench_decode.py --model $m --head-map $heads --contexts ${CONTEXTS:-4096 16384 32768} \
-        --gen ${GEN:-64} --repeats ${REPEATS:-1} --n-gpu-layers 99 --flash-attn 2>"$out/speed-$shape.err" | tee "$out/speed-$shape.md"
-    tail -3 "$out/speed-$shape.err" ;;
+    # through the public API against llama-cpp-python and llama-bench; MODEL=file.gguf (HEADS=map.json,
+    # default: the one the model finds), else the random model of SHAPE and its heads
+    if [ -n "${MODEL:-}" ]; then m=$MODEL name=$(basename "$MODEL" .gguf) hm=${HEADS:-}
+    else make_model; name=$shape hm=$heads; fi
+    python3 bench/speed/bench_api.py --model "$m" ${hm:+--head-map $hm} --contexts ${CONTEXTS:-4096 16384 32768} \
+        --gen ${GEN:-128} --repeats ${REPEATS:-3} --n-gpu-layers 99 --flash-attn ${FLASH_ATTN:-on} \
+        --llama-bench build/cuda/bin/llama-bench --out "$out/speed-$name.md" 2>"$out/speed-$name.err"
+    rc=$?; cat "$out/speed-$name.md"; tail -3 "$out/speed-$name.err"; exit $rc ;;
 doccache)
     # the KV cache on disk: cold vs cached time to the first answer token (TOKENS long document)
     make_model
@@ -83,11 +90,12 @@ split-speed)
     # decode tok/s of plain, exact and fast DySCO on 1 GPU and on 2 (layer split), Llama-3.1-70B shape
     # (random Q4_K_M, ~40 GB written directly), its published heads, flash attention
     shape=llama-3.1-70b; m=/tmp/$shape.gguf; heads=head_maps/llama-3.1-70b-instruct.json; make_model
-    args="--model $m --head-map $heads --contexts ${CONTEXTS:-4096 32768} --gen ${GEN:-64} --repeats ${REPEATS:-1}"
-    CUDA_VISIBLE_DEVICES=0 python3 bench/speed/bench_decode.py $args --n-gpu-layers 99 --flash-attn \
+    args="--model $m --head-map $heads --contexts ${CONTEXTS:-4096 32768} --gen ${GEN:-128} --repeats ${REPEATS:-3}
+          --n-gpu-layers 99 --flash-attn on --llama-bench build/cuda/bin/llama-bench --no-prefill"
+    CUDA_VISIBLE_DEVICES=0 python3 bench/speed/bench_api.py $args --split-mode none \
         > "$out/split-speed-1gpu.md" 2> "$out/split-speed-1gpu.err"
-    python3 bench/speed/bench_decode.py $args --n-gpu-layers 99 --flash-attn --split-mode layer \
-        --tensor-split "${TENSOR_SPLIT:-1,1}" > "$out/split-speed-2gpu.md" 2> "$out/split-speed-2gpu.err"
+    python3 bench/speed/bench_api.py $args --split-mode layer --tensor-split "${TENSOR_SPLIT:-1,1}" \
+        > "$out/split-speed-2gpu.md" 2> "$out/split-speed-2gpu.err"
     python3 bench/device/split_table.py "$out/split-speed-1gpu.md" "$out/split-speed-2gpu.md" | tee "$out/split-speed.md"
     tail -n 1 "$out/split-speed-1gpu.md" "$out/split-speed-2gpu.md"; tail -n 2 "$out"/split-speed-*.err ;;
 select)

