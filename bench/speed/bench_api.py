@@ -5,6 +5,9 @@ in one run.
 
 Decode tok/s = (tokens of a warm call asking for GEN+1) - (tokens of a warm call asking for 1),
 over the difference of their times: prefill, the first token and the call's fixed costs cancel.
+`--clock cpu` takes this process's CPU time instead of wall time (llama-bench: its CPU time in a run
+of gen+1 tokens minus one of 1 token): the work per token where a shared machine's load swamps the
+wall clock; with one thread it is the thread's compute, with more it also counts their waiting.
 Every mode's calls alternate with the others' in one process; medians of --repeats runs. Prefill
 tok/s = the prompt tokens a warm call found cached, over (cold call - warm call), both asking for
 one token. The prompt is a document of N tokens and a question, in the model's chat template.
@@ -20,6 +23,7 @@ import argparse
 import datetime
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -53,6 +57,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--split-mode", default="layer", help="layer, row or none (several GPUs)")
     ap.add_argument("--tensor-split", default="", help="a share per GPU, e.g. 1,1 (default: by free memory)")
     ap.add_argument("--repeats", type=int, default=3, help="alternating runs per mode (medians)")
+    ap.add_argument("--clock", default="wall", choices=("wall", "cpu"), help="time taken: wall, or CPU time")
     ap.add_argument("--no-prefill", action="store_true", help="skip the cold (prefill) calls")
     ap.add_argument("--llama-bench", type=Path, default=DEFAULT_LLAMA_BENCH,
                     help="llama-bench binary (bench/speed/build_llama_bench.sh); skipped when missing")
@@ -81,18 +86,25 @@ def api_input(model: Model, msgs: list[dict]) -> dict:
     return {"messages": msgs} if model.chat is not None else {"prompt": msgs[0]["content"]}
 
 
-def timed(call) -> tuple[float, object]:
-    t = time.perf_counter()
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def timed(call, clock=time.perf_counter) -> tuple[float, object]:
+    t = clock()
     out = call()
-    return time.perf_counter() - t, out
+    return clock() - t, out
 
 
 class ApiRun:
     """One mode through Model.generate: a cold call (nothing cached) unless prefill is off, then
     warm calls asking for 1 and for gen+1 tokens."""
 
-    def __init__(self, model, msgs: list[dict], dysco, gen: int, prefill: bool):
+    def __init__(self, model, msgs: list[dict], dysco, gen: int, prefill: bool, clock=time.perf_counter):
         self.model, self.msgs, self.dysco, self.gen, self.prefill = model, msgs, dysco, gen, prefill
+        self.clock = clock
+
+    def timed(self, k: int):
+        return timed(lambda: self.call(k), self.clock)
 
     def call(self, k: int):
         return self.model.generate(**api_input(self.model, self.msgs), dysco=self.dysco, max_new_tokens=k)
@@ -103,11 +115,11 @@ class ApiRun:
     def __call__(self) -> dict:
         if self.prefill:
             self.model.prefill([])  # forget every cached prefix: a cold start
-            t_cold, _ = timed(lambda: self.call(1))
+            t_cold, _ = self.timed(1)
         else:
             self.call(1)  # leaves the cache as this mode's own calls leave it
-        t1, g1 = timed(lambda: self.call(1))
-        tn, gn = timed(lambda: self.call(self.gen + 1))
+        t1, g1 = self.timed(1)
+        tn, gn = self.timed(self.gen + 1)
         tokens = len(gn.token_ids) - len(g1.token_ids)
         out = {"decode": tokens / (tn - t1), "tokens": tokens, "n_prompt": g1.n_prompt}
         if self.prefill:
@@ -124,11 +136,11 @@ class LlamaRun(ApiRun):
     def __call__(self) -> dict:
         if self.prefill:
             self.model.reset()  # its next call evaluates the whole prompt
-            t_cold, _ = timed(lambda: self.call(1))
+            t_cold, _ = self.timed(1)
         else:
             self.call(1)
-        t1, c1 = timed(lambda: self.call(1))
-        tn, cn = timed(lambda: self.call(self.gen + 1))
+        t1, c1 = self.timed(1)
+        tn, cn = self.timed(self.gen + 1)
         tokens = cn["usage"]["completion_tokens"] - c1["usage"]["completion_tokens"]
         out = {"decode": tokens / (tn - t1), "tokens": tokens, "n_prompt": c1["usage"]["prompt_tokens"]}
         if self.prefill:  # a warm call re-evaluates the prompt's last token
@@ -164,11 +176,24 @@ def libllama_used(binary: Path) -> str:
 
 
 def llama_bench(args, model: Model, settings: dict, depth: int) -> float | None:
-    """llama-bench's tg of gen tokens at `depth` (median tok/s of its repetitions); None if absent."""
+    """llama-bench's tg of gen tokens at `depth` (median tok/s of its repetitions; with --clock cpu,
+    gen x repetitions over the CPU time its run of gen+1 tokens took beyond one of 1 token)."""
     if not args.llama_bench.exists():
         return None
+    if args.clock == "wall":
+        return statistics.median(run_llama_bench(args, model, settings, depth, args.gen)[0]["samples_ts"])
+    cpu = []
+    for n_gen in (1, args.gen + 1):
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        run_llama_bench(args, model, settings, depth, n_gen)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu.append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
+    return args.gen * max(1, args.repeats) / (cpu[1] - cpu[0])
+
+
+def run_llama_bench(args, model: Model, settings: dict, depth: int, n_gen: int) -> list[dict]:
     ngl = settings["n_gpu_layers"]
-    cmd = [str(args.llama_bench), "-m", str(model.path), "-p", "0", "-n", str(args.gen), "-d", str(depth),
+    cmd = [str(args.llama_bench), "-m", str(model.path), "-p", "0", "-n", str(n_gen), "-d", str(depth),
            "-t", str(settings["threads"]), "-fa", "on" if settings["flash_attn"] else "off",
            "-ngl", str(999 if ngl < 0 else ngl), "-sm", args.split_mode, "-r", str(max(1, args.repeats)), "-o", "json"]
     if args.tensor_split:
@@ -177,14 +202,15 @@ def llama_bench(args, model: Model, settings: dict, depth: int) -> float | None:
     if done.returncode != 0:
         raise SystemExit(f"llama-bench failed ({done.returncode}): {' '.join(cmd)}\n{done.stderr[-2000:]}")
     print(f"# {' '.join(cmd)}", file=sys.stderr)
-    return statistics.median(json.loads(done.stdout)[0]["samples_ts"])
+    return json.loads(done.stdout)
 
 
 def measure_context(args, model: Model, settings: dict, n: int) -> dict[str, dict]:
     msgs = messages(document(model, n))
     config = model.resolve_dysco("auto")
     dysco = {"plain": None, "fast": config.replace(mode="fast"), "exact": config.replace(mode="exact")}
-    runs = {mode: ApiRun(model, msgs, dysco[mode], args.gen, not args.no_prefill) for mode in MODES}
+    clock = CLOCKS[args.clock]
+    runs = {mode: ApiRun(model, msgs, dysco[mode], args.gen, not args.no_prefill, clock) for mode in MODES}
     for run in runs.values():
         run.warm()
     llm = llama_cpp.Llama(model_path=str(model.path), n_ctx=model.n_ctx, n_batch=512, n_ubatch=512,
@@ -193,7 +219,7 @@ def measure_context(args, model: Model, settings: dict, n: int) -> dict[str, dic
                           tensor_split=[float(x) for x in args.tensor_split.split(",")] if args.tensor_split else None,
                           verbose=False)
     try:
-        runs["Llama"] = LlamaRun(llm, msgs, None, args.gen, not args.no_prefill)
+        runs["Llama"] = LlamaRun(llm, msgs, None, args.gen, not args.no_prefill, clock)
         runs["Llama"].warm()
         results = alternate(runs, args.repeats)
     finally:
@@ -251,6 +277,7 @@ def header(args, model: Model, settings: dict, config) -> list[str]:
             f"- where: {model.where()}; threads {settings['threads']}; flash attention "
             f"{'on' if settings['flash_attn'] else 'off'}; n_gpu_layers {settings['n_gpu_layers']}",
             f"- decode of {args.gen} tokens, greedy, chat template; medians of {args.repeats} alternating runs; "
+            f"{'wall' if args.clock == 'wall' else 'CPU'} time; "
             f"load average at the start {settings['load']:.1f} on {os.cpu_count()} CPUs",
             f"- package libllama: `{lib_dir()}`; llama-bench: {lb_text}", ""]
 
