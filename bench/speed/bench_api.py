@@ -87,6 +87,9 @@ def api_input(model: Model, msgs: list[dict]) -> dict:
 
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+# llama-bench's CPU time includes its prefill of the depth (once per run: later repetitions restore
+# it), which varies by seconds on a loaded machine: enough repetitions make the decode outweigh that
+CPU_CLOCK_REPS = 10
 
 
 def timed(call, clock=time.perf_counter) -> tuple[float, object]:
@@ -172,7 +175,7 @@ def libllama_used(binary: Path) -> str:
     """The libllama the dynamic loader gives llama-bench under llama_bench_env (ldd)."""
     lines = subprocess.run(["ldd", str(binary)], capture_output=True, text=True, env=llama_bench_env()).stdout
     return next((line.split("=>")[1].split("(")[0].strip() for line in lines.splitlines()
-                 if "libllama" in line and "=>" in line), "?")
+                 if line.strip().startswith("libllama.so") and "=>" in line), "?")
 
 
 def llama_bench(args, model: Model, settings: dict, depth: int) -> float | None:
@@ -185,17 +188,18 @@ def llama_bench(args, model: Model, settings: dict, depth: int) -> float | None:
     cpu = []
     for n_gen in (1, args.gen + 1):
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        run_llama_bench(args, model, settings, depth, n_gen)
+        run_llama_bench(args, model, settings, depth, n_gen, CPU_CLOCK_REPS)
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         cpu.append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
-    return args.gen * max(1, args.repeats) / (cpu[1] - cpu[0])
+    return args.gen * CPU_CLOCK_REPS / (cpu[1] - cpu[0])
 
 
-def run_llama_bench(args, model: Model, settings: dict, depth: int, n_gen: int) -> list[dict]:
+def run_llama_bench(args, model: Model, settings: dict, depth: int, n_gen: int, reps: int = 0) -> list[dict]:
     ngl = settings["n_gpu_layers"]
     cmd = [str(args.llama_bench), "-m", str(model.path), "-p", "0", "-n", str(n_gen), "-d", str(depth),
            "-t", str(settings["threads"]), "-fa", "on" if settings["flash_attn"] else "off",
-           "-ngl", str(999 if ngl < 0 else ngl), "-sm", args.split_mode, "-r", str(max(1, args.repeats)), "-o", "json"]
+           "-ngl", str(999 if ngl < 0 else ngl), "-sm", args.split_mode, "-r", str(reps or max(1, args.repeats)),
+           "-o", "json"]
     if args.tensor_split:
         cmd += ["-ts", args.tensor_split.replace(",", "/")]
     done = subprocess.run(cmd, capture_output=True, text=True, env=llama_bench_env())
