@@ -15,7 +15,7 @@ import oracle
 
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("conformance", ROOT / "bench" / "conformance.py")
+_spec = importlib.util.spec_from_file_location("conformance", ROOT / "bench" / "verify" / "conformance.py")
 conformance = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(conformance)
 
@@ -33,7 +33,7 @@ def engine():
         yield eng
 
 
-# The model is fed as the authors' harness fed it (bench/reference_harness.py: <|im_start|>
+# The model is fed as the authors' harness fed it (bench/verify/reference_harness.py: <|im_start|>
 # hidden from attention, its position ids); the DySCO loop is ours, unchanged.
 @pytest.mark.slow
 @pytest.mark.parametrize("case_index", range(4))

@@ -42,7 +42,7 @@ from dysco_edge.eval.tasks import (
 from dysco_edge.heads.maps import HeadMap, ModelShape
 
 REPO = Path(__file__).resolve().parent.parent
-BENCH_HEADS = REPO / "bench" / "smollm2-bench-heads.json"
+BENCH_HEADS = REPO / "bench" / "speed" / "smollm2-bench-heads.json"
 
 
 def chars(prompt) -> int:
@@ -479,7 +479,7 @@ def test_attention_scaling_runs_on_its_own_cache_and_leaves_none_behind():
 
 def test_sweep_picks_the_best_dev_variants():
     import importlib.util
-    spec = importlib.util.spec_from_file_location("eval_sweep", REPO / "bench" / "eval_sweep.py")
+    spec = importlib.util.spec_from_file_location("eval_sweep", REPO / "bench" / "research" / "eval_sweep.py")
     sweep = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(sweep)
     means = {"plain": 0.3, "dysco": 0.4, "dysco:strength=3": 0.5, "dysco:decay=0.5": 0.35,

@@ -26,7 +26,7 @@ def add_parser(subparsers) -> None:
     ev.add_argument("--n", type=int, default=100, help="cases per task and length")
     ev.add_argument("--methods", default=DEFAULT_METHODS,
                     help="e.g. 'plain,dysco,random:layers=all,static,attnts:factor=1.2' (see docs/EVAL.md)")
-    ev.add_argument("--tuned", metavar="FILE", help="JSON of tuned options per method kind (bench/eval_sweep.py)")
+    ev.add_argument("--tuned", metavar="FILE", help="JSON of tuned options per method kind (bench/research/eval_sweep.py)")
     ev.add_argument("--out", required=True, metavar="FILE.jsonl", help="results file (appended to)")
     ev.add_argument("--head-map", metavar="FILE", help="QR heads for this model (JSON head map)")
     ev.add_argument("--seed", type=int, default=0, help="base seed of the generated cases")

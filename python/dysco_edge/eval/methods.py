@@ -53,7 +53,7 @@ class Method:
         """A bare 'attnts' parses (a tuned file may fill it) but cannot run without a factor."""
         if self.kind == "attnts" and self.get("factor") is None:
             raise InputError("attnts needs a factor, e.g. attnts:factor=1.2 (tune it on dev with "
-                             "bench/eval_sweep.py, or give it in a --tuned file)")
+                             "bench/research/eval_sweep.py, or give it in a --tuned file)")
         return self
 
     def get(self, key: str, default: Any = None) -> Any:
