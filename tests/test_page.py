@@ -233,3 +233,201 @@ def test_two_clients_on_two_documents_at_once_get_their_own_answers(server, clie
         focus = together[i].model_extra["dysco"]["focus"]
         assert focus == alone[i].model_extra["dysco"]["focus"]
         assert {p["document"] for p in focus["passages"]} == {docs[i]["id"]}
+
+
+# ---- the page, in a real browser ----
+
+def _browser_or_skip():
+    """Debian's chromium and chromium-driver, and selenium: under CI their absence fails the run."""
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    try:
+        import selenium  # noqa: F401
+        missing = [] if chromium and driver else ["chromium and chromium-driver (apt-get install -y chromium chromium-driver)"]
+    except ImportError:
+        missing = ["selenium (pip install '.[test]')"]
+    if missing:
+        message = f"the browser tests need {missing[0]}"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"CI=true and {message}", pytrace=False)
+        pytest.skip(message)
+    return chromium, driver
+
+
+@pytest.fixture(scope="module")
+def browser():
+    chromium, driver_path = _browser_or_skip()
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+    options = Options()
+    options.binary_location = chromium
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                "--window-size=1500,900", "--force-device-scale-factor=1"):
+        options.add_argument(arg)  # --no-sandbox: CI runs as root, where Chromium's sandbox cannot start
+    driver = webdriver.Chrome(options=options, service=Service(executable_path=driver_path))
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("screenshots")
+    print(f"screenshots: {folder}")
+    return folder
+
+
+def _shot(driver, shots: Path, name: str) -> None:
+    driver.save_screenshot(str(shots / f"{name}.png"))
+
+
+def _wait(driver, condition, timeout: float = 300):
+    from selenium.webdriver.support.ui import WebDriverWait
+    return WebDriverWait(driver, timeout, poll_frequency=0.05).until(lambda d: condition(d))
+
+
+def _css(driver, selector: str) -> list:
+    from selenium.webdriver.common.by import By
+    return driver.find_elements(By.CSS_SELECTOR, selector)
+
+
+def _load(driver, server: str, key: str = KEY) -> None:
+    driver.get(f"{server}/")
+    if key is not None:
+        driver.execute_script("localStorage.setItem('dysco-edge-api-key', arguments[0]); location.reload()", key)
+    _wait(driver, lambda d: "SmolLM2" in _css(d, "#model")[0].text)
+
+
+def _upload(driver, path: Path) -> None:
+    """Choose the file in the page's upload input; wait until the document is opened."""
+    _css(driver, "#file")[0].send_keys(str(path))
+    _wait(driver, lambda d: any(li.get_attribute("data-state") in ("prefilled", "loaded", "kept")
+                                and path.name in li.text for li in _css(d, "#doc-list li.selected")))
+
+
+def _ask(driver, question: str) -> list:
+    """Ask in the page; the last turn's answer cards once all are done."""
+    n_turns = len(_css(driver, ".turn"))
+    _css(driver, "#question")[0].send_keys(question)
+    _css(driver, "#ask-button")[0].click()
+    _wait(driver, lambda d: len(_css(d, ".turn")) > n_turns)
+    return _css(driver, ".turn")[-1].find_elements("css selector", ".answer")
+
+
+def _api_answer(client, doc_id: str, question: str, dysco, max_tokens: int = 160) -> str:
+    answer = client.chat.completions.create(model="any", messages=[{"role": "user", "content": question}],
+                                            max_tokens=max_tokens, extra_body={"document": doc_id, "dysco": dysco})
+    return answer.choices[0].message.content
+
+
+@pytest.mark.slow
+def test_page_asks_for_the_key_then_opens_a_pdf(browser, server, pdf, shots):
+    browser.get(f"{server}/")
+    browser.execute_script("localStorage.clear()")
+    browser.refresh()
+    _wait(browser, lambda d: "API key" in _css(d, "#status")[0].text)
+    _shot(browser, shots, "1-asks-for-the-key")
+    key = _css(browser, "#key")[0]
+    key.send_keys(KEY)
+    browser.execute_script("arguments[0].dispatchEvent(new Event('change'))", key)
+    _wait(browser, lambda d: "SmolLM2" in _css(d, "#model")[0].text)
+    _upload(browser, pdf)
+    state = _css(browser, "#doc-list li.selected .state")[0].text
+    assert "prefilled in" in state or "loaded from the KV cache" in state or "in the context already" in state
+    assert [a.text for a in _css(browser, "#places a")] == ["page 1", "page 2", "page 3"]
+    assert EVIDENCE in _css(browser, "#doc-text")[0].text
+    _shot(browser, shots, "2-pdf-opened")
+
+
+@pytest.mark.slow
+def test_page_streams_the_answer_and_highlights_the_evidence(browser, server, client, pdf, shots):
+    _load(browser, server)
+    _upload(browser, pdf)
+    # every text node the page adds to an answer, with when it came (the page appends one per piece)
+    browser.execute_script("""
+        window.pieces = [];
+        new MutationObserver((records) => { for (const r of records) for (const n of r.addedNodes)
+            if (n.nodeType === 3 && n.parentElement.classList.contains('text')) window.pieces.push([performance.now(), n.data]);
+        }).observe(document.querySelector('#turns'), {childList: true, subtree: true});""")
+    cards = _ask(browser, QUESTION)
+    _wait(browser, lambda d: cards[0].find_element("css selector", ".text").text)
+    if "done" not in cards[0].get_attribute("class"):  # the answer so far, when the shot is quicker than the model
+        _shot(browser, shots, "3-answer-streaming")
+    _wait(browser, lambda d: "done" in cards[0].get_attribute("class"))
+    pieces = browser.execute_script("return window.pieces")
+    text = cards[0].find_element("css selector", ".text").text
+    assert text == _api_answer(client, _css(browser, "#doc-list li.selected")[0].get_attribute("data-id"),
+                               QUESTION, {"mode": "fast"}).strip()
+    assert len(pieces) >= 2 and pieces[-1][0] > pieces[0][0], pieces  # it came in pieces, over time
+    top = _css(browser, '#doc-text mark[data-rank="1"]')[0]
+    assert EVIDENCE in top.text
+    assert float(top.get_attribute("data-weight")) == max(float(m.get_attribute("data-weight"))
+                                                          for m in _css(browser, "#doc-text mark"))
+    assert "page 2" in _css(browser, '#focus-list li[data-rank="1"]')[0].text
+    _shot(browser, shots, "4-answer-with-focus")
+    if os.environ.get("DYSCO_EDGE_README_SHOT") == "1":
+        browser.save_screenshot(str(REPO / "docs" / "page.png"))
+    _css(browser, '#focus-list li[data-rank="1"]')[0].click()
+    assert "flash" in top.get_attribute("class")
+    assert browser.execute_script("""const r = arguments[0].getBoundingClientRect(),
+        v = document.querySelector('#viewer').getBoundingClientRect(); return r.top >= v.top && r.bottom <= v.bottom;""", top)
+
+
+@pytest.mark.slow
+def test_page_keeps_several_documents_and_reloads_one_from_the_kv_cache(browser, server, pdf, shots, tmp_path):
+    _load(browser, server)
+    _upload(browser, pdf)
+    notes = tmp_path / "garden-notes.md"
+    notes.write_text(NOTES)
+    _upload(browser, notes)
+    assert "Pond" in [a.text.removeprefix("section: ") for a in _css(browser, "#places a")]
+    first = [li for li in _css(browser, "#doc-list li") if pdf.name in li.text][0]
+    first.click()
+    _wait(browser, lambda d: first.get_attribute("data-state") == "loaded")
+    assert "loaded from the KV cache" in first.text
+    _shot(browser, shots, "5-second-document-then-back-from-the-kv-cache")
+
+
+@pytest.mark.slow
+def test_page_compares_plain_and_dysco_side_by_side(browser, server, client, pdf, shots):
+    _load(browser, server)
+    _upload(browser, pdf)
+    _css(browser, "#compare")[0].click()
+    browser.execute_script("document.querySelector('#mode').value = 'exact'")
+    cards = _ask(browser, QUESTION)
+    _wait(browser, lambda d: all("done" in c.get_attribute("class") for c in cards))
+    doc_id = _css(browser, "#doc-list li.selected")[0].get_attribute("data-id")
+    assert [c.get_attribute("data-kind") for c in cards] == ["plain", "dysco"]
+    assert [c.find_element("css selector", "h3").text for c in cards] == ["plain", "DySCO (exact)"]
+    for card, dysco in zip(cards, (False, {"mode": "exact"})):
+        assert card.find_element("css selector", ".text").text == _api_answer(client, doc_id, QUESTION, dysco).strip()
+    left, right = (c.rect for c in cards)
+    assert left["y"] == right["y"] and left["x"] + left["width"] <= right["x"]  # side by side
+    assert EVIDENCE in _css(browser, '#doc-text mark[data-rank="1"]')[0].text  # the DySCO answer's focus
+    _shot(browser, shots, "6-compare")
+
+
+@pytest.mark.slow
+def test_two_tabs_answering_at_once_each_get_their_answer(browser, server, client, pdf, tmp_path):
+    notes = tmp_path / "garden-notes.md"
+    notes.write_text(NOTES)
+    questions = {pdf.name: QUESTION, notes.name: "Who replaced the pond pump?"}
+    tabs = []
+    for path in (pdf, notes):
+        if tabs:
+            browser.switch_to.new_window("tab")
+        _load(browser, server)
+        _upload(browser, path)
+        tabs.append(browser.current_window_handle)
+    for handle, path in zip(tabs, (pdf, notes)):  # both asked before either is answered
+        browser.switch_to.window(handle)
+        _css(browser, "#question")[0].send_keys(questions[path.name])
+        _css(browser, "#ask-button")[0].click()
+    for handle, path in zip(tabs, (pdf, notes)):
+        browser.switch_to.window(handle)
+        card = _wait(browser, lambda d: _css(d, ".turn .answer.done") and _css(d, ".turn .answer.done")[-1])
+        doc_id = _css(browser, "#doc-list li.selected")[0].get_attribute("data-id")
+        assert card.get_attribute("data-doc") == doc_id
+        assert card.find_element("css selector", ".text").text == _api_answer(client, doc_id, questions[path.name],
+                                                                              {"mode": "fast"}).strip()
+    browser.close()
+    browser.switch_to.window(tabs[0])
