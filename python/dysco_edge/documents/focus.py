@@ -53,7 +53,8 @@ def passage_bounds(text: str) -> list[tuple[int, int]]:
 
 def token_byte_starts(model, ids: Sequence[int]) -> tuple[bytes, np.ndarray]:
     """The prompt's text as bytes (its tokens' pieces joined) and the byte where each token starts."""
-    pieces = [model.engine.detokenize([int(t)], special=True) for t in ids]
+    piece = {t: model.engine.detokenize([t], special=True) for t in set(map(int, ids))}  # once per distinct token
+    pieces = [piece[int(t)] for t in ids]
     lengths = np.fromiter((len(p) for p in pieces), dtype=np.int64, count=len(pieces))
     return b"".join(pieces), np.cumsum(lengths) - lengths
 
