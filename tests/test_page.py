@@ -374,11 +374,14 @@ def test_page_streams_the_answer_and_highlights_the_evidence(browser, server, cl
 
 @pytest.mark.slow
 def test_page_keeps_several_documents_and_reloads_one_from_the_kv_cache(browser, server, pdf, shots, tmp_path):
+    # the same text registered before under another name: the page lists it, then shows the new name
+    _register(server, {"filename": "old-name.md", "data": base64.b64encode(NOTES.encode()).decode()})
     _load(browser, server)
     _upload(browser, pdf)
     notes = tmp_path / "garden-notes.md"
     notes.write_text(NOTES)
     _upload(browser, notes)
+    assert not [li for li in _css(browser, "#doc-list li") if "old-name.md" in li.text]
     assert "Pond" in [a.text.removeprefix("section: ") for a in _css(browser, "#places a")]
     first = [li for li in _css(browser, "#doc-list li") if pdf.name in li.text][0]
     first.click()

@@ -77,9 +77,11 @@ function addDocument(summary) {
     li.dataset.id = summary.id;
     li.addEventListener("click", () => selectDocument(summary.id));
     $("#doc-list").append(li);
-    doc = { summary, li, text: null, opening: null };
+    doc = { summary, li, text: null };
     state.docs.set(summary.id, doc);
   }
+  doc.summary = summary;  // the same text registered again may come under another name
+  doc.li.querySelector(".name").textContent = summary.filename;
   if (summary.text !== undefined) doc.text = summary.text;
   return doc;
 }
