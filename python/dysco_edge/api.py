@@ -23,6 +23,7 @@ from .limits import int_in
 from .models import resolve as resolve_model
 from .runtime.engine import (Engine, EngineOptions, ProgressFn, SplitOptions, choose_offload, connect_rpc,
                              offload_free_bytes)
+from .runtime.focus_trace import FocusTrace
 from .runtime.generation import ContextLock, Generation, Request, TextStream
 from .runtime.prefix_cache import PrefixCache
 from .runtime.prompter import Messages, Prompter
@@ -36,6 +37,7 @@ __all__ = ["Model", "DocumentSession", "Generation", "ContextOverflow", "NoHeadM
 # the first context of a model whose n_ctx follows its inputs: enough to read its vocabulary
 AUTO_CTX_START = 512
 CTX_ROUNDING = 256  # llama.cpp pads a context to this anyway
+DOCUMENT_TEMPLATE = "{document}\n\nQuestion: {question}"  # a document question's user turn
 
 
 class Model:
@@ -181,7 +183,8 @@ class Model:
         self.fit(len(ids), max_new_tokens)
         request = Request(ids, self.resolve_dysco(dysco),
                           SamplingOptions(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed),
-                          max_new_tokens, tuple(stop), [] if trace else None, progress, stop_event, warmup_auto)
+                          max_new_tokens, tuple(stop), FocusTrace(len(ids)) if trace else None, progress, stop_event,
+                          warmup_auto)
         pieces = TextStream(self.engine, self._cache, self._lock, request)
         if stream:
             return pieces
@@ -282,7 +285,7 @@ class Model:
         return spans
 
     def document(self, text: str, *, system: Optional[str] = None, progress: Optional[ProgressFn] = None,
-                 template: str = "{document}\n\nQuestion: {question}", cache: CacheSpec = True,
+                 template: str = DOCUMENT_TEMPLATE, cache: CacheSpec = True,
                  reserve: int = 512) -> "DocumentSession":
         """A document prefilled once (or loaded from the KV cache on disk: `cache` True is the
         default folder, False none, or a KVCacheConfig); `reserve` tokens of context are kept
@@ -295,7 +298,7 @@ class DocumentSession:
     """A document prefilled once; each question reuses its KV cache and restarts DySCO."""
 
     def __init__(self, model: Model, text: str, *, system: Optional[str] = None,
-                 progress: Optional[ProgressFn] = None, template: str = "{document}\n\nQuestion: {question}",
+                 progress: Optional[ProgressFn] = None, template: str = DOCUMENT_TEMPLATE,
                  cache: CacheSpec = True, reserve: int = 512):
         if not text.strip():
             raise InputError("the document is empty")

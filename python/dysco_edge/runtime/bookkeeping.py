@@ -21,6 +21,7 @@ import numpy as np
 
 from ..config import FAST, DyscoConfig
 from ..errors import InputError
+from .focus_trace import FocusTrace
 from .selection import ImportanceBuffer, bias_vector, select_positions
 
 TRACE_TOP = 8  # importance positions kept per traced step
@@ -51,6 +52,8 @@ class _Bookkeeping:
         top = np.argpartition(-importance, k - 1)[:k]
         top = top[np.argsort(-importance[top], kind="stable")]
         self.trace.append(StepTrace(pos, selected.copy(), top))
+        if isinstance(self.trace, FocusTrace):
+            self.trace.observe(pos, importance)
 
 
 class InPassBookkeeping(_Bookkeeping):

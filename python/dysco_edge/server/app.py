@@ -21,7 +21,9 @@ from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 
 from ..errors import DyscoEdgeError
+from .documents import DocumentStore, request_inputs
 from .guard import RequireKey, http_error_response, unexpected_error_response, validation_error_response
+from .page import PUBLIC_PATHS, add_page
 from .queue import Channel, Job, QueueFull, Worker
 from .responses import ApiError, ChatShape, Shape, TextShape, api_error
 from .schemas import ChatBody, CompletionBody, DyscoChoice, GenerationBody, choose_dysco
@@ -34,7 +36,7 @@ def create_app(model, settings: ServerSettings) -> FastAPI:
     service = Service(model, settings)
     app = FastAPI(title="dysco-edge", lifespan=service.lifespan, docs_url=None, redoc_url=None)
     if settings.api_key is not None:  # every route but /health, before any body is read
-        app.add_middleware(RequireKey, key=settings.api_key, open_paths=("/health",))
+        app.add_middleware(RequireKey, key=settings.api_key, open_paths=("/health",) + PUBLIC_PATHS)
     if settings.cors_origins:  # outside the key check: a browser's preflight carries no key
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_headers=["*"],
                            allow_methods=["GET", "POST"], expose_headers=["X-DySCO", "Retry-After"])
@@ -46,6 +48,7 @@ def create_app(model, settings: ServerSettings) -> FastAPI:
     app.add_api_route("/v1/models", service.models, methods=["GET"])
     app.add_api_route("/v1/chat/completions", service.chat, methods=["POST"])
     app.add_api_route("/v1/completions", service.completions, methods=["POST"])
+    add_page(app, service)
     return app
 
 
@@ -53,6 +56,7 @@ class Service:
     def __init__(self, model, settings: ServerSettings):
         self.model, self.settings = model, settings
         self.worker = Worker(settings.max_queue)
+        self.documents = DocumentStore(model, allow_paths=settings.local_paths)
 
     @asynccontextmanager
     async def lifespan(self, app: FastAPI):
@@ -86,32 +90,42 @@ class Service:
             error = api_error(e)
             error.param = error.param or "dysco"
             raise error from None
-        job = await self._enqueue(body, dysco)
+        job, focus = await self._enqueue(body, dysco)
         headers = {"X-DySCO": dysco.header}
+
+        async def extra(generation) -> dict:  # what the request asked for besides the answer
+            return {} if focus is None else {"focus": await run_in_threadpool(focus.json, self.model, generation)}
         if body.stream:
-            events = _sse_events(job, shape, body.return_progress)
+            events = _sse_events(job, shape, body.return_progress, extra)
             return EventSourceResponse(events, headers=headers, ping=PING_S)
         generation = await _collect(job, request)
-        return JSONResponse(shape.whole(generation, dysco.header), headers=headers)
+        whole = shape.whole(generation, dysco.header)
+        whole["dysco"].update(await extra(generation))
+        return JSONResponse(whole, headers=headers)
 
-    async def _enqueue(self, body: GenerationBody, dysco: DyscoChoice) -> Job:
-        """Tokenize and check the request (a 400 before it waits), then queue it (503 when full)."""
+    async def _enqueue(self, body: GenerationBody, dysco: DyscoChoice):
+        """Tokenize and check the request (a 400 before it waits), then queue it (503 when full);
+        the job and where its focus is located (None: not asked for)."""
         channel = Channel(asyncio.get_running_loop())
         default_max = self.settings.max_tokens or self.model.n_ctx  # None: until the context is full
 
         def prepare():
-            return self.model.generate(**body.inputs(self.model), **body.sampling(default_max),
-                                       dysco=dysco.config, stream=True, progress=channel.progress,
-                                       stop_event=channel.cancel)
+            inputs, focus = request_inputs(self.documents, body, self.model)
+            return self.model.generate(**inputs, **body.sampling(default_max), dysco=dysco.config, stream=True,
+                                       progress=channel.progress, stop_event=channel.cancel,
+                                       trace=focus is not None and dysco.applied), focus
         try:
-            stream = await run_in_threadpool(prepare)
+            stream, focus = await run_in_threadpool(prepare)
         except DyscoEdgeError as e:
             raise api_error(e) from None
-        job = Job(channel, stream)
+        return self.submit(Job(channel, stream)), focus
+
+    def submit(self, job: Job) -> Job:
+        """Queue a job (a 503 with Retry-After when the queue is full)."""
         try:
             self.worker.submit(job)
         except QueueFull as e:
-            stream.close()
+            job.stream.close()
             raise ApiError(503, str(e), type="unavailable_error",
                            headers={"Retry-After": str(e.retry_after)}) from None
         return job
@@ -138,8 +152,9 @@ async def _cancel_on_disconnect(request: Request, channel: Channel) -> None:
     channel.cancel.set()
 
 
-async def _sse_events(job: Job, shape: Shape, progress: bool) -> AsyncIterator[str]:
-    """The job's events as OpenAI stream chunks, then [DONE]. Leaving early (the client went
+async def _sse_events(job: Job, shape: Shape, progress: bool, extra) -> AsyncIterator[str]:
+    """The job's events as OpenAI stream chunks, then [DONE]; `await extra(generation)` is added
+    to the finishing chunk as its `dysco` field when not empty. Leaving early (the client went
     away: sse-starlette cancels this generator) cancels the job."""
     channel, req = job.channel, job.stream.req
     started = False
@@ -154,7 +169,10 @@ async def _sse_events(job: Job, shape: Shape, progress: bool) -> AsyncIterator[s
                 started = True
                 for chunk in _opening(shape, job, progress):
                     yield _json(chunk)
-            for chunk in _closing(shape, kind, value):
+            chunks = _closing(shape, kind, value)
+            if kind == "done" and (added := await extra(value)):
+                chunks[0]["dysco"] = added
+            for chunk in chunks:
                 yield _json(chunk)
             if kind == "error":
                 return

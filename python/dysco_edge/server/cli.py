@@ -62,7 +62,7 @@ def serve_command(args) -> int:
     try:
         settings = ServerSettings(model_id=args.alias or args.model_name or model.path.name, api_key=args.api_key,
                                   cors_origins=tuple(args.cors), max_queue=args.queue, max_tokens=args.max_tokens,
-                                  dysco_mode=args.dysco_mode)
+                                  dysco_mode=args.dysco_mode, local_paths=_is_loopback(args.host))
         _announce(model, args)
         uvicorn.run(create_app(model, settings), host=args.host, port=args.port, log_level=args.log_level)
     finally:
@@ -74,7 +74,8 @@ def _announce(model, args) -> None:
     found = model.find_heads()  # looked up now, not by the first request
     heads = f"DySCO ({args.dysco_mode}) with {found.describe()}" if found else "no QR heads: dysco \"auto\" answers plainly"
     print(f"dysco-edge: serving {model.path.name} (n_ctx {model.n_ctx}; {heads}) on "
-          f"http://{args.host}:{args.port}/v1; running on {model.where()}", file=sys.stderr, flush=True)
+          f"http://{args.host}:{args.port}/v1 (the document page: http://{args.host}:{args.port}/); "
+          f"running on {model.where()}", file=sys.stderr, flush=True)
     if not _is_loopback(args.host) and not args.api_key:
         print(f"dysco-edge: warning: {args.host} is reachable from other machines and no --api-key is set",
               file=sys.stderr, flush=True)

@@ -20,7 +20,8 @@ ROUTES = "GET /health, GET /v1/models, POST /v1/chat/completions and POST /v1/co
 
 
 class RequireKey:
-    """ASGI middleware: every HTTP request but those to `open_paths` carries
+    """ASGI middleware: every HTTP request but those to `open_paths` (exact, or a prefix where the
+    entry ends in "/" and is not "/" itself) carries
     'Authorization: Bearer <key>', checked before the route is looked up or the body read
     (so an unknown route, /openapi.json or malformed JSON without the key is a 401 too)."""
 
@@ -29,13 +30,16 @@ class RequireKey:
         self._expected = f"Bearer {key}".encode()
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["path"] not in self.open_paths and not self._allowed(scope):
+        if scope["type"] == "http" and not self._open(scope["path"]) and not self._allowed(scope):
             error = ApiError(401, "invalid or missing API key (Authorization: Bearer <key>)",
                              type="authentication_error")
             response = JSONResponse(error.body(), status_code=401, headers={"WWW-Authenticate": "Bearer"})
             await response(scope, receive, send)
             return
         await self.app(scope, receive, send)
+
+    def _open(self, path: str) -> bool:
+        return any(path == p or (len(p) > 1 and p.endswith("/") and path.startswith(p)) for p in self.open_paths)
 
     def _allowed(self, scope) -> bool:
         given = next((value for name, value in scope["headers"] if name == b"authorization"), b"")

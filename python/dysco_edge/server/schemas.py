@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..config import EXACT, DyscoConfig
 from ..errors import ConfigError, InputError
+from .focus import FocusOptions
 
 # when dysco is "auto" and the model has no QR heads: answered plainly, and said so
 NO_HEADS_NOTE = "off; reason=no QR heads for this model"
@@ -56,6 +57,7 @@ class GenerationBody(_Body):
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     return_progress: bool = False
+    return_focus: Union[bool, FocusOptions] = False  # dysco.focus in the answer (server/focus.py)
     dysco: Any = "auto"
     presence_penalty: Optional[float] = None
     frequency_penalty: Optional[float] = None
@@ -99,6 +101,7 @@ class ChatBody(GenerationBody):
     logprobs: Optional[bool] = None
     tools: Optional[list] = None
     response_format: Optional[dict] = None
+    document: Optional[str] = None  # a registered document's id: put into the first user turn (documents.py)
 
     @field_validator("response_format")
     @classmethod

@@ -16,6 +16,7 @@ class ServerSettings:
     max_queue: int = 16                 # requests waiting behind the running one; more get 503
     max_tokens: Optional[int] = None    # a request's default max_tokens; None: the rest of the context
     dysco_mode: str = FAST              # DySCO's mode for requests that do not name one
+    local_paths: bool = False           # POST /v1/documents may name a file on this machine (loopback only)
 
     def __post_init__(self):
         if not self.model_id.strip():
