@@ -2,14 +2,18 @@
 prefill), the context sized from the input, and `dysco-edge run --doc` end to end."""
 from __future__ import annotations
 
+import struct
 import subprocess
 import sys
+import zlib
 
+import numpy as np
 import pytest
 
 import models
 from dysco_edge import ContextOverflow, DyscoConfig, Model
 from dysco_edge.cli import build_parser
+from dysco_edge.documents import kv_cache
 from dysco_edge.documents.kv_cache import KVCache, KVCacheConfig, cache_key
 from dysco_edge.documents.markers import last_marker
 from dysco_edge.documents.readers import html_to_text, read_document
@@ -198,6 +202,49 @@ def test_a_damaged_file_is_prefilled_again(smol, oracle, tmp_path, capsys, damag
     capsys.readouterr()
     again = smol.document(DOC, cache=config)
     assert "ignoring cached cells" in capsys.readouterr().err
+    assert (again.opened.how, again.opened.saved) == ("prefilled", True)
+    assert _answers(again) == oracle
+
+
+def _edit_cells(path, edit) -> None:
+    """Apply edit to the saved cells' positions (the first cache's, as llama.cpp wrote them: context
+    magic, sequence id, stream count, cell count, then position, sequence count and sequence id
+    per cell), and write the checksum again, as a deliberate edit would."""
+    h = kv_cache._HEADER.size
+    data = bytearray(path.read_bytes())
+    n = struct.unpack_from("<I", data, h + 12)[0]
+    cells = np.frombuffer(data, "<i4", count=3 * n, offset=h + 16).reshape(n, 3).copy()
+    edit(cells)
+    data[h + 16:h + 16 + cells.nbytes] = cells.tobytes()
+    magic, version, key, count, length, _ = kv_cache._HEADER.unpack_from(data)
+    data[:h] = kv_cache._HEADER.pack(magic, version, key, count, length, zlib.crc32(data[h:]))
+    path.write_bytes(data)
+
+
+_EDITS = {
+    "negative": lambda c: c.__setitem__((0, 0), -7),
+    "duplicated": lambda c: c.__setitem__((2, 0), c[1, 0]),
+    "reversed": lambda c: c.__setitem__((slice(None), 0), c[::-1, 0]),
+    "rotated": lambda c: c.__setitem__((slice(None), 0), np.roll(c[:, 0], 5)),
+    "other sequence": lambda c: c.__setitem__((3, 2), 1),
+    "two sequences": lambda c: c.__setitem__((3, 1), 2),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("edit", sorted(_EDITS))
+def test_cells_edited_then_summed_again_are_refused_and_prefilled(smol, oracle, tmp_path, capsys, edit):
+    """Positions edited under a valid checksum loaded and changed the answer before."""
+    config = KVCacheConfig(tmp_path)
+    smol.prefill([])
+    smol.document(DOC, cache=config)
+    (_, _, path), = KVCache(config).entries()
+    _edit_cells(path, _EDITS[edit])
+    smol.prefill([])
+    capsys.readouterr()
+    again = smol.document(DOC, cache=config)
+    err = capsys.readouterr().err
+    assert "cells refused" in err and "removed, prefilling again" in err, err
     assert (again.opened.how, again.opened.saved) == ("prefilled", True)
     assert _answers(again) == oracle
 
