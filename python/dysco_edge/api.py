@@ -14,6 +14,7 @@ from typing import Iterator, Optional, Sequence, Union
 from .config import DyscoConfig
 from .documents.kv_cache import model_identity
 from .documents.prefill import CacheSpec, as_cache, open_prefix
+from .documents.readers import refuse_overlong
 from .errors import ContextOverflow, InputError, NoHeadMap
 from .heads.gguf_meta import check_gguf_file
 from .heads.lookup import FoundHeadMap, locate_head_map, no_head_map_message
@@ -282,6 +283,7 @@ class DocumentSession:
         if reserve < 1:
             raise InputError(f"reserve must be >= 1, got {reserve}")
         self.model, self.text, self.system, self.template = model, text, system, template
+        refuse_overlong(text, model.tokenize, model.n_ctx_train if model._auto_ctx else model.n_ctx, reserve)
         # what any two questions share is the prefix worth prefilling once
         first = model.prompt_ids(**self._input("\u2063A"))[0]
         second = model.prompt_ids(**self._input("\u2063B"))[0]
