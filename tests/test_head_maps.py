@@ -192,6 +192,8 @@ def test_hostile_numbers_and_nesting_are_one_line_naming_file_and_field(tmp_path
         '"n_layer": 7', '"n_layer": ' + "7" * 5000)
     with pytest.raises(HeadMapError, match=r"map\.json: n_layer: expected an int >= 1, got a number of 5000"):
         load_head_map(write(tmp_path, huge_layers))
+    with pytest.raises(HeadMapError, match=r"map\.json: match\.name_patterns: expected regex strings, got \[\]"):
+        load_head_map(write(tmp_path, {**good, "match": {**good["match"], "name_patterns": [[]]}}))  # was TypeError
     with pytest.raises(HeadMapError, match=r"map\.json: JSON nested deeper than Python parses"):
         load_head_map(write(tmp_path, "[" * 100_000 + "]" * 100_000))
     with pytest.raises(HeadMapError, match=r"map\.json: .*qr_heads: expected"):

@@ -122,6 +122,8 @@ class HeadMap:
         object.__setattr__(self, "config", MappingProxyType(dict(self.config)))
         object.__setattr__(self, "name_patterns", tuple(self.name_patterns))
         for pattern in self.name_patterns:
+            if not isinstance(pattern, str):  # before the cached compile, which hashes it
+                raise HeadMapError(f"match.name_patterns: expected regex strings, got {pattern!r}")
             _compile_pattern(pattern)
         try:  # the heads and options must make a valid DySCO config on their own
             object.__setattr__(self, "qr_heads", self.to_config().qr_heads)
@@ -385,8 +387,6 @@ def _finite_number(value: Any) -> bool:
 
 @functools.lru_cache(maxsize=256)
 def _compile_pattern(pattern: str) -> re.Pattern[str]:
-    if not isinstance(pattern, str):
-        raise HeadMapError(f"match.name_patterns: expected regex strings, got {pattern!r}")
     try:
         return re.compile(pattern, re.IGNORECASE)
     except re.error as err:
