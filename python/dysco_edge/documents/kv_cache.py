@@ -103,9 +103,9 @@ def warn(message: str) -> None:
     print(f"dysco-edge: warning: {message}", file=sys.stderr)
 
 
-class NotOurs(Exception):
-    """A path where the cache would read that holds something it did not write (a FIFO, a
-    directory, a link, another program's file): never read, overwritten or removed."""
+class NotARegularFile(Exception):
+    """A path where the cache would read that holds what it never writes (a FIFO, a directory, a
+    link): never read, overwritten or removed."""
 
 
 def _open_regular(path: Path):
@@ -113,11 +113,11 @@ def _open_regular(path: Path):
     (open() on a FIFO waits for a writer)."""
     flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
     if not stat.S_ISREG(os.lstat(path).st_mode):
-        raise NotOurs("not a regular file")
+        raise NotARegularFile("not a regular file")
     fd = os.open(path, flags)
     if not stat.S_ISREG(os.fstat(fd).st_mode):  # swapped between lstat and open
         os.close(fd)
-        raise NotOurs("not a regular file")
+        raise NotARegularFile("not a regular file")
     return os.fdopen(fd, "rb")
 
 
@@ -129,7 +129,7 @@ def is_ours(path: Path) -> bool:
     try:
         with _open_regular(path) as f:
             return MAGIC.startswith(f.read(len(MAGIC)))
-    except (NotOurs, OSError):
+    except (NotARegularFile, OSError):
         return False
 
 
@@ -138,12 +138,10 @@ def _read_checked(f, key: bytes, n_tokens: int) -> bytearray:
     (nothing is allocated for a length the file does not hold)."""
     head = f.read(_HEADER.size)
     if len(head) < _HEADER.size:
-        if not MAGIC.startswith(head[:len(MAGIC)]):
-            raise NotOurs("not a dysco-edge KV file")
         raise ValueError("truncated header")
     magic, version, digest, count, length, crc = _HEADER.unpack(head)
     if magic != MAGIC:
-        raise NotOurs("not a dysco-edge KV file")
+        raise ValueError("not a dysco-edge KV file")
     if version != FORMAT_VERSION:
         raise ValueError(f"format version {version}, this dysco-edge reads {FORMAT_VERSION}")
     if digest != key or count != n_tokens:
@@ -171,15 +169,15 @@ class KVCache:
         return self.directory / f"{key.hex()}{SUFFIX}"
 
     def load(self, key: bytes, n_tokens: int) -> Optional[bytearray]:
-        """The payload saved under key, or None (missing; bad: removed with a warning; not a file
-        of ours: left alone with a warning)."""
+        """The payload saved under key, or None (missing; bad: removed with a warning, as nothing
+        but this cache names a file by a key's digest; not a regular file: left alone, with a warning)."""
         path = self.path(key)
         try:
             with _open_regular(path) as f:
                 payload = _read_checked(f, key, n_tokens)
         except FileNotFoundError:
             return None
-        except NotOurs as e:
+        except NotARegularFile as e:
             warn(f"not reading {path} ({e}); left as it is, prefilling instead")
             return None
         except (OSError, ValueError, MemoryError) as e:
@@ -211,8 +209,8 @@ class KVCache:
                 warn(f"not caching {size} bytes of cells: over the cache limit of {self.config.max_bytes}")
             return None
         target = self.path(key)
-        if os.path.lexists(target) and not is_ours(target):
-            warn(f"not caching cells at {target}: something else is there; left as it is")
+        if os.path.lexists(target) and not stat.S_ISREG(os.lstat(target).st_mode):
+            warn(f"not caching cells at {target}: not a regular file; left as it is")
             return None
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
