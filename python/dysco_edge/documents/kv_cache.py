@@ -40,7 +40,7 @@ FORMAT_VERSION = 1
 _HEADER = struct.Struct("<8sI32sQQI")
 SUFFIX = ".kv"
 DEFAULT_MAX_BYTES = 8 << 30
-MAX_LIMIT = 1 << 60  # a size limit past this is a typo, not a disk
+MAX_LIMIT = 1 << 50  # 1024T: a size limit past this is a typo, not a disk
 # only files named as we name them are ever read, evicted or cleared (and only if their header is ours)
 _OUR_NAME = re.compile(r"[0-9a-f]{64}\.kv")
 _OUR_TEMP = re.compile(r"\.[0-9a-f]{16}\.[a-z0-9_]{8}\.tmp")
