@@ -50,6 +50,22 @@ def small_budget(monkeypatch):
     monkeypatch.setattr(chat, "MAX_TEMPLATE_CHARS", 1 << 20, raising=False)
 
 
+@pytest.fixture
+def size_budget(monkeypatch):
+    """A small size budget and time enough for it to be what stops the template (on a busy machine too)."""
+    monkeypatch.setattr(chat, "RENDER_SECONDS", 60, raising=False)
+    monkeypatch.setattr(chat, "MAX_TEMPLATE_CHARS", 1 << 20, raising=False)
+
+
+def test_long_numbers_in_messages_and_ordinary_formats_are_not_budget_errors(small_budget):
+    messages = [{"role": "user", "content": "call 123456789012345 at 50% off; %099999999d {:>99999999}"}]
+    source = ("{{ messages[0]['content'] | trim }} {{ '%5.1f%%' % 3.14159 }} {{ '{}-{:.2f}'.format(1, 2) }} "
+              "{{ '%d' % 123456789012 ~ '!' ~ 7 }}{% autoescape true %} {{ '<b>' ~ messages[0]['role'] }}"
+              "{% endautoescape %}")
+    assert template(source).render(messages) == (
+        "call 123456789012345 at 50% off; %099999999d {:>99999999}   3.1% 1-2.00 123456789012!7 &lt;b&gt;user")
+
+
 def test_real_templates_render_as_jinjas_own_sandbox_renders_them():
     for source in (CHATML, NO_SYSTEM.replace("raise_exception('System role not supported')", "''")):
         plain = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(source)
@@ -82,11 +98,19 @@ def test_a_template_that_runs_without_end_stops_at_its_time_budget(small_budget,
     ("{{ 'x' | center(10**7) }}", "with a count of 10000000"),
     ("{% set ns = namespace(s='x' * 1000) %}{% for i in range(40) %}{% set ns.s = ns.s + ns.s %}{% endfor %}",
      "a joined string or list"),
+    ("{{ '%099999999d' % 1 }}", "with a format width past it"),
+    ("{{ '%(a).99999999f' % {'a': 1.5} }}", "with a format width past it"),
+    ("{{ '{:>99999999}'.format(1) }}", "with a format width past it"),
+    ("{{ ('x' * 1000000) | list | join('ab') }}", "a string or list"),
+    ("{% set ns = namespace(s='x') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}",
+     "a joined string"),
+    ("{% set ns = namespace(s='x') %}{% autoescape true %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}"
+     "{% endfor %}{% endautoescape %}", "a joined string"),
     ("{{ 10 ** 100000000 }}", "computes a power"),
     ("{{ ((((3 ** 60) ** 60) ** 60) ** 60) ** 60 }}", "computes a power"),
 ])
-def test_a_template_building_huge_values_stops_at_its_size_budget(small_budget, source, what):
-    outcome = rendered_within(source, 60)
+def test_a_template_building_huge_values_stops_at_its_size_budget(size_budget, source, what):
+    outcome = rendered_within(source, 120)
     assert isinstance(outcome, TemplateBudgetError) and what in str(outcome), outcome
 
 

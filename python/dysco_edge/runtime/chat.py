@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import sys
 import time
 from contextlib import contextmanager
@@ -17,7 +18,9 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 import jinja2
+from jinja2.compiler import CodeGenerator
 from jinja2.ext import Extension, loopcontrols
+from jinja2.runtime import markup_join, str_join
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from ..errors import ChatTemplateError, TemplateBudgetError
@@ -25,8 +28,11 @@ from ..errors import ChatTemplateError, TemplateBudgetError
 NO_TEMPLATE_WARMUP = 2  # the spec's intervention warmup when no chat template is used
 _SENTINEL = "\u2063dysco\u2063"
 RENDER_SECONDS = 2.0  # templates render in milliseconds; one still running after this never ends
-MAX_TEMPLATE_CHARS = 64 << 20  # of the output, and of any string or list the template builds
+MAX_TEMPLATE_CHARS = 16 << 20  # of the output and of any string or list built (4x a 1M-token prompt)
 _TEMPLATE_FILE = "<template>"  # the file name Jinja compiles from_string templates under
+# widths and precisions of printf-style and str.format fields
+_PERCENT_SPEC = re.compile(r"%(?:\([^)]*\))?[-#0 +]*(\d*)(?:\.(\d+))?")
+_FORMAT_SPEC = re.compile(r"\{[^{}]*:[^{}\d]*(\d*)(?:[,_]?\.(\d+))?")
 
 
 class _GenerationBlock(Extension):
@@ -64,18 +70,50 @@ def _check_counts(args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
             raise _too_big(f"with a count of {value}")
 
 
+def _check_format(text: str, spec: re.Pattern) -> None:
+    """The same for a format's width or precision ("%099999999d", "{:>99999999}")."""
+    if any(int(n) > MAX_TEMPLATE_CHARS for found in spec.findall(text) for n in found if n):
+        raise _too_big("with a format width past it")
+
+
+def _checked_size(result: Any) -> Any:
+    if _size(result) > MAX_TEMPLATE_CHARS:
+        raise _too_big("a string or list")
+    return result
+
+
 def _counted(function: Callable) -> Callable:
     @functools.wraps(function)  # keeps Jinja's pass_context/pass_environment marks
     def checked(*args, **kwargs):
         _check_counts(args, kwargs)
-        return function(*args, **kwargs)
+        return _checked_size(function(*args, **kwargs))
     return checked
 
 
+class _BoundedCodeGenerator(CodeGenerator):
+    def visit_Concat(self, node, frame) -> None:
+        """`a ~ b` joins through the environment, which checks the size first (in a loop, ~ doubles a
+        string each time)."""
+        self.write("environment.bounded_join((")
+        for part in node.nodes:
+            self.visit(part, frame)
+            self.write(", ")
+        self.write("), context.eval_ctx)")
+
+
 class _BoundedSandbox(ImmutableSandboxedEnvironment):
-    intercepted_binops = frozenset({"+", "*", "**"})
+    intercepted_binops = frozenset({"+", "*", "**", "%"})
+    code_generator_class = _BoundedCodeGenerator
+
+    @staticmethod
+    def bounded_join(parts: Sequence[Any], eval_ctx) -> str:
+        if sum(_size(part) for part in parts) > MAX_TEMPLATE_CHARS:
+            raise _too_big("a joined string")
+        return (markup_join if eval_ctx.autoescape else str_join)(parts)
 
     def call_binop(self, context, operator, left, right):
+        if operator == "%" and isinstance(left, str):
+            _check_format(left, _PERCENT_SPEC)
         if operator == "**" and isinstance(left, int) and isinstance(right, int) and abs(left) > 1 \
                 and abs(left).bit_length() * right > 1 << 20:  # a million-bit int takes seconds to make
             raise TemplateBudgetError(f"the chat template computes a power (a {abs(left).bit_length()}-bit number "
@@ -91,7 +129,10 @@ class _BoundedSandbox(ImmutableSandboxedEnvironment):
 
     def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (Jinja's own signature)
         _check_counts(args, kwargs)
-        return super().call(__context, __obj, *args, **kwargs)
+        owner = getattr(getattr(__obj, "__wrapped__", __obj), "__self__", None)  # Jinja wraps str.format
+        if isinstance(owner, str):
+            _check_format(owner, _FORMAT_SPEC)  # "{:099999999}".format(...)
+        return _checked_size(super().call(__context, __obj, *args, **kwargs))
 
 
 def compile_template(source: str) -> jinja2.Template:
