@@ -3,9 +3,10 @@ the generation prompt's length (intervention warmup "auto") and the role markers
 (template sequences that are never up-weighted).
 
 A template comes with the model file, so it is run as foreign code: in Jinja's sandbox, with
-a time budget (checked on every line the template executes), and a size budget on its output
-and on every value it builds (strings and lists grown by +, * and ** or by a call with a
-huge count are refused before they are made). Any failure is one ChatTemplateError line."""
+a time budget (checked on every line the template executes) and a size budget on its output
+and on every value it builds (by +, *, **, ~, a call or a filter; a count or a format width
+past the budget is refused before the value is made). Any failure is one ChatTemplateError line
+(an InputError: the server answers 400)."""
 from __future__ import annotations
 
 import functools
