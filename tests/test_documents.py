@@ -2,14 +2,19 @@
 prefill), the context sized from the input, and `dysco-edge run --doc` end to end."""
 from __future__ import annotations
 
+import struct
 import subprocess
 import sys
+import time
+import zlib
 
+import numpy as np
 import pytest
 
 import models
 from dysco_edge import ContextOverflow, DyscoConfig, Model
 from dysco_edge.cli import build_parser
+from dysco_edge.documents import kv_cache
 from dysco_edge.documents.kv_cache import KVCache, KVCacheConfig, cache_key
 from dysco_edge.documents.markers import last_marker
 from dysco_edge.documents.readers import html_to_text, read_document
@@ -23,18 +28,19 @@ DOC = ("[page 1]\nThe lighthouse keeper, Mara Quint, painted the sign at the ent
 QUESTION = "Who painted the sign at the entrance?"
 
 
-def make_pdf(pages: list[list[str]]) -> bytes:
-    """A minimal PDF: one Helvetica text stream per page, lines as text-showing operators."""
+def make_pdf(pages: list[list[str]], *, stream: bytes = b"", stream_keys: bytes = b"") -> bytes:
+    """A minimal PDF: one Helvetica text stream per page, lines as text-showing operators (or, given
+    `stream`, that content stream with `stream_keys` in its dictionary on every page)."""
     n = len(pages)
     objs = [b"<< /Type /Catalog /Pages 2 0 R >>",
             f"<< /Type /Pages /Kids [{' '.join(f'{3 + 2 * i} 0 R' for i in range(n))}] /Count {n} >>".encode()]
     for i, lines in enumerate(pages):
         shown = [f"({line.replace(chr(92), chr(92) * 2).replace('(', '[').replace(')', ']')}) Tj T*"
                  for line in lines]
-        stream = "\n".join(["BT", "/F1 11 Tf", "14 TL", "72 720 Td", *shown, "ET"]).encode("latin-1")
+        content = stream or "\n".join(["BT", "/F1 11 Tf", "14 TL", "72 720 Td", *shown, "ET"]).encode("latin-1")
         objs.append(f"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents {4 + 2 * i} 0 R "
                     f"/Resources << /Font << /F1 {3 + 2 * n} 0 R >> >> >>".encode())
-        objs.append(b"<< /Length %d >>\nstream\n%s\nendstream" % (len(stream), stream))
+        objs.append(b"<< /Length %d %s>>\nstream\n%s\nendstream" % (len(content), stream_keys, content))
     objs.append(b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>")
     out, offsets = bytearray(b"%PDF-1.4\n"), []
     for k, body in enumerate(objs, 1):
@@ -51,13 +57,13 @@ REPORT = [["Quarterly supplier report", "Deliveries were mostly on time this qua
           ["Exceptions", "The supplier Acme Tools missed the March deadline by nine days."]]
 
 
-def _encrypted(tmp_path, user_password: str):
+def _encrypted(tmp_path, user_password: str, algorithm: str = "RC4-128"):
     from pypdf import PdfReader, PdfWriter
     plain = tmp_path / "plain.pdf"
     plain.write_bytes(make_pdf(REPORT))
     writer = PdfWriter(clone_from=PdfReader(plain))
-    writer.encrypt(user_password=user_password, owner_password="owner", algorithm="RC4-128")
-    path = tmp_path / f"locked-{bool(user_password)}.pdf"
+    writer.encrypt(user_password=user_password, owner_password="owner", algorithm=algorithm)
+    path = tmp_path / f"locked-{bool(user_password)}-{algorithm}.pdf"
     with open(path, "wb") as f:
         writer.write(f)
     return path
@@ -79,6 +85,51 @@ def test_an_encrypted_pdf_is_refused_unless_anyone_may_open_it(tmp_path):
     with pytest.raises(DocumentError, match="encrypted PDF"):
         read_document(_encrypted(tmp_path, "secret"))
     assert "Acme Tools" in read_document(_encrypted(tmp_path, ""))  # owner password only: readable
+
+
+@pytest.mark.parametrize("algorithm", ["AES-128", "AES-256"])
+def test_an_aes_encrypted_pdf_reads_as_an_rc4_one_does(tmp_path, algorithm):
+    """pypdf decrypts AES only with the cryptography package, which is why it is a dependency."""
+    assert "Acme Tools" in read_document(_encrypted(tmp_path, "", algorithm))
+    with pytest.raises(DocumentError, match="encrypted PDF"):
+        read_document(_encrypted(tmp_path, "secret", algorithm))
+
+
+def test_without_cryptography_an_aes_pdf_is_one_line_naming_the_package(tmp_path):
+    path = _encrypted(tmp_path, "", "AES-256")
+    # a fresh interpreter where the package cannot be imported, as after `pip uninstall cryptography`
+    code = ("import sys; sys.modules['cryptography'] = None\n"
+            "from dysco_edge.documents.readers import read_document\n"
+            "from dysco_edge.errors import DocumentError\n"
+            f"try:\n    read_document({str(path)!r})\nexcept DocumentError as e:\n    print('refused:', e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
+    assert out.stdout.startswith("refused:") and "pip install cryptography" in out.stdout
+
+
+@pytest.mark.parametrize("stream, keys, message", [
+    (b"x" * 64, b"/Filter /NoSuchDecode", "cannot decode"),  # a filter pypdf does not have
+    (b"BT /F1 11 Tf " + b"[" * 20_000 + b" TJ ET", b"", "nests objects deeper"),  # RecursionError in pypdf
+])
+def test_a_pdf_pypdf_cannot_read_is_one_line_naming_it(tmp_path, stream, keys, message):
+    path = tmp_path / "odd.pdf"
+    path.write_bytes(make_pdf(REPORT, stream=stream, stream_keys=keys))
+    with pytest.raises(DocumentError, match=message) as caught:
+        read_document(path)
+    assert str(path) in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_text_past_any_context_is_refused_before_it_is_read_whole(tmp_path, monkeypatch):
+    from dysco_edge.documents import readers
+    monkeypatch.setattr(readers, "MAX_TEXT_BYTES", 1000)
+    big = tmp_path / "big.txt"
+    big.write_text("word " * 300)
+    with pytest.raises(DocumentError, match="more than any model's context"):
+        read_document(big)
+    html = tmp_path / "big.html"
+    html.write_text("<p>" + "word " * 300 + "</p>")
+    with pytest.raises(DocumentError, match="more than any model's context"):
+        read_document(html)
 
 
 def test_html_keeps_text_and_sections_and_drops_scripts_and_styles(tmp_path):
@@ -105,6 +156,8 @@ def test_text_and_markdown_as_they_are(tmp_path):
 @pytest.mark.parametrize("content,name,message", [
     (b"\x7fELF\x02\x01\x01\x00\x00\x00binary", "program", "binary file"),
     (b"caf\xe9 au lait", "latin1.txt", "not UTF-8"),
+    (b"<p>caf\xe9 au lait</p>", "latin1.html", "not UTF-8"),
+    (b"ok \xed\xa0\x80 surrogate", "surrogate.md", "not UTF-8"),  # a UTF-16 surrogate encoded
     (b"  \n\n", "empty.txt", "holds no text"),
     (b"%PDF-1.4 not really a pdf", "broken.pdf", "not a PDF dysco-edge can read"),
 ])
@@ -202,6 +255,49 @@ def test_a_damaged_file_is_prefilled_again(smol, oracle, tmp_path, capsys, damag
     assert _answers(again) == oracle
 
 
+def _edit_cells(path, edit) -> None:
+    """Apply edit to the saved cells' positions (the first cache's, as llama.cpp wrote them: context
+    magic, sequence id, stream count, cell count, then position, sequence count and sequence id
+    per cell), and write the checksum again, as a deliberate edit would."""
+    h = kv_cache._HEADER.size
+    data = bytearray(path.read_bytes())
+    n = struct.unpack_from("<I", data, h + 12)[0]
+    cells = np.frombuffer(data, "<i4", count=3 * n, offset=h + 16).reshape(n, 3).copy()
+    edit(cells)
+    data[h + 16:h + 16 + cells.nbytes] = cells.tobytes()
+    magic, version, key, count, length, _ = kv_cache._HEADER.unpack_from(data)
+    data[:h] = kv_cache._HEADER.pack(magic, version, key, count, length, zlib.crc32(data[h:]))
+    path.write_bytes(data)
+
+
+_EDITS = {
+    "negative": lambda c: c.__setitem__((0, 0), -7),
+    "duplicated": lambda c: c.__setitem__((2, 0), c[1, 0]),
+    "reversed": lambda c: c.__setitem__((slice(None), 0), c[::-1, 0]),
+    "rotated": lambda c: c.__setitem__((slice(None), 0), np.roll(c[:, 0], 5)),
+    "other sequence": lambda c: c.__setitem__((3, 2), 1),
+    "two sequences": lambda c: c.__setitem__((3, 1), 2),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("edit", sorted(_EDITS))
+def test_cells_edited_then_summed_again_are_refused_and_prefilled(smol, oracle, tmp_path, capsys, edit):
+    """Positions edited under a valid checksum loaded and changed the answer before."""
+    config = KVCacheConfig(tmp_path)
+    smol.prefill([])
+    smol.document(DOC, cache=config)
+    (_, _, path), = KVCache(config).entries()
+    _edit_cells(path, _EDITS[edit])
+    smol.prefill([])
+    capsys.readouterr()
+    again = smol.document(DOC, cache=config)
+    err = capsys.readouterr().err
+    assert "cells refused" in err and "removed, prefilling again" in err, err
+    assert (again.opened.how, again.opened.saved) == ("prefilled", True)
+    assert _answers(again) == oracle
+
+
 @pytest.mark.slow
 def test_other_model_misses_and_foreign_cells_are_refused(smol, tmp_path, capsys):
     """Gemma 3 never loads SmolLM2's cells: another key; and cells under a forged key are refused
@@ -242,6 +338,36 @@ def test_context_follows_the_input_and_an_overlong_document_fails_first():
     with Model(models.smollm2_q4_1(), n_ctx=256, n_threads=2) as fixed:
         with pytest.raises(ContextOverflow, match=r"but the context holds 256"):
             fixed.document(DOC, cache=False)
+
+
+
+@pytest.mark.slow
+def test_a_document_many_times_the_context_is_refused_before_it_is_tokenized(smol):
+    """A 48 MB text file took 150 s and 3.7 GB before the "too long" error: it was tokenized whole, twice."""
+    text = "Sofia wrote a letter to the harbour master on Friday about the broken lamp. " * 60_000  # 4.6 MB
+    start = time.perf_counter()
+    with pytest.raises(ContextOverflow, match=r"at least \d+ tokens, but the context holds 8192"):
+        smol.document(text, cache=False)
+    assert time.perf_counter() - start < 5
+
+
+def test_the_early_refusal_counts_only_what_surely_does_not_fit():
+    """Against a tokenizer of whitespace-separated words (the oracle: str.split)."""
+    from dysco_edge.documents.readers import refuse_overlong
+    calls = []
+
+    def words(text):
+        calls.append(len(text))
+        return text.split()
+
+    long_words = ("x" * 19 + " ") * 5000  # 100,000 characters, 5,000 tokens: fits 8192 with room
+    refuse_overlong(long_words, words, 8192, 100)
+    short_words = "ab " * 100_000  # 100,000 tokens
+    with pytest.raises(ContextOverflow, match=r"at least 2\d{4} tokens") as caught:
+        refuse_overlong(short_words, words, 8192, 100)
+    assert caught.value.n_prompt <= len(short_words.split()) and max(calls) <= 8193 * 8
+    refuse_overlong("ab " * 20_000, words, 8192, 100)  # short enough to be counted whole, later
+    assert len(calls) == 2
 
 
 # ---- the command line ----

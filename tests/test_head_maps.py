@@ -172,3 +172,40 @@ def test_model_shape_from_gguf_metadata():
     assert find_head_map(shape).name == "Qwen3-8B"
     with pytest.raises(HeadMapError, match=r"missing 'qwen3.block_count'"):
         ModelShape.from_gguf_metadata({k: v for k, v in metadata.items() if k != "qwen3.block_count"})
+
+
+def _with_raw(good: dict, path_in_config: str, raw: str) -> str:
+    """The map's JSON text with one config value replaced by raw text (json.dumps cannot write a
+    5000-digit number as a literal on purpose)."""
+    marker = "__RAW__"
+    return json.dumps({**good, "config": {**good["config"], path_in_config: marker}}).replace(f'"{marker}"', raw)
+
+
+def test_hostile_numbers_and_nesting_are_one_line_naming_file_and_field(tmp_path):
+    """5000-digit ints and 100k-deep JSON raised ValueError / RecursionError with tracebacks."""
+    good = get_shipped_head_map("Qwen3-8B").to_dict()
+    with pytest.raises(HeadMapError, match=r"map\.json: .*top_k: expected .*got a number of 5000 digits"):
+        load_head_map(write(tmp_path, _with_raw(good, "top_k", "9" * 5000)))
+    with pytest.raises(HeadMapError, match=r"map\.json: .*strength: expected .*got a number of 5002 digits"):
+        load_head_map(write(tmp_path, _with_raw(good, "strength", "1" * 5000 + ".5")))
+    huge_layers = json.dumps({**good, "match": {**good["match"], "n_layer": 7}}).replace(
+        '"n_layer": 7', '"n_layer": ' + "7" * 5000)
+    with pytest.raises(HeadMapError, match=r"map\.json: n_layer: expected an int >= 1, got a number of 5000"):
+        load_head_map(write(tmp_path, huge_layers))
+    with pytest.raises(HeadMapError, match=r"map\.json: match\.name_patterns: expected regex strings, got \[\]"):
+        load_head_map(write(tmp_path, {**good, "match": {**good["match"], "name_patterns": [[]]}}))  # was TypeError
+    with pytest.raises(HeadMapError, match=r"map\.json: JSON nested deeper than Python parses"):
+        load_head_map(write(tmp_path, "[" * 100_000 + "]" * 100_000))
+    with pytest.raises(HeadMapError, match=r"map\.json: .*qr_heads: expected"):
+        load_head_map(write(tmp_path, json.dumps({**good, "qr_heads": "__RAW__"}).replace(
+            '"__RAW__"', "[" * 500 + "]" * 500)))
+
+
+@pytest.mark.parametrize("field, value", [("top_k", 2**31), ("context_warmup", 10**12),
+                                          ("intervention_warmup", 10**12)])
+def test_numbers_past_what_c_takes_are_refused_at_load_naming_file_and_field(tmp_path, field, value):
+    """top_k >= 2**31 failed at the first decode; a warmup of 10**12 hung the decode loop. The ranges
+    are config.py's (one validation layer, the harden-core branch): a head map goes through it."""
+    good = get_shipped_head_map("Qwen3-8B").to_dict()
+    with pytest.raises(HeadMapError, match=rf"map\.json: .*{field}: expected"):
+        load_head_map(write(tmp_path, {**good, "config": {**good["config"], field: value}}))

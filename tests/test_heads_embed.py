@@ -90,3 +90,34 @@ def test_embedded_keys_are_validated():
     with pytest.raises(HeadMapError, match=r"dysco\.qr_heads\.layer and dysco\.qr_heads\.head"):
         head_map_from_keys({**keys, "dysco.qr_heads.head": [1]}, "m.gguf")
     assert head_map_from_keys({"general.name": "x"}, "m.gguf") is None
+
+
+def _nested_arrays_gguf(path, depth: int):
+    """A GGUF whose second key is an array of arrays `depth` deep (then an empty array of uint32)."""
+    import struct
+
+    def text(s: str) -> bytes:
+        return struct.pack("<Q", len(s)) + s.encode()
+
+    body = struct.pack("<IQQ", 3, 0, 2) + text("general.architecture") + struct.pack("<I", 8) + text("llama")
+    body += text("evil") + struct.pack("<I", 9) + struct.pack("<IQ", 9, 1) * depth + struct.pack("<IQ", 4, 0)
+    path.write_bytes(b"GGUF" + body)
+    return path
+
+
+@pytest.mark.parametrize("wanted", [True, False])  # decoded, or skipped past
+def test_deeply_nested_arrays_are_a_clean_error(tmp_path, wanted):
+    """5000-deep nested arrays made the metadata reader recurse until RecursionError."""
+    path = _nested_arrays_gguf(tmp_path / "deep.gguf", 5000)
+    with pytest.raises(GGUFMetaError, match=r"deep\.gguf: GGUF arrays nested more than"):
+        read_gguf_metadata(path, want=lambda key: wanted)
+    shallow = _nested_arrays_gguf(tmp_path / "shallow.gguf", 3)
+    assert read_gguf_metadata(shallow)["evil"] == [[[[]]]]
+
+
+def test_heads_show_on_deeply_nested_arrays_is_one_line(tmp_path, capsys):
+    from dysco_edge import cli
+    path = _nested_arrays_gguf(tmp_path / "deep.gguf", 5000)
+    assert cli.main(["heads", "show", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "nested more than" in err

@@ -58,3 +58,19 @@ def test_cli_import_with_a_gguf_and_with_shape_flags(tmp_path, capsys):
                                                "MODEL.gguf, or --layers --heads --kv-heads --embd")
     assert cli.main(["heads", "import", str(tmp_path / "nope.txt"), *flags, "-o", str(out)]) == 2
     assert "nope.txt: No such file or directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text, message", [
+    ("selected_heads: [(1, 2)]\ntop_k: " + "9" * 5000 + "\n", "top_k: a number of 5000 digits"),
+    ("selected_heads: [(1, " + "2" * 5000 + ")]\n", "selected_heads: unexpected text"),
+    ("selected_heads: [(1, 2)]\ntemplate_sequences: [[" + "3" * 5000 + "]]\n",
+     "template_sequences: a number of 5000 digits"),
+    ("selected_heads: [(1, 2)]\ntemplate_sequences: " + "[" * 100_000 + "]" * 100_000 + "\n",
+     "template_sequences: lists nested deeper"),
+])
+def test_hostile_yaml_numbers_and_nesting_are_one_line_naming_the_key(text, message):
+    """int() of 5000 digits and json of 100k nested lists raised tracebacks."""
+    with pytest.raises(ConfigError, match=message):
+        import_head_map(text, LLAMA_1B, name="x", origin="f")
+    with pytest.raises(ConfigError, match="attn_head_set: cannot read"):
+        import_head_map("8-" + "1" * 5000, LLAMA_1B, name="x", origin="f")

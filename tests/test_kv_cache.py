@@ -102,7 +102,7 @@ def test_a_bad_file_is_ignored_with_one_line_and_removed(tmp_path, capsys, damag
     assert cache.load(_key(), 3) is None
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("dysco-edge: warning: ignoring cached cells")
-    assert not path.exists()
+    assert "; removed, prefilling again" in err and not path.exists()
 
 
 def test_eviction_removes_least_recently_used_first(tmp_path):
@@ -126,12 +126,100 @@ def test_a_file_over_the_limit_is_not_saved(tmp_path, capsys):
 
 def test_stale_temporary_files_are_swept(tmp_path):
     cache = KVCache(KVCacheConfig(tmp_path))
-    stale, fresh = tmp_path / ".abc.1.tmp", tmp_path / ".abc.2.tmp"
-    stale.write_bytes(b"half")
-    fresh.write_bytes(b"being written")
+    # named as _write_atomic names them (mkstemp: 8 random characters), cut short mid-write
+    stale, fresh = tmp_path / ".0123456789abcdef.k2_x9a0q.tmp", tmp_path / ".0123456789abcdef.zz0_1234.tmp"
+    stale.write_bytes(kv_cache.MAGIC[:5])
+    fresh.write_bytes(kv_cache.MAGIC + b"being written")
     os.utime(stale, (time.time() - 7200, time.time() - 7200))
     cache.save(_key(), 3, b"p")
     assert not stale.exists() and fresh.exists()
+
+
+def test_eviction_and_clearing_touch_only_files_the_cache_wrote(tmp_path, capsys):
+    """`--cache-dir DIR --cache-limit 2M` once removed a user's my-keyvalue-store.kv and .draft.tmp."""
+    old = time.time() - 7200
+    theirs = {tmp_path / "my-keyvalue-store.kv": b"x" * 50_000, tmp_path / ".draft.tmp": b"notes",
+              tmp_path / f"{'ab' * 32}.kv": b"SQLite format 3\0" + b"y" * 50_000,  # our name, not our header
+              tmp_path / ".0123456789abcdef.abcdefgh.tmp": b"%PDF-1.4 someone else's"}
+    for path, data in theirs.items():
+        path.write_bytes(data)
+        os.utime(path, (old, old))
+    cache = KVCache(KVCacheConfig(tmp_path, max_bytes=kv_cache._HEADER.size + 1500))
+    cache.save(_key((1,)), 1, b"a" * 1000)
+    cache.save(_key((2,)), 1, b"b" * 1000)  # over the limit: ours, the older, goes
+    assert [p for _, _, p in cache.entries()] == [cache.path(_key((2,)))]
+    assert cache.clear() == 1
+    assert all(path.read_bytes() == data for path, data in theirs.items())
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_a_file_under_a_keys_name_without_our_magic_is_discarded_when_its_key_is_loaded(tmp_path, capsys):
+    """Only this cache names a file by a key's sha256, so a bad magic there is damage (a flipped bit),
+    removed like any other; eviction, which lists the folder, still leaves such a file alone."""
+    cache = KVCache(KVCacheConfig(tmp_path, max_bytes=10))
+    path = cache.path(_key())
+    path.write_bytes(b"EYSCOKV\0" + b"z" * 100)
+    cache.evict()
+    assert path.exists() and cache.load(_key(), 3) is None and not path.exists()
+    assert "not a dysco-edge KV file); removed" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory", "symlink"])
+def test_a_path_that_is_not_a_regular_file_is_refused_without_blocking(tmp_path, capsys, kind):
+    """A FIFO where the .kv file should be blocked `run` in open() for ever."""
+    import threading
+    cache = KVCache(KVCacheConfig(tmp_path / "kv"))
+    cache.directory.mkdir()
+    path = cache.path(_key())
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "directory":
+        path.mkdir()
+    else:
+        (tmp_path / "elsewhere").write_bytes(b"z" * 100)
+        path.symlink_to(tmp_path / "elsewhere")
+    got = []
+    reader = threading.Thread(target=lambda: got.append(cache.load(_key(), 3)), daemon=True)
+    reader.start()
+    reader.join(10)
+    if reader.is_alive() and kind == "fifo":  # unblock the old code's open() so the test can end
+        with open(path, "wb"):
+            pass
+        reader.join(10)
+        pytest.fail("load() blocked on a FIFO")
+    assert got == [None] and cache.save(_key(), 3, b"cells") is None
+    err = capsys.readouterr().err
+    assert err.count("not a regular file") == 2 and "removed" not in err
+    assert os.path.lexists(path) and not path.is_file() or path.is_symlink()
+
+
+@pytest.mark.parametrize("field, value", [("length", 1 << 62), ("length", (1 << 33) + 4),
+                                          ("count", 1 << 40), ("version", 0xFFFFFFFF)])
+def test_a_header_field_out_of_bounds_is_discarded_before_any_allocation(tmp_path, capsys, field, value):
+    """A flipped bit in the length field made load() allocate exabytes: MemoryError, and the file stayed."""
+    cache, path = _saved(tmp_path)
+    data = bytearray(path.read_bytes())
+    magic, version, digest, count, length, crc = kv_cache._HEADER.unpack_from(data)
+    fields = dict(version=version, count=count, length=length)
+    fields[field] = value
+    data[:kv_cache._HEADER.size] = kv_cache._HEADER.pack(magic, fields["version"], digest, fields["count"],
+                                                          fields["length"], crc)
+    path.write_bytes(data)
+    assert cache.load(_key(), 3) is None
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "removed, prefilling again" in err and not path.exists()
+
+
+@pytest.mark.parametrize("text", ["nan", "inf", "-inf", "infG", "1e400", "NaNM", "2e20T"])
+def test_a_size_limit_that_is_not_a_finite_size_is_one_line(text):
+    with pytest.raises(InputError, match="a size must be"):
+        parse_size(text)
+
+
+@pytest.mark.parametrize("limit", [float("inf"), float("nan"), 1.5, True, -1, 1 << 70])
+def test_the_config_refuses_a_limit_that_is_not_a_whole_number_of_bytes(tmp_path, limit):
+    with pytest.raises(InputError, match="cache size limit"):
+        KVCacheConfig(tmp_path, limit)
 
 
 def _writer(directory: str, seed: int, rounds: int) -> None:

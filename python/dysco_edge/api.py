@@ -15,6 +15,7 @@ from .config import DyscoConfig
 from .context_memory import available_bytes, check_n_ctx, kv_shape
 from .documents.kv_cache import model_identity
 from .documents.prefill import CacheSpec, as_cache, open_prefix
+from .documents.readers import refuse_overlong
 from .errors import ConfigError, ContextOverflow, InputError, NoHeadMap
 from .heads.gguf_meta import check_gguf_file
 from .heads.lookup import FoundHeadMap, locate_head_map, no_head_map_message
@@ -305,6 +306,7 @@ class DocumentSession:
         if reserve < 1:
             raise InputError(f"reserve must be >= 1, got {reserve}")
         self.model, self.text, self.system, self.template = model, text, system, template
+        refuse_overlong(text, model.tokenize, model.n_ctx_train if model._auto_ctx else model.n_ctx, reserve)
         # what any two questions share is the prefix worth prefilling once
         first = model.prompt_ids(**self._input("\u2063A"))[0]
         second = model.prompt_ids(**self._input("\u2063B"))[0]

@@ -151,8 +151,9 @@ _DYSCO_YAML_KEYS = {
     "dynamic_rescale": "dynamic",
 }
 
-_PAIR = re.compile(r"[(\[]\s*(\d+)\s*,\s*(\d+)\s*[)\]]")
-_LAYER_HEAD = re.compile(r"(\d+)-(\d+)")
+# at most 40 digits: a longer number is left over and refused by name (int() of 4301 digits raises)
+_PAIR = re.compile(r"[(\[]\s*(\d{1,40})\s*,\s*(\d{1,40})\s*[)\]]")
+_LAYER_HEAD = re.compile(r"(\d{1,40})-(\d{1,40})")
 
 
 def parse_head_pairs(text: str, *, field: str = "qr_heads") -> tuple[HeadPair, ...]:
@@ -182,10 +183,8 @@ def parse_layer_head_list(text: str, *, field: str = "attn_head_set") -> tuple[H
 
 
 def _yaml_value(key: str, raw: str) -> Any:
-    if key != "template_sequences":
-        return parse_scalar(raw)
     try:
-        return parse_flow_list(raw, key=key)
+        return parse_scalar(raw, key=key) if key != "template_sequences" else parse_flow_list(raw, key=key)
     except FlatYamlError as err:
         raise ConfigError(str(err)) from None
 

@@ -63,6 +63,15 @@ class DocumentError(InputError):
     """A document that cannot be read as text (encrypted PDF, binary file); the message names it."""
 
 
+class ChatTemplateError(InputError):
+    """A chat template that does not compile, fails on the messages given (its own
+    raise_exception included) or runs past its time or output budget: a bad request (HTTP 400)."""
+
+
+class TemplateBudgetError(ChatTemplateError):
+    """A chat template that ran past its time or size budget (a loop without end, a value of gigabytes)."""
+
+
 class NoHeadMap(DyscoEdgeError, LookupError):
     """dysco='auto' found no QR heads for this model."""
 

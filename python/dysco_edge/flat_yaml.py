@@ -22,6 +22,7 @@ _KEY = re.compile(r"^([A-Za-z_][\w.-]*)\s*:(?:\s+(.*)|\s*)$")
 _INT = re.compile(r"[-+]?\d+")
 _FLOAT = re.compile(r"[-+]?(\d+\.\d*|\.\d+|\d+)([eE][-+]?\d+)?")
 _TRAILING_COMMA = re.compile(r",\s*([\]}])")
+MAX_NUMBER_CHARS = 160  # no DySCO option comes near; int() of 4301 digits refuses with a traceback
 
 
 def read_flat_yaml(text: str) -> dict[str, str]:
@@ -114,9 +115,11 @@ def unquote(raw: str) -> str:
     return text
 
 
-def parse_scalar(raw: str) -> None | bool | int | float | str:
+def parse_scalar(raw: str, *, key: str = "value") -> None | bool | int | float | str:
     """null/None/~/empty -> None, true/false -> bool, numbers -> int/float; quoted text stays text."""
     text = raw.strip()
+    if len(text) > MAX_NUMBER_CHARS and _FLOAT.fullmatch(text):
+        raise FlatYamlError(f"{key}: a number of {len(text)} digits; no DySCO option is near that long")
     if unquote(text) != text:
         return unquote(text)
     lowered = text.lower()
@@ -131,6 +134,12 @@ def parse_scalar(raw: str) -> None | bool | int | float | str:
     return text
 
 
+def _bounded_int(digits: str, key: str) -> int:
+    if len(digits) > MAX_NUMBER_CHARS:
+        raise FlatYamlError(f"{key}: a number of {len(digits)} digits; no DySCO option is near that long")
+    return int(digits)
+
+
 def parse_flow_list(raw: str, *, key: str) -> list | None:
     """A flow list such as `[[1, 2], (3,)]` (quoted or not) as Python lists, via json.
 
@@ -143,9 +152,11 @@ def parse_flow_list(raw: str, *, key: str) -> list | None:
     normalised = text.replace("(", "[").replace(")", "]").replace("'", '"')
     normalised = _TRAILING_COMMA.sub(r"\1", normalised)
     try:
-        value = json.loads(normalised)
+        value = json.loads(normalised, parse_int=lambda digits: _bounded_int(digits, key))
     except json.JSONDecodeError as err:
         raise FlatYamlError(f"{key}: cannot read {raw!r} as a list ({err.msg})") from None
+    except RecursionError:
+        raise FlatYamlError(f"{key}: lists nested deeper than Python parses") from None
     if not isinstance(value, list):
         raise FlatYamlError(f"{key}: expected a list, got {raw!r}")
     return value

@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING, Optional, Sequence, Union
 
 from ..errors import EngineError
 from ..runtime.engine import ProgressFn
-from .kv_cache import KVCache, KVCacheConfig, cache_key
+from .kv_cache import KVCache, KVCacheConfig, cache_key, warn
+from .kv_cells import CellsError, check_cells
 
 if TYPE_CHECKING:
     from ..api import Model
@@ -50,14 +51,29 @@ def open_prefix(model: "Model", ids: Sequence[int], cache: Optional[KVCache],
     saved = False
     if key is not None:
         tokens, cells = model.prefix_cells()
-        saved = tokens == ids and cache.save(key, len(ids), cells) is not None
+        saved = tokens == ids and _save(cache, key, ids, cells)
     return PrefixReport("prefilled", saved, time.perf_counter() - start, len(ids))
 
 
 def _restore(model: "Model", ids: list[int], cells: bytearray, cache: KVCache, key: bytes) -> bool:
+    """Cells that passed the file's checks still have to be a prefill's (kv_cells.py) and be
+    taken by llama.cpp; otherwise the file goes and the caller prefills."""
     try:
+        check_cells(cells, len(ids))
         model.restore_prefix(ids, cells)
         return True
-    except EngineError as e:  # a file that passed its checks yet llama.cpp refused: not ours to trust
-        cache.discard(cache.path(key), str(e))
+    except (CellsError, EngineError) as e:
+        model.prefill([])  # whatever a refused restore left in the context goes too
+        cache.discard(cache.path(key), f"cells refused: {e}")
         return False
+
+
+def _save(cache: KVCache, key: bytes, ids: list[int], cells: bytearray) -> bool:
+    """Only cells whose layout check_cells knows are saved: a file is never written that a later
+    load would refuse."""
+    try:
+        check_cells(cells, len(ids))
+    except CellsError as e:
+        warn(f"not caching the document's cells: their layout is not one dysco-edge checks ({e})")
+        return False
+    return cache.save(key, len(ids), cells) is not None

@@ -21,6 +21,7 @@ __all__ = ["GGUFMetaError", "check_gguf_file", "read_gguf_metadata", "gguf_index
 _STRING, _ARRAY = 8, 9
 # GGUF value type -> struct format of one value (strings and arrays handled apart)
 _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_MAX_NESTING = 16  # arrays of arrays: real files nest one level deep; a hostile one recursed without end
 
 
 def check_gguf_file(path: str | Path) -> Path:
@@ -120,23 +121,29 @@ class _Walker:
         self.pos += n
         return raw.decode("utf-8", "replace")
 
-    def value(self, vtype: int) -> Any:
+    def value(self, vtype: int, depth: int = 0) -> Any:
         if vtype == _STRING:
             return self.string()
         if vtype == _ARRAY:
-            item_type, count = self.take("I"), self.take("Q")
-            return [self.value(item_type) for _ in range(count)]
+            item_type, count = self._array_head(depth)
+            return [self.value(item_type, depth + 1) for _ in range(count)]
         return self.take(self._format(vtype))
 
-    def skip(self, vtype: int) -> None:
+    def _array_head(self, depth: int) -> tuple[int, int]:
+        if depth >= _MAX_NESTING:
+            raise GGUFMetaError(f"{self.path}: GGUF arrays nested more than {_MAX_NESTING} deep at byte "
+                                f"{self.pos}: a damaged file")
+        return self.take("I"), self.take("Q")
+
+    def skip(self, vtype: int, depth: int = 0) -> None:
         if vtype == _STRING:
             length = self.take("Q")  # read before pos is: `pos += take()` would lose the advance
             self.pos += length
         elif vtype == _ARRAY:
-            item_type, count = self.take("I"), self.take("Q")
+            item_type, count = self._array_head(depth)
             if item_type in (_STRING, _ARRAY):
                 for _ in range(count):
-                    self.skip(item_type)
+                    self.skip(item_type, depth + 1)
             else:
                 self.pos += count * struct.calcsize(self._format(item_type))
         else:

@@ -122,6 +122,8 @@ class HeadMap:
         object.__setattr__(self, "config", MappingProxyType(dict(self.config)))
         object.__setattr__(self, "name_patterns", tuple(self.name_patterns))
         for pattern in self.name_patterns:
+            if not isinstance(pattern, str):  # before the cached compile, which hashes it
+                raise HeadMapError(f"match.name_patterns: expected regex strings, got {pattern!r}")
             _compile_pattern(pattern)
         try:  # the heads and options must make a valid DySCO config on their own
             object.__setattr__(self, "qr_heads", self.to_config().qr_heads)
@@ -197,13 +199,48 @@ def _dump_json(value: Any, indent: str) -> str:
     return json.dumps(value, ensure_ascii=False)  # a scalar, or a flat list kept on one line
 
 
+class HugeNumber:
+    """A JSON number too long to be any head-map value: kept as a placeholder, so that the check of
+    the field it sits in refuses it by name (json.loads would fail on it without saying where)."""
+
+    def __init__(self, text: str):
+        self.digits = len(text)
+
+    def __repr__(self) -> str:
+        return f"a number of {self.digits} digits"
+
+
+_MAX_DIGITS = 40  # any count, id or index a head map holds fits in far fewer
+_MAX_MAP_BYTES = 64 << 20  # a shipped map with every head's scores is some kilobytes
+
+
+def _number(text: str) -> int | HugeNumber:
+    return int(text) if len(text) <= _MAX_DIGITS else HugeNumber(text)
+
+
+def _real(text: str) -> float | HugeNumber:
+    return float(text) if len(text) <= 4 * _MAX_DIGITS else HugeNumber(text)
+
+
+def parse_head_map_json(text: str, where: str) -> Any:
+    """JSON text as Python values, with overlong numbers as HugeNumber and nesting past what the
+    parser recurses through refused in one line that names `where`."""
+    try:
+        return json.loads(text, parse_int=_number, parse_float=_real)
+    except json.JSONDecodeError as err:
+        raise HeadMapError(f"{where}: not valid JSON ({err.msg}, line {err.lineno})") from None
+    except RecursionError:
+        raise HeadMapError(f"{where}: JSON nested deeper than Python parses; a head map nests 3 levels") from None
+
+
 def load_head_map(path: str | Path | Traversable) -> HeadMap:
     """Read and validate one head-map JSON file; errors name the file."""
     source = Path(path) if isinstance(path, str) else path
     try:
-        data = json.loads(source.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise HeadMapError(f"{path}: not valid JSON ({err.msg}, line {err.lineno})") from None
+        raw = source.read_bytes()
+        if len(raw) > _MAX_MAP_BYTES:
+            raise HeadMapError(f"{path}: {len(raw)} bytes, not a head map (they are kilobytes)")
+        data = parse_head_map_json(raw.decode("utf-8"), str(path))
     except UnicodeDecodeError as err:
         raise HeadMapError(f"{path}: not UTF-8 text (byte {err.start})") from None
     try:
@@ -350,8 +387,6 @@ def _finite_number(value: Any) -> bool:
 
 @functools.lru_cache(maxsize=256)
 def _compile_pattern(pattern: str) -> re.Pattern[str]:
-    if not isinstance(pattern, str):
-        raise HeadMapError(f"match.name_patterns: expected regex strings, got {pattern!r}")
     try:
         return re.compile(pattern, re.IGNORECASE)
     except re.error as err:

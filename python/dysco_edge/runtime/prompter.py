@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Mapping, Optional, Sequence
 
-import jinja2
 
 from ..config import AUTO, DyscoConfig
 from ..errors import InputError
@@ -39,10 +38,8 @@ class Prompter:
             for key, value in message.items():
                 if isinstance(value, str):
                     check_text(value, f"messages[{i}].{key}")
-        try:
-            return self.chat.prompt_ids(messages), self.chat.generation_prompt_length(messages)
-        except jinja2.TemplateError as e:  # e.g. raise_exception('roles must alternate'): the caller's to fix
-            raise InputError(f"the model's chat template refused these messages: {e}") from None
+        # a template's own refusals (raise_exception, budgets) are ChatTemplateErrors (InputErrors)
+        return self.chat.prompt_ids(messages), self.chat.generation_prompt_length(messages)
 
     def checked_ids(self, token_ids: Sequence[int]) -> list[int]:
         """Token ids a user gave, each an int in the vocabulary (llama.cpp asserts on others)."""
