@@ -153,16 +153,22 @@ class Model:
                  max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
                  min_p: float = 0.0, seed: Optional[int] = None, stop: Sequence[str] = (),
                  stream: bool = False, trace: bool = False, progress: Optional[ProgressFn] = None,
-                 stop_event: Optional[threading.Event] = None) -> Union[Generation, TextStream]:
+                 stop_event: Optional[threading.Event] = None,
+                 stop_on_repeat: int = 0) -> Union[Generation, TextStream]:
         """Generate an answer. With stream=True, returns an iterator of text pieces whose
-        `.result` (set once it is exhausted) is the Generation."""
+        `.result` (set once it is exhausted) is the Generation. stop_on_repeat N > 0 ends the answer
+        once its last N tokens repeat an earlier stretch of it, without the repetition
+        (finish_reason "repeat")."""
         ids, warmup_auto = self.prompt_ids(prompt, messages=messages, token_ids=token_ids)
         if max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if stop_on_repeat < 0:
+            raise InputError(f"stop_on_repeat must be >= 0 (0: off), got {stop_on_repeat}")
         self.fit(len(ids), max_new_tokens)
         request = Request(ids, self.resolve_dysco(dysco),
                           SamplingOptions(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed),
-                          max_new_tokens, tuple(stop), [] if trace else None, progress, stop_event, warmup_auto)
+                          max_new_tokens, tuple(stop), [] if trace else None, progress, stop_event, warmup_auto,
+                          stop_on_repeat=stop_on_repeat)
         pieces = TextStream(self.engine, self._cache, self._lock, request)
         if stream:
             return pieces

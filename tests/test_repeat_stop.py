@@ -1,0 +1,54 @@
+"""Ending an answer that repeats itself (`stop_on_repeat`, `run --stop-on-repeat`).
+
+Oracles: a brute-force search for the longest repeated suffix, and the same greedy generation
+without the guard (the guarded answer must be its prefix, cut where the repetition starts)."""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from dysco_edge.runtime.generation import RepeatWatch
+
+
+def _longest_repeated_suffix(ids: list[int], cap: int) -> int:
+    """The longest suffix of ids (at most cap) that also ends somewhere earlier in ids."""
+    best = 0
+    for m in range(1, min(cap, len(ids) - 1) + 1):
+        suffix = ids[-m:]
+        if any(ids[e - m + 1:e + 1] == suffix for e in range(m - 1, len(ids) - 1)):
+            best = m
+    return best
+
+
+@pytest.mark.parametrize("vocab", [2, 3, 8])
+def test_the_held_suffix_is_the_longest_repeated_one(vocab):
+    rng = random.Random(vocab)
+    for trial in range(40):
+        watch, ids, cap = RepeatWatch(6), [], 6
+        for _ in range(60):
+            token = rng.randrange(vocab)
+            ids.append(token)
+            shown = watch.push(token, text_length=len(ids) * 2)  # two characters a token
+            expected = _longest_repeated_suffix(ids, cap)
+            assert shown == (len(ids) - expected) * 2
+            assert watch.looped == (expected >= cap)
+            if watch.looped:
+                break
+
+
+def test_a_loop_is_cut_where_its_repetition_starts():
+    watch = RepeatWatch(4)
+    answer = [7, 8, 9] + [1, 2, 3, 4, 5] * 3
+    for i, token in enumerate(answer):
+        shown = watch.push(token, i + 1)
+        if watch.looped:
+            break
+    assert watch.looped and i == 3 + 5 + 4 - 1  # the fourth token of the second period
+    assert shown == 3 + 5  # the text up to the first period's end
+
+
+def test_zero_is_off():
+    watch = RepeatWatch(0)
+    for i in range(50):
+        assert watch.push(1, i + 1) == i + 1 and not watch.looped
