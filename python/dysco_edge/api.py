@@ -13,6 +13,7 @@ from typing import Iterator, Optional, Sequence, Union
 
 from .config import DyscoConfig
 from .documents.kv_cache import model_identity
+from .documents.markers import token_span
 from .documents.prefill import CacheSpec, as_cache, open_prefix
 from .errors import ContextOverflow, InputError, NoHeadMap
 from .heads.gguf_meta import check_gguf_file
@@ -244,24 +245,28 @@ class Model:
                 self.engine.native.set_attn_scale(1.0)
             self.prefill([])
 
+    def text_span(self, token_ids: Sequence[int], text: str) -> Optional[tuple[int, int]]:
+        """Positions lo..hi-1 of the tokens that hold text (its first occurrence), or None."""
+        return token_span([self.engine.detokenize([t], special=True) for t in token_ids], text)
+
     def focus_passages(self, generation: Generation, *, count: int = 3, window: int = 12) -> list[str]:
         """Prompt passages around the positions most often among a traced run's most important."""
         return [text for _, text in self.focus_spans(generation, count=count, window=window)]
 
-    def focus_spans(self, generation: Generation, *, count: int = 3,
-                    window: int = 12) -> list[tuple[int, str]]:
-        """(prompt position most up-weighted, text around it) of the passages focus_passages gives."""
+    def focus_spans(self, generation: Generation, *, count: int = 3, window: int = 12,
+                    within: Optional[tuple[int, int]] = None) -> list[tuple[int, str]]:
+        """(prompt position most up-weighted, text around it) of the passages focus_passages gives;
+        `within` (lo, hi) keeps positions and text to prompt positions lo..hi-1 (a document's)."""
         if not generation.trace:
             return []
-        hits = Counter(int(p) for step in generation.trace for p in step.top_positions
-                       if p < generation.n_prompt)
+        lo, hi = within or (0, generation.n_prompt)
+        hits = Counter(int(p) for step in generation.trace for p in step.top_positions if lo <= p < hi)
         spans, taken = [], []
         for pos, _ in hits.most_common():
             if any(abs(pos - t) < window for t in taken):
                 continue
             taken.append(pos)
-            lo, hi = max(0, pos - window), min(generation.n_prompt, pos + window)
-            piece = self.engine.detokenize(generation.prompt_ids[lo:hi])
+            piece = self.engine.detokenize(generation.prompt_ids[max(lo, pos - window):min(hi, pos + window)])
             spans.append((pos, " ".join(piece.decode("utf-8", "replace").split())))
             if len(spans) == count:
                 break
@@ -295,6 +300,7 @@ class DocumentSession:
         self.n_document_tokens = next((i for i, (a, b) in enumerate(zip(first, second)) if a != b),
                                       min(len(first), len(second)))
         self.opened = open_prefix(model, first[:self.n_document_tokens], as_cache(cache), progress)
+        self._span: Optional[tuple[int, int]] = None
 
     def _input(self, question: str) -> dict:
         """generate() arguments for a question: chat messages, or plain text without a template."""
@@ -303,6 +309,14 @@ class DocumentSession:
             return {"prompt": f"{self.system}\n\n{content}" if self.system else content}
         system = [{"role": "system", "content": self.system}] if self.system else []
         return {"messages": system + [{"role": "user", "content": content}]}
+
+    def document_span(self) -> tuple[int, int]:
+        """Prompt positions lo..hi-1 holding the document's own text: not the system prompt, the chat
+        template or the question (where `Model.focus_spans(within=...)` should look)."""
+        if self._span is None:
+            ids = self.model.prompt_ids(**self._input("\u2063A"))[0][:self.n_document_tokens]
+            self._span = self.model.text_span(ids, self.text) or (0, self.n_document_tokens)
+        return self._span
 
     def ask(self, question: str, **options) -> Union[Generation, Iterator[str]]:
         if not question.strip():
