@@ -44,7 +44,8 @@ class Model:
     n_ctx None: the context grows to what each input needs (prompt + max_new_tokens, rounded up
     to 256), up to the model's training context. n_gpu_layers None and flash_attn "auto": where a
     device can take layers (a GPU, or an RPC server's device), every layer offloaded and flash
-    attention on; on the CPU alone, neither.
+    attention on; on the CPU alone, neither. n_threads None: one CPU thread per physical core (as
+    llama.cpp's tools choose; cores.py).
 
     Several devices: split_mode "layer" (whole layers per device, llama.cpp's default), "row"
     (rows of each matrix; CUDA) or "none" (only device main_gpu); tensor_split one share per device
