@@ -52,3 +52,21 @@ def test_zero_is_off():
     watch = RepeatWatch(0)
     for i in range(50):
         assert watch.push(1, i + 1) == i + 1 and not watch.looped
+
+
+@pytest.mark.slow
+def test_a_looping_greedy_answer_ends_where_it_starts_to_repeat():
+    import models
+    from dysco_edge import Model
+    with Model(models.smollm2_q4_1(), n_ctx=512) as model:
+        ids = model.tokenize("Say it again and again: I like green tea. I like green tea. I like green tea.",
+                             add_bos=True)
+        free = model.generate(token_ids=ids, dysco=None, max_new_tokens=96)
+        cut = model.generate(token_ids=ids, dysco=None, max_new_tokens=96, stop_on_repeat=16)
+        n = len(cut.token_ids)
+        kept = model.detokenize(cut.token_ids[:n - 16])  # the text before the repeated stretch
+    assert free.finish_reason == "length" and cut.finish_reason == "repeat"
+    assert cut.token_ids == free.token_ids[:n] and n < len(free.token_ids)  # the same tokens, fewer of them
+    assert _longest_repeated_suffix(cut.token_ids, 16) == 16  # it stopped on a verbatim repetition...
+    assert _longest_repeated_suffix(cut.token_ids[:-1], 16) < 16  # ...the first one
+    assert cut.text == kept and free.text.startswith(kept)

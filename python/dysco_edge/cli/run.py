@@ -18,6 +18,7 @@ MAX_TOKENS = 256
 # a greedy answer that repeats 24 tokens verbatim loops until --max-tokens (measured: the README's "Defaults")
 STOP_ON_REPEAT = 24
 SAMPLE_QUESTION = "Who painted the sign at the entrance?"
+LINE_TOKENS = 64  # how far --show-focus looks for the end of a focus's line (markers and headings are short)
 OFF = "off"
 DYSCO_CHOICES = (FAST, EXACT, OFF)
 
@@ -217,9 +218,12 @@ def describe_answer(generation, seconds: float) -> str:
 
 def show_focus(model, generation, within=None) -> None:
     """The passages DySCO up-weighted most (within the document, when there is one), each with the
-    page, section or heading it lies in."""
+    page, section or heading it lies in: the last marker up to the end of the focus's line (a focus
+    on a marker or heading is placed by it)."""
     from ..documents.markers import last_marker
-    lo = within[0] if within else 0
+    ids = generation.prompt_ids
+    lo, hi = within or (0, generation.n_prompt)
     for pos, passage in model.focus_spans(generation, within=within):
-        where = last_marker(model.detokenize(generation.prompt_ids[lo:pos + 1]))
+        line_rest = model.detokenize(ids[pos + 1:min(hi, pos + 1 + LINE_TOKENS)]).split("\n", 1)
+        where = last_marker(model.detokenize(ids[lo:pos + 1]) + line_rest[0] + ("\n" if len(line_rest) > 1 else ""))
         print(f"  focus{f' ({where})' if where else ''}: ...{passage}...", file=sys.stderr)
