@@ -99,9 +99,10 @@ class Worker:
 
     def submit(self, job: Job) -> None:
         job.channel.name = f"request {next(self._ids)}"
+        ahead = self._jobs.qsize()
         try:
             self._jobs.put_nowait(job)
-            log.info("%s: %s; %d waiting", job.channel.name, job.describe(), self._jobs.qsize())
+            log.info("%s: %s; %d ahead in the queue", job.channel.name, job.describe(), ahead)
         except queue.Full:
             waiting = self._jobs.qsize()
             log.warning("%s refused (503): %d requests are waiting", job.channel.name, waiting)
