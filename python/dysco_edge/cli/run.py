@@ -15,7 +15,7 @@ from .devices import add_device_arguments, device_options
 FLASH_ATTN = ("auto", "on", "off")  # runtime.engine.FLASH_ATTN_CHOICES, without importing llama.cpp to parse
 QUESTION_ROOM = 256  # context kept for a question asked interactively (its length unknown up front)
 MAX_TOKENS = 256
-# a greedy answer that repeats 24 tokens verbatim loops until --max-tokens (measured: the README's "Defaults")
+# a greedy answer that repeats 24 tokens verbatim loops on until --max-tokens (measured: README, "Chosen for you")
 STOP_ON_REPEAT = 24
 SAMPLE_QUESTION = "Who painted the sign at the entrance?"
 LINE_TOKENS = 64  # how far --show-focus looks for the end of a focus's line (markers and headings are short)
