@@ -86,8 +86,8 @@ def _run_cli(*args, timeout=600) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("args, words", [
-    (["-q", ""], "question 1 (-q '') is empty"),
-    (["-q", "Who?", "-q", " \t"], "question 2"),
+    (["-q", ""], "the question is empty (question 1: -q '')"),
+    (["-q", "Who?", "-q", " \t"], "question 2: -q ' \\t'"),
     (["--doc", "no-such-file.pdf", "-q", "Who?"], "document not found: no-such-file.pdf"),
     (["--threads", "0", "-q", "Who?"], "--threads must be >= 1, got 0"),
     (["--stop-on-repeat", "-1", "-q", "Who?"], "--stop-on-repeat must be >= 0"),

@@ -108,7 +108,7 @@ def check_run_options(args) -> None:
     """What can be refused before the model loads or the document is prefilled."""
     for i, question in enumerate(args.question, 1):
         if not question.strip():
-            raise InputError(f"question {i} (-q {question!r}) is empty: ask something")
+            raise InputError(f"the question is empty (question {i}: -q {question!r}): ask something")
     if args.threads is not None and args.threads < 1:
         raise InputError(f"--threads must be >= 1, got {args.threads}")
     if args.stop_on_repeat < 0:
