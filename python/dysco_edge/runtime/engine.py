@@ -24,6 +24,7 @@ import numpy as np
 from . import _llama  # noqa: F401  (points llama_cpp at our libllama before it loads)
 import llama_cpp
 
+from ..cores import physical_cores
 from ..errors import EngineError, InputError
 from ..limits import INT32_MAX, MAX_THREADS, int_in
 from .native import NativeContext, lib_dir
@@ -106,7 +107,7 @@ class EngineOptions:
     flash_attn: bool = False
     type_k: Optional[int] = None  # a ggml type id (llama_cpp.GGML_TYPE_*); None = F16
     type_v: Optional[int] = None
-    n_threads: Optional[int] = None
+    n_threads: Optional[int] = None  # None: one per physical core (cores.py), as llama.cpp's tools
     n_seq_max: int = 1  # > 1: a unified KV cache shared by that many sequences
     split: SplitOptions = field(default_factory=SplitOptions)
 
@@ -402,6 +403,9 @@ class Engine:
     def __init__(self, model_path: str | os.PathLike, options: EngineOptions = EngineOptions()):
         self.path = Path(model_path)
         self.options = options
+        # llama-cpp-python's defaults are half the logical CPUs for decoding (1 of 2 cores) and all of
+        # them for batches; llama.cpp's tools use the physical cores for both
+        self.n_threads = options.n_threads or physical_cores()
         split = options.split
         connect_rpc(split.rpc)
         check_split(split)
@@ -412,7 +416,7 @@ class Engine:
                 split_mode=_SPLIT_MODE_IDS[split.mode], main_gpu=split.main_gpu,
                 tensor_split=list(split.tensor_split) or None,
                 flash_attn=options.flash_attn, type_k=options.type_k, type_v=options.type_v,
-                n_threads=options.n_threads, verbose=False)
+                n_threads=self.n_threads, n_threads_batch=self.n_threads, verbose=False)
         except ValueError as err:  # llama-cpp-python's word for "llama.cpp refused it"
             raise EngineError(f"llama.cpp could not load {self.path}: {err}") from None
         self._closed = False
@@ -516,7 +520,7 @@ class Engine:
         """Where this engine runs, in words: the first line `run` prints."""
         o = self.options
         used = layer_devices(o.split)
-        threads = o.n_threads or llama_cpp.llama_n_threads(self.ctx)
+        threads = self.n_threads
         if o.n_gpu_layers == 0 or not used:
             cpu = next((d.description for d in devices() if d.kind == "CPU"), "")
             return f"CPU{': ' + cpu if cpu else ''} ({threads} thread{'s' if threads != 1 else ''})"

@@ -21,7 +21,8 @@ from .sampling import SamplingOptions
 class Generation:
     text: str
     token_ids: list[int]
-    finish_reason: str            # "stop" (end token or stop string), "length", "context", "interrupted"
+    finish_reason: str            # "stop" (end token or stop string), "length", "context", "interrupted",
+                                  # "repeat" (the answer began repeating itself: Request.stop_on_repeat)
     n_prompt: int
     dysco: Optional[DyscoConfig]
     trace: Optional[list[StepTrace]] = None
@@ -41,6 +42,7 @@ class Request:
     stop_event: Optional[threading.Event]
     warmup_auto: int
     n_cached: Optional[int] = None  # set once the generation holds the context (progress reports it)
+    stop_on_repeat: int = 0  # > 0: end when the answer's last that many tokens repeat an earlier stretch of it
 
 
 class ContextLock:
@@ -134,6 +136,7 @@ def _text_pieces(engine: Engine, req: Request, tokens: Iterator[int], outcome: l
     """Text pieces of the token stream; appends the Generation to `outcome` at the end."""
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     text, emitted, ids, reason = "", 0, [], "length"
+    repeats = RepeatWatch(req.stop_on_repeat)
     try:
         for token in tokens:
             ids.append(token)
@@ -145,7 +148,11 @@ def _text_pieces(engine: Engine, req: Request, tokens: Iterator[int], outcome: l
             if cut is not None:
                 text, reason = text[:cut], "stop"
                 break
-            safe = len(text) - _held_back(text, req.stop)
+            held = repeats.push(token, len(text))
+            if repeats.looped:
+                text, reason = text[:held], "repeat"
+                break
+            safe = min(len(text) - _held_back(text, req.stop), held)
             if safe > emitted:
                 yield text[emitted:safe]
                 emitted = safe
@@ -153,11 +160,52 @@ def _text_pieces(engine: Engine, req: Request, tokens: Iterator[int], outcome: l
             reason = _unforced_end(engine, req, len(ids))
     finally:
         tokens.close()
-    text += decoder.decode(b"", final=True) if reason != "stop" else ""
+    text += decoder.decode(b"", final=True) if reason not in ("stop", "repeat") else ""
     if len(text) > emitted:
         yield text[emitted:]
     outcome.append(Generation(text, ids, reason, len(req.prompt), req.config, req.trace, req.prompt,
                               n_cached=req.n_cached or 0))
+
+
+class RepeatWatch:
+    """Whether an answer has begun repeating itself: its longest suffix that also occurs earlier
+    in it reached `length` tokens. Until then the text of that suffix is held back (as text that may
+    begin a stop string is), so that a loop is cut where its repetition starts: greedy decoding
+    that repeats `length` tokens verbatim goes on repeating them until max_new_tokens."""
+
+    def __init__(self, length: int):
+        self.length = length
+        self._ids: list[int] = []
+        self._text_ends: list[int] = [0]  # the text's length before token i
+        self._ends: list[int] = []  # where the suffix's earlier occurrences end
+        self._matched = 0  # the suffix's length
+        self.looped = False
+
+    def push(self, token: int, text_length: int) -> int:
+        """Record the next token (the text is text_length long with it); returns how much of the
+        text may be shown: all of it but the repeating suffix."""
+        if self.length < 1:
+            return text_length
+        ids = self._ids
+        ends = [e + 1 for e in self._ends if ids[e + 1] == token]
+        ids.append(token)
+        self._text_ends.append(text_length)
+        if ends:  # the longest suffix grew by this token
+            self._matched += 1
+        else:  # a shorter one: among the token's earlier occurrences, those with the longest common suffix
+            lengths = {e: self._common_suffix(e) for e in range(len(ids) - 1) if ids[e] == token}
+            self._matched = max(lengths.values(), default=0)
+            ends = [e for e, k in lengths.items() if k == self._matched]
+        self._ends = ends
+        self.looped = self._matched >= self.length
+        return self._text_ends[len(ids) - self._matched]
+
+    def _common_suffix(self, e: int) -> int:
+        """How many tokens ending at e equal the tokens ending at the last one (at most length)."""
+        ids, last, k = self._ids, len(self._ids) - 1, 0
+        while k < self.length and k <= e and ids[e - k] == ids[last - k]:
+            k += 1
+        return k
 
 
 def _unforced_end(engine: Engine, req: Request, n_generated: int) -> str:

@@ -1,13 +1,14 @@
 """`dysco-edge serve`: the OpenAI-compatible server on one model."""
 from __future__ import annotations
 
+import copy
 import ipaddress
 import os
 import sys
 
 from ..cli.models import add_model_arguments, chosen_model
 from ..cli.devices import add_device_arguments, device_options
-from ..cli.run import FLASH_ATTN
+from ..cli.run import FLASH_ATTN, threads_help
 from ..errors import DyscoEdgeError, InputError
 from ..config import FAST, MODES
 
@@ -38,7 +39,7 @@ def add_parser(subparsers) -> None:
                        help="layers offloaded to the GPU(s) or RPC servers (default: all, where there are any; 0: CPU)")
     serve.add_argument("--flash-attn", nargs="?", const="on", default="auto", choices=FLASH_ATTN,
                        help="flash attention (default auto: on where layers run on a GPU)")
-    serve.add_argument("--threads", type=int, default=None, help="CPU threads for llama.cpp")
+    serve.add_argument("--threads", type=int, default=None, help=threads_help())
     add_device_arguments(serve)
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     serve.set_defaults(handler=serve_command)
@@ -64,10 +65,20 @@ def serve_command(args) -> int:
                                   cors_origins=tuple(args.cors), max_queue=args.queue, max_tokens=args.max_tokens,
                                   dysco_mode=args.dysco_mode, local_paths=_is_loopback(args.host))
         _announce(model, args)
-        uvicorn.run(create_app(model, settings), host=args.host, port=args.port, log_level=args.log_level)
+        uvicorn.run(create_app(model, settings), host=args.host, port=args.port, log_level=args.log_level,
+                    log_config=log_config(args.log_level))
     finally:
         model.close()
     return 0
+
+
+def log_config(level: str) -> dict:
+    """uvicorn's logging config with our "dysco_edge" loggers beside its own: the same handler and
+    format ("INFO:     request 3: ..."), at --log-level."""
+    from uvicorn.config import LOGGING_CONFIG
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["loggers"]["dysco_edge"] = {"handlers": ["default"], "level": level.upper(), "propagate": False}
+    return config
 
 
 def _announce(model, args) -> None:

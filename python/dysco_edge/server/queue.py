@@ -8,6 +8,7 @@ between two tokens, or between two prefill batches, and the worker moves on at o
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import math
 import queue
@@ -18,6 +19,7 @@ from typing import AsyncIterator
 from ..errors import DyscoEdgeError
 
 log = logging.getLogger("dysco_edge.server")
+PROGRESS_LOG_S = 10.0  # a long prefill logs its progress this often
 
 
 class GenerationCancelled(DyscoEdgeError):
@@ -40,6 +42,8 @@ class Channel:
         self._loop, self._events = loop, asyncio.Queue()
         self.cancel = threading.Event()
         self.started = 0.0  # perf_counter when the worker took the job
+        self.name = "request"  # "request N" once queued, in the log
+        self._logged = 0.0
 
     def put(self, kind: str, value=None) -> None:
         try:
@@ -51,7 +55,11 @@ class Channel:
         """Model.generate's prefill callback: report, or stop if the client went away."""
         if self.cancel.is_set():
             raise GenerationCancelled("the client disconnected during the prefill")
-        self.put("progress", (done, (time.perf_counter() - self.started) * 1000))
+        now = time.perf_counter()
+        if done < total and now - max(self._logged, self.started) >= PROGRESS_LOG_S:
+            self._logged = now
+            log.info("%s: prefill %d/%d tokens, %.0f s", self.name, done, total, now - self.started)
+        self.put("progress", (done, (now - self.started) * 1000))
 
     async def events(self) -> AsyncIterator[tuple]:
         """(kind, value) until the job ends: progress, text..., then done, error or cancelled."""
@@ -66,6 +74,11 @@ class Job:
     def __init__(self, channel: Channel, stream):
         self.channel, self.stream = channel, stream
 
+    def describe(self) -> str:
+        req = self.stream.req
+        dysco = f"DySCO {req.config.mode}" if req.config is not None else "DySCO off"
+        return f"{len(req.prompt)} prompt tokens, at most {req.max_new_tokens} new, {dysco}"
+
 
 class Worker:
     """Runs queued jobs one after another on a thread of its own."""
@@ -73,6 +86,7 @@ class Worker:
     def __init__(self, max_waiting: int):
         self._jobs: queue.Queue = queue.Queue(maxsize=max_waiting)
         self._mean_s = 1.0  # running mean of a job's duration, for Retry-After
+        self._ids = itertools.count(1)
         self._thread = threading.Thread(target=self._loop, name="dysco-edge-worker", daemon=True)
 
     def start(self) -> None:
@@ -84,10 +98,14 @@ class Worker:
         self._thread.join(timeout)
 
     def submit(self, job: Job) -> None:
+        job.channel.name = f"request {next(self._ids)}"
+        ahead = self._jobs.qsize()
         try:
             self._jobs.put_nowait(job)
+            log.info("%s: %s; %d ahead in the queue", job.channel.name, job.describe(), ahead)
         except queue.Full:
             waiting = self._jobs.qsize()
+            log.warning("%s refused (503): %d requests are waiting", job.channel.name, waiting)
             raise QueueFull(f"the server is busy: {waiting} requests are waiting; retry later",
                             max(1, math.ceil(self._mean_s * (waiting + 1)))) from None
 
@@ -102,17 +120,35 @@ class Worker:
         if channel.cancel.is_set():  # its client left while it waited
             stream.close()
             channel.put("cancelled")
+            log.info("%s: cancelled while waiting (the client went away)", channel.name)
             return
-        channel.started = time.perf_counter()
+        channel.started, first = time.perf_counter(), None
         try:
             for piece in stream:
+                first = first or time.perf_counter()
                 channel.put("text", piece)
             channel.put("done", stream.result)
+            _log_done(channel, stream.result, first)
         except GenerationCancelled:
             channel.put("cancelled")
+            log.info("%s: cancelled during the prefill (the client went away)", channel.name)
         except Exception as exc:  # noqa: BLE001 -- whatever fails, its client must hear of it
             if not isinstance(exc, DyscoEdgeError):
-                log.exception("generation failed")
+                log.exception("%s: generation failed", channel.name)
+            else:
+                log.warning("%s failed: %s", channel.name, exc)
             channel.put("error", exc)
         finally:
             stream.close()
+
+
+def _log_done(channel: Channel, generation, first_text) -> None:
+    """One line per finished request: the prefill (up to the first text) and the decode, timed."""
+    end = time.perf_counter()
+    first_text = first_text or end
+    prefill_s, decode_s = first_text - channel.started, end - first_text
+    n_new, n_prefilled = len(generation.token_ids), generation.n_prompt - generation.n_cached
+    log.info("%s: done in %.1f s: prefill %d tokens (%d cached) in %.1f s (%.0f tok/s); %d tokens generated, "
+             "%.1f tok/s after the first; finish %s", channel.name, end - channel.started, n_prefilled,
+             generation.n_cached, prefill_s, n_prefilled / max(prefill_s, 1e-9), n_new,
+             max(n_new - 1, 0) / max(decode_s, 1e-9), generation.finish_reason)
