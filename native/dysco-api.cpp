@@ -1,10 +1,10 @@
 // The C API of dysco.h: state lifetime, QR heads, capture, probe, bias, score readout.
 #include "dysco.h"
 #include "dysco-hooks.h"
-#include "dysco-select.h"
 #include "dysco-state.h"
 
 #include "llama-context.h"
+#include "llama-kv-cache.h"
 #include "llama-model.h"
 
 #include "ggml.h"
@@ -59,8 +59,7 @@ void dysco_timeline::mark(int point, bool count_it) {
 void dysco_timeline::print() const {
     static const char * names[DYSCO_MARKS] = {
         "probe start (since the pass launched)", "probe: to its mask", "probe: mask hook", "probe: to its launch",
-        "probe: after launch", "pass: to its mask", "pass: probe scores (waits for the probe)", "pass: selection",
-        "pass: bias", "pass: to its launch"};
+        "probe: after launch", "pass: to its mask", "pass: mask hook", "pass: to its launch"};
     for (int i = 0; on && i < DYSCO_MARKS; ++i) {
         std::vector<float> v = us[i];
         std::sort(v.begin(), v.end());
@@ -74,7 +73,8 @@ static uint64_t key_mix(uint64_t key, uint64_t value) {
 }
 
 bool dysco_state::scores_read_kq_mask(const ggml_tensor * kq_mask) const {
-    return probe.layers > 0 && kq_mask && kq_mask->ne[2] == 1 && kq_mask->ne[3] == 1;
+    // unbiased unless the host biases it (dysco_set_bias): the graph adds its own bias to a copy
+    return (probe.layers > 0 || bias.by_seq.empty()) && kq_mask && kq_mask->ne[2] == 1 && kq_mask->ne[3] == 1;
 }
 
 uint64_t dysco_state::graph_key() const {
@@ -82,6 +82,18 @@ uint64_t dysco_state::graph_key() const {
     uint64_t key = 0;
     if (scoring()) {
         key = key_mix(key_mix(key_mix(1, heads.version), (uint64_t) probe.layers), scores.capture);
+        key = key_mix(key_mix(key, bias.by_seq.empty()), track.on);
+    }
+    // the fold's decay and the selection's parameters are constants of their ops
+    const bool folds = track.on && scoring(), selects = track.on && track.armed && probe.layers == 0;
+    if (folds || selects) {
+        const double params[] = { track.decay, track.top_p, track.strength, track.hard_strength, (double) track.top_k };
+        key = key_mix(key_mix(key, 4), selects);
+        for (double v : params) {
+            uint64_t bits;
+            memcpy(&bits, &v, sizeof(bits));
+            key = key_mix(key, bits);
+        }
     }
     if (heads_cap.on) {
         key = key_mix(key_mix(key, 2), (uint64_t) heads_cap.layer_end);
@@ -141,6 +153,41 @@ void dysco_context_free(llama_cparams & cparams) {
     cparams.dysco = nullptr;
 }
 
+// ---- importance, selection and bias in the graph (dysco-track.cpp) ----
+
+static llama_kv_cache * dysco_plain_cache(llama_context * ctx) {
+    return dynamic_cast<llama_kv_cache *>(llama_get_memory(ctx));
+}
+
+// Zeros the importance and S; keep = 0 on the cells holding template positions of the tracked sequence.
+static void track_upload_reset(dysco_track & tr) {
+    ggml_backend_buffer_clear(tr.buf.get(), 0);
+    const int64_t n_cells = tr.keep->ne[0];
+    const llama_kv_cells & cells = tr.kv->get_cells(tr.seq_id);
+    tr.scratch.assign(n_cells, 1.0f);
+    for (int64_t j = 0; j < n_cells; ++j) {
+        if (cells.is_empty(j) || !cells.seq_has(j, tr.seq_id)) {
+            continue;
+        }
+        const llama_pos p = cells.pos_get(j);
+        if (p < (llama_pos) tr.template_mask.size() && tr.template_mask[p]) {
+            tr.scratch[j] = 0.0f;
+        }
+    }
+    ggml_backend_tensor_set(tr.keep, tr.scratch.data(), 0, ggml_nbytes(tr.keep));
+}
+
+// position -> value of every cell of the tracked sequence holding a position below n_pos, or back
+template <typename F>
+static void track_by_position(const dysco_track & tr, int32_t n_pos, F && f) {
+    const llama_kv_cells & cells = tr.kv->get_cells(tr.seq_id);
+    for (int64_t j = 0; j < tr.imp->ne[0]; ++j) {
+        if (!cells.is_empty(j) && cells.seq_has(j, tr.seq_id) && cells.pos_get(j) < n_pos) {
+            f(cells.pos_get(j), j);
+        }
+    }
+}
+
 extern "C" {
 
 const char * dysco_last_error(void) {
@@ -181,6 +228,7 @@ int32_t dysco_set_heads(llama_context * ctx, const int32_t * layers, const int32
     st.heads.l_max    = l_max;
     st.heads.version += 1;
     st.scores.valid   = false;
+    st.track.on       = false; // an importance follows one set of heads
     dysco_key_refresh(ctx);
     return dysco_ok();
 }
@@ -228,15 +276,13 @@ static int32_t dysco_probe_decode(llama_context * ctx, dysco_state & st, int32_t
     return llama_decode(ctx, b);
 }
 
-// The probe itself; with defer_scores its scores stay in its graph until the pass selection reads
-// them (only on the probe's own graph: a shared one is rebuilt by the full pass).
-static int32_t dysco_probe_run(llama_context * ctx, dysco_state & st, int32_t token, int32_t pos, int32_t seq_id,
-                               bool defer_scores) {
+// The probe itself: its scores stay in its graph until read (dysco_scores_sync); a tracked
+// importance folds them in the graph.
+static int32_t dysco_probe_run(llama_context * ctx, dysco_state & st, int32_t token, int32_t pos, int32_t seq_id) {
     st.timeline.mark(DYSCO_MARK_PROBE_START);
     st.probe.layers = st.heads.l_max + 1;
     dysco_key_refresh(ctx);
     const bool own_graph = dysco_graph_swap::swap(*ctx, st);
-    st.probe.scores_deferred = defer_scores && own_graph;
     const int32_t rc = dysco_probe_decode(ctx, st, token, pos, seq_id);
     if (own_graph) {
         dysco_graph_swap::swap(*ctx, st);
@@ -247,8 +293,8 @@ static int32_t dysco_probe_run(llama_context * ctx, dysco_state & st, int32_t to
     llama_memory_seq_rm(llama_get_memory(ctx), seq_id, pos, -1);
     st.timeline.mark(DYSCO_MARK_PROBE_END);
     if (rc != 0) {
-        st.scores.valid          = false;
-        st.probe.scores_deferred = false;
+        st.scores.valid   = false;
+        st.scores.pending = {};
         for (auto & row : st.scores.row) { // a row kept before the failure points into a buffer no longer ours
             row.src.data        = nullptr;
             row.positions_ready = false;
@@ -266,8 +312,8 @@ int32_t dysco_probe(llama_context * ctx, int32_t token, int32_t pos, int32_t seq
     if (st.heads.n == 0) {
         return dysco_fail(DYSCO_ERR_NO_HEADS, "a probe needs QR heads: set them first (dysco_set_heads)");
     }
-    st.selection.pass = dysco_pass_select();
-    return dysco_probe_run(ctx, st, token, pos, seq_id, false);
+    st.track.armed = false;
+    return dysco_probe_run(ctx, st, token, pos, seq_id);
 }
 
 // Whether a bias of n_bias entries fits sequence seq_id: at most the next token's positions (or
@@ -294,6 +340,7 @@ int32_t dysco_set_bias(llama_context * ctx, int32_t seq_id, const float * bias, 
         return rc;
     }
     dysco_state_of(ctx).bias.by_seq[seq_id].assign(bias, bias + n_bias);
+    dysco_key_refresh(ctx);
     return dysco_ok();
 }
 
@@ -307,9 +354,10 @@ int32_t dysco_clear_bias(llama_context * ctx, int32_t seq_id) {
     } else {
         st.bias.by_seq.erase(seq_id);
     }
-    if (seq_id < 0 || st.selection.pass.seq_id == seq_id) {
-        st.selection.pass.armed = false;
+    if (seq_id < 0 || st.track.seq_id == seq_id) {
+        st.track.armed = false;
     }
+    dysco_key_refresh(ctx);
     return dysco_ok();
 }
 
@@ -317,7 +365,8 @@ int32_t dysco_get_scores(llama_context * ctx, float * out, int32_t n_max) {
     if (!ctx || (out && n_max < 0)) {
         return dysco_fail(DYSCO_ERR_ARGUMENT, "dysco_get_scores: null context or n_max = %d", n_max);
     }
-    const auto & st = dysco_state_of(ctx);
+    auto & st = dysco_state_of(ctx);
+    dysco_scores_sync(st);
     if (!st.scores.valid) {
         return dysco_fail(DYSCO_ERR_NO_SCORES, "the last decode captured no scores: run a probe, or turn capture on "
                           "(dysco_set_capture) before a full pass");
@@ -334,7 +383,8 @@ int32_t dysco_scores_pos(llama_context * ctx) {
     if (!ctx) {
         return dysco_fail(DYSCO_ERR_ARGUMENT, "dysco_scores_pos: null context");
     }
-    const auto & st = dysco_state_of(ctx);
+    auto & st = dysco_state_of(ctx);
+    dysco_scores_sync(st);
     if (!st.scores.valid) {
         return dysco_fail(DYSCO_ERR_NO_SCORES, "the last decode captured no scores");
     }
@@ -445,51 +495,78 @@ int32_t dysco_set_slot_layout(llama_context * ctx, bool on, const int32_t * hidd
     return dysco_ok();
 }
 
-int32_t dysco_importance_reset(llama_context * ctx, int32_t n_positions) {
-    if (!ctx || n_positions < 0) {
-        return dysco_fail(DYSCO_ERR_ARGUMENT, "dysco_importance_reset: null context or n_positions = %d", n_positions);
+
+int32_t dysco_track_supported(llama_context * ctx) {
+    if (!ctx) {
+        return dysco_fail(DYSCO_ERR_ARGUMENT, "dysco_track_supported: null context");
     }
-    auto & sel = dysco_state_of(ctx).selection;
-    sel.importance.assign((size_t) n_positions, 0.0);
-    sel.scored = false;
+    g_last_error.clear();
+    return dysco_plain_cache(ctx) ? 1 : 0;
+}
+
+int32_t dysco_importance_reset(llama_context * ctx, int32_t seq_id, int32_t n_positions, double decay, double top_p,
+                               int32_t top_k, double strength, double hard_strength, const uint8_t * template_mask,
+                               int32_t n_template) {
+    if (!ctx || seq_id < 0 || n_positions < 0 || !std::isfinite(decay) || decay < 0.0 || (top_p <= 0.0 && top_k <= 0) ||
+        top_p > 1.0 || !(strength > 0.0) || n_template < 0 || (n_template > 0 && !template_mask)) {
+        return dysco_fail(DYSCO_ERR_ARGUMENT, "dysco_importance_reset: null context, seq_id = %d, n_positions = %d, "
+                          "decay = %g, top_p = %g, top_k = %d, strength = %g or n_template = %d out of range",
+                          seq_id, n_positions, decay, top_p, top_k, strength, n_template);
+    }
+    auto & st = dysco_state_of(ctx);
+    if (st.heads.n == 0) {
+        return dysco_fail(DYSCO_ERR_NO_HEADS, "dysco_importance_reset needs QR heads: set them first (dysco_set_heads)");
+    }
+    llama_kv_cache * kv = dysco_plain_cache(ctx);
+    if (!kv) {
+        return dysco_fail(DYSCO_ERR_UNSUPPORTED, "the importance is kept in the graph for a plain KV cache only; "
+                          "this model's memory is another kind (track it on the host: selection.py)");
+    }
+    if (!dysco_track_alloc(st, *kv)) {
+        return dysco_fail(DYSCO_ERR_UNSUPPORTED, "could not allocate the importance beside the KV cache");
+    }
+    auto & tr = st.track;
+    tr.on = true;
+    tr.scored = false;
+    tr.armed = tr.selected = false;
+    tr.seq_id = seq_id;
+    tr.n_pos  = n_positions;
+    tr.decay = decay, tr.top_p = top_p, tr.top_k = top_k, tr.strength = strength, tr.hard_strength = hard_strength;
+    tr.template_mask.assign(template_mask, template_mask + n_template);
+    track_upload_reset(tr);
+    dysco_key_refresh(ctx);
     return dysco_ok();
 }
 
-int32_t dysco_importance_update(llama_context * ctx, double decay) {
-    if (!ctx || !std::isfinite(decay)) {
-        return dysco_fail(DYSCO_ERR_ARGUMENT, "dysco_importance_update: null context or decay = %g", decay);
+static int32_t track_check(llama_context * ctx, const char * fn) {
+    if (!ctx) {
+        return dysco_fail(DYSCO_ERR_ARGUMENT, "%s: null context", fn);
     }
-    auto & st = dysco_state_of(ctx);
-    if (!st.scores.valid) {
-        return dysco_fail(DYSCO_ERR_NO_SCORES, "dysco_importance_update: the last decode captured no scores");
+    if (!dysco_state_of(ctx).track.on) {
+        return dysco_fail(DYSCO_ERR_ARGUMENT, "%s: no importance is tracked: call dysco_importance_reset first", fn);
     }
-    if (st.scores.values.size() != st.selection.importance.size() + 1) {
-        return dysco_fail(DYSCO_ERR_RANGE, "dysco_importance_update: scores cover %zu positions but the importance "
-                          "covers %zu; expected one more (reset it to the positions fed before the first scores)",
-                          st.scores.values.size(), st.selection.importance.size());
-    }
-    if (!dysco_importance_step(st.selection.importance, st.selection.importance_next, st.scores.values, decay)) {
-        return dysco_fail(DYSCO_ERR_ARGUMENT, "dysco_importance_update: the updated scores do not sum to a finite "
-                          "positive total (decay = %g)", decay);
-    }
-    st.selection.scored = true;
-    return (int32_t) st.selection.importance.size();
+    return DYSCO_OK;
 }
 
 int32_t dysco_importance_get(llama_context * ctx, double * out, int32_t n_max) {
-    if (!ctx || (out && n_max < 0)) {
-        return dysco_fail(DYSCO_ERR_ARGUMENT, "dysco_importance_get: null context or n_max = %d", n_max);
+    const int32_t rc = track_check(ctx, "dysco_importance_get");
+    if (rc != DYSCO_OK || (out && n_max < 0)) {
+        return rc != DYSCO_OK ? rc : dysco_fail(DYSCO_ERR_ARGUMENT, "dysco_importance_get: n_max = %d", n_max);
     }
-    const auto & imp = dysco_state_of(ctx).selection.importance;
+    auto & tr = dysco_state_of(ctx).track;
     if (out) {
-        std::copy(imp.begin(), imp.begin() + std::min<size_t>(imp.size(), (size_t) n_max), out);
+        tr.scratch.resize(tr.imp->ne[0]);
+        ggml_backend_tensor_get(tr.imp, tr.scratch.data(), 0, ggml_nbytes(tr.imp));
+        std::fill(out, out + std::min(n_max, tr.n_pos), 0.0);
+        track_by_position(tr, std::min(n_max, tr.n_pos), [&](llama_pos p, int64_t j) { out[p] = tr.scratch[j]; });
     }
-    return (int32_t) imp.size();
+    return tr.n_pos;
 }
 
 int32_t dysco_importance_set(llama_context * ctx, const double * values, int32_t n) {
-    if (!ctx || n < 0 || (n > 0 && !values)) {
-        return dysco_fail(DYSCO_ERR_ARGUMENT, "dysco_importance_set: null context or values, n = %d", n);
+    const int32_t rc = track_check(ctx, "dysco_importance_set");
+    if (rc != DYSCO_OK || n < 0 || (n > 0 && !values)) {
+        return rc != DYSCO_OK ? rc : dysco_fail(DYSCO_ERR_ARGUMENT, "dysco_importance_set: null values, n = %d", n);
     }
     for (int32_t i = 0; i < n; ++i) {
         if (!(std::isfinite(values[i]) && values[i] >= 0.0)) {
@@ -497,128 +574,59 @@ int32_t dysco_importance_set(llama_context * ctx, const double * values, int32_t
                               i, values[i]);
         }
     }
-    dysco_state_of(ctx).selection.importance.assign(values, values + n);
-    dysco_state_of(ctx).selection.scored = true;
+    auto & tr = dysco_state_of(ctx).track;
+    tr.scratch.assign(tr.imp->ne[0], 0.0f);
+    track_by_position(tr, n, [&](llama_pos p, int64_t j) { tr.scratch[j] = (float) values[p]; });
+    ggml_backend_tensor_set(tr.imp, tr.scratch.data(), 0, ggml_nbytes(tr.imp));
+    tr.n_pos  = n;
+    tr.scored = true;
     return dysco_ok();
 }
 
-static bool select_args_ok(int32_t seq_id, double top_p, int32_t top_k, double strength, const uint8_t * template_mask,
-                           int32_t n_template) {
-    return seq_id >= 0 && (top_p > 0.0 || top_k > 0) && top_p <= 1.0 && strength > 0.0 && n_template >= 0 &&
-           (n_template == 0 || template_mask);
-}
-
-int32_t dysco_select_bias(llama_context * ctx, int32_t seq_id, int32_t pos, double top_p, int32_t top_k, double strength,
-                          double hard_strength, const uint8_t * template_mask, int32_t n_template, int32_t * selected,
-                          int32_t n_max) {
-    if (!ctx || !select_args_ok(seq_id, top_p, top_k, strength, template_mask, n_template)) {
-        return dysco_fail(DYSCO_ERR_ARGUMENT, "dysco_select_bias: null context, seq_id = %d, top_p = %g, top_k = %d, "
-                          "strength = %g or n_template = %d out of range", seq_id, top_p, top_k, strength, n_template);
-    }
-    auto & st = dysco_state_of(ctx);
-    if (pos < 0 || pos + 1 != (int32_t) st.selection.importance.size()) {
-        return dysco_fail(DYSCO_ERR_RANGE, "dysco_select_bias: pos = %d but the importance covers %zu positions; "
-                          "the bias is for the last of them (update the importance from this token's probe first)",
-                          pos, st.selection.importance.size());
-    }
-    const int32_t rc = dysco_bias_check(ctx, seq_id, pos + 1);
+// Arms the next full pass of `seq_id` to select S from the importance and bias itself in its graph.
+static int32_t track_arm(llama_context * ctx, const char * fn, int32_t pos, int32_t seq_id) {
+    const int32_t rc = track_check(ctx, fn);
     if (rc != DYSCO_OK) {
         return rc;
     }
-    auto & sel = st.selection;
-    sel.pass.armed = false;
-    dysco_select(sel.importance, top_p, top_k, sel.scratch, sel.selected);
-    // filled where the mask hook reads it: no second copy of a vector over every position per step
-    dysco_bias_fill(sel.selected, pos, strength, hard_strength, template_mask, n_template, st.bias.by_seq[seq_id]);
-    if (selected) {
-        std::copy(sel.selected.begin(), sel.selected.begin() + std::min<size_t>(sel.selected.size(), (size_t) n_max), selected);
+    auto & tr = dysco_state_of(ctx).track;
+    if (seq_id != tr.seq_id || pos != tr.n_pos) {
+        return dysco_fail(DYSCO_ERR_RANGE, "%s: pos = %d of sequence %d but the importance covers %d positions of "
+                          "sequence %d; the token must be the one after them", fn, pos, seq_id, tr.n_pos, tr.seq_id);
     }
-    return (int32_t) sel.selected.size();
-}
-
-// The arguments of a call that arms a pass selection (pos >= min_pos), and QR heads to score with.
-static int32_t pass_select_args_check(const char * fn, llama_context * ctx, int32_t pos, int32_t min_pos, int32_t seq_id,
-                                      double decay, double top_p, int32_t top_k, double strength,
-                                      const uint8_t * template_mask, int32_t n_template) {
-    if (!ctx || pos < min_pos || !std::isfinite(decay) ||
-        !select_args_ok(seq_id, top_p, top_k, strength, template_mask, n_template)) {
-        return dysco_fail(DYSCO_ERR_ARGUMENT, "%s: null context, pos = %d, seq_id = %d, decay = %g, top_p = %g, "
-                          "top_k = %d, strength = %g or n_template = %d out of range",
-                          fn, pos, seq_id, decay, top_p, top_k, strength, n_template);
-    }
-    if (dysco_state_of(ctx).heads.n == 0) {
-        return dysco_fail(DYSCO_ERR_NO_HEADS, "%s needs QR heads: set them first (dysco_set_heads)", fn);
-    }
+    tr.armed     = true;
+    tr.armed_pos = pos;
+    tr.selected  = false;
     return DYSCO_OK;
 }
 
-// The selection the next full pass of (seq_id, pos) makes once its mask is filled.
-static dysco_pass_select & pass_select_arm(dysco_state & st, int32_t seq_id, int32_t pos, double decay, double top_p,
-                                           int32_t top_k, double strength, double hard_strength,
-                                           const uint8_t * template_mask, int32_t n_template) {
-    auto & ps = st.selection.pass;
-    ps = dysco_pass_select();
-    ps.armed  = true;
-    ps.seq_id = seq_id;
-    ps.pos    = pos;
-    ps.decay  = decay;
-    ps.top_p  = top_p;
-    ps.top_k  = top_k;
-    ps.strength      = strength;
-    ps.hard_strength = hard_strength;
-    ps.template_mask.assign(template_mask, template_mask + n_template);
-    return ps;
-}
-
-int32_t dysco_probe_select(llama_context * ctx, int32_t token, int32_t pos, int32_t seq_id, double decay, double top_p,
-                           int32_t top_k, double strength, double hard_strength, const uint8_t * template_mask,
-                           int32_t n_template) {
-    const int32_t args_rc = pass_select_args_check("dysco_probe_select", ctx, pos, 0, seq_id, decay, top_p, top_k,
-                                                   strength, template_mask, n_template);
-    if (args_rc != DYSCO_OK) {
-        return args_rc;
-    }
-    auto & st = dysco_state_of(ctx);
-    if (pos != (int32_t) st.selection.importance.size()) {
-        return dysco_fail(DYSCO_ERR_RANGE, "dysco_probe_select: pos = %d but the importance covers %zu positions; "
-                          "the probe's token must be the one after them", pos, st.selection.importance.size());
-    }
-    const int32_t rc = dysco_bias_check(ctx, seq_id, pos + 1);
+int32_t dysco_probe_select(llama_context * ctx, int32_t token, int32_t pos, int32_t seq_id) {
+    const int32_t rc = track_arm(ctx, "dysco_probe_select", pos, seq_id);
     if (rc != DYSCO_OK) {
         return rc;
     }
-    auto & ps = pass_select_arm(st, seq_id, pos, decay, top_p, top_k, strength, hard_strength, template_mask, n_template);
-    const int32_t probe_rc = dysco_probe_run(ctx, st, token, pos, seq_id, true);
-    if (probe_rc != DYSCO_OK) {
-        ps.armed = false;
-    }
+    auto & st = dysco_state_of(ctx);
+    const int32_t probe_rc = dysco_probe_run(ctx, st, token, pos, seq_id);
+    st.track.armed = probe_rc == DYSCO_OK;
+    dysco_key_refresh(ctx);
     return probe_rc;
 }
 
-int32_t dysco_fast_select(llama_context * ctx, int32_t pos, int32_t seq_id, double decay, double top_p, int32_t top_k,
-                          double strength, double hard_strength, const uint8_t * template_mask, int32_t n_template) {
-    const int32_t args_rc = pass_select_args_check("dysco_fast_select", ctx, pos, 1, seq_id, decay, top_p, top_k,
-                                                   strength, template_mask, n_template);
-    if (args_rc != DYSCO_OK) {
-        return args_rc;
-    }
-    auto & st = dysco_state_of(ctx);
-    const auto & sc  = st.scores;
-    const auto & sel = st.selection;
-    const bool folded  = sel.scored && sel.importance.size() == (size_t) pos;
-    const bool pending = sc.valid && sc.pos == pos - 1 && sc.values.size() == sel.importance.size() + 1;
-    if (!folded && !pending) {
-        return dysco_ok(); // 0: nothing scored the positions before pos yet; the caller probes this step
-    }
-    const int32_t rc = dysco_bias_check(ctx, seq_id, pos + 1);
+int32_t dysco_fast_select(llama_context * ctx, int32_t pos, int32_t seq_id) {
+    const int32_t rc = track_check(ctx, "dysco_fast_select");
     if (rc != DYSCO_OK) {
         return rc;
     }
-    pass_select_arm(st, seq_id, pos, decay, top_p, top_k, strength, hard_strength, template_mask, n_template).fast = true;
-    if (!st.scores.capture) { // the pass scores its token for the next selection
-        st.scores.capture = true;
-        dysco_key_refresh(ctx);
+    auto & st = dysco_state_of(ctx);
+    if (!st.track.scored) {
+        return dysco_ok(); // 0: nothing has scored the positions before pos yet; the caller probes this step
     }
+    const int32_t arm_rc = track_arm(ctx, "dysco_fast_select", pos, seq_id);
+    if (arm_rc != DYSCO_OK) {
+        return arm_rc;
+    }
+    st.scores.capture = true; // the pass scores its token for the next selection
+    dysco_key_refresh(ctx);
     return 1;
 }
 
@@ -626,21 +634,46 @@ int32_t dysco_pass_selection(llama_context * ctx, int32_t * selected, int32_t n_
     if (!ctx || (selected && n_max < 0)) {
         return dysco_fail(DYSCO_ERR_ARGUMENT, "dysco_pass_selection: null context or n_max = %d", n_max);
     }
-    auto & ps = dysco_state_of(ctx).selection.pass;
-    if (!ps.armed) {
-        return dysco_fail(DYSCO_ERR_NO_SCORES, "no pass selection is pending: call dysco_probe_select, then decode the token");
+    auto & tr = dysco_state_of(ctx).track;
+    if (!tr.armed) {
+        return dysco_fail(DYSCO_ERR_NO_SCORES, "no pass selection is pending: call dysco_probe_select or "
+                          "dysco_fast_select, then decode the token");
     }
-    ps.armed = false;
-    if (!ps.done) {
-        return dysco_fail(DYSCO_ERR_NO_SCORES, "the full pass at position %d of sequence %d did not select: %s", ps.pos,
-                          ps.seq_id, ps.error.empty() ? "it has not run (decode that token after dysco_probe_select)" : ps.error.c_str());
+    tr.armed = false;
+    dysco_key_refresh(ctx);
+    if (!tr.selected || tr.selected_pos != tr.armed_pos) {
+        return dysco_fail(DYSCO_ERR_NO_SCORES, "the full pass at position %d of sequence %d did not select (it has not "
+                          "run, or ran with several tokens)", tr.armed_pos, tr.seq_id);
     }
-    const auto & sel = dysco_state_of(ctx).selection.selected;
-    if (selected) {
-        std::copy(sel.begin(), sel.begin() + std::min<size_t>(sel.size(), (size_t) n_max), selected);
+    if (!selected) {
+        return dysco_ok(); // S stays on the device: reading it back would wait for the pass
     }
+    tr.scratch.resize(tr.sel->ne[0]);
+    ggml_backend_tensor_get(tr.sel, tr.scratch.data(), 0, ggml_nbytes(tr.sel));
+    std::vector<int32_t> s;
+    track_by_position(tr, tr.selected_n, [&](llama_pos p, int64_t j) {
+        if (tr.scratch[j] > 0.5f) {
+            s.push_back(p);
+        }
+    });
+    std::sort(s.begin(), s.end());
+    std::copy(s.begin(), s.begin() + std::min<size_t>(s.size(), (size_t) n_max), selected);
     g_last_error.clear();
-    return (int32_t) sel.size();
+    return (int32_t) s.size();
 }
 
 } // extern "C"
+
+void dysco_track_done(dysco_state & st, const llama_ubatch & ub) {
+    auto & tr = st.track;
+    const llama_pos pos = ub.pos[ub.n_tokens - 1];
+    if (tr.on && tr.armed && st.probe.layers == 0 && ub.n_tokens == 1) {
+        tr.selected     = true;
+        tr.selected_pos = pos;
+        tr.selected_n   = tr.n_pos; // before this pass's own fold (fast mode)
+    }
+    if (dysco_track_folds(st)) {
+        tr.n_pos  = pos + 1;
+        tr.scored = true;
+    }
+}

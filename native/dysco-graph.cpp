@@ -157,6 +157,9 @@ static void dysco_graph_qr_scores(const llm_graph_context & g, dysco_state * st,
     ggml_set_name(acc, DYSCO_SCORE_NAME[kind]);
     ggml_set_output(acc);
     ggml_build_forward_expand(g.gf, acc);
+    if (il == st->heads.l_max && kind == DYSCO_CACHE_BASE) {
+        dysco_track_fold(g, *st, acc, mask);
+    }
 }
 
 // Every query head's attention of the captured rows, summed over the rows: [1, n_kv, n_head].
@@ -187,19 +190,22 @@ static void dysco_graph_capture_heads(const llm_graph_context & g, dysco_state *
     ggml_build_forward_expand(g.gf, sum);
 }
 
-float dysco_graph_attn(const llm_graph_context & g, ggml_tensor * q, ggml_tensor * k, ggml_tensor * kq_mask, float kq_scale,
+float dysco_graph_attn(const llm_graph_context & g, ggml_tensor * q, ggml_tensor * k, ggml_tensor *& kq_mask, float kq_scale,
                        int il, bool is_swa) {
     dysco_state * st = g.cparams.dysco;
     if (!st) {
         return kq_scale;
     }
     kq_scale *= st->attn_scale;
+    // the bias first: its selection must read the importance before this graph's fold writes it
+    ggml_tensor * biased = is_swa ? kq_mask : dysco_track_bias(g, *st, kq_mask);
     // scores follow one sequence: a ubatch spread over several KV streams is not scored
     if (k->ne[3] == 1) {
         const int kind = is_swa ? DYSCO_CACHE_SWA : DYSCO_CACHE_BASE;
         dysco_graph_qr_scores(g, st, q, k, kq_mask, kq_scale, il, kind);
         dysco_graph_capture_heads(g, st, q, k, kq_scale, il, kind);
     }
+    kq_mask = biased;
     return kq_scale;
 }
 

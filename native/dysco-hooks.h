@@ -21,7 +21,9 @@ int64_t dysco_graph_n_layer(const llama_cparams & cparams, int64_t n_layer);
 // capture nodes when heads are captured. Returns the KQ scale the attention should use
 // (kq_scale times the context's logit scale). q: [n_embd_head, n_head, n_tokens]; k: cache view;
 // kq_mask: the attention's mask input [n_kv, n_tokens, 1, n_stream].
-float dysco_graph_attn(const llm_graph_context & gctx, ggml_tensor * q, ggml_tensor * k, ggml_tensor * kq_mask,
+// An armed full pass also gets its selection's bias added to kq_mask in the graph: kq_mask is then
+// replaced by the biased mask for the attention that follows.
+float dysco_graph_attn(const llm_graph_context & gctx, ggml_tensor * q, ggml_tensor * k, ggml_tensor *& kq_mask,
                        float kq_scale, int il, bool is_swa);
 
 // Called right after llama.cpp filled a KV mask on the host: keeps the unbiased row of the

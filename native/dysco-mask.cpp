@@ -79,7 +79,9 @@ static void row_positions_fill(dysco_mask_row & out, const T * row) {
     out.pos_cell.assign(std::max<int32_t>(out.pos, (int32_t) n_kv - 1) + 1, -1);
     out.pos_unique = true;
     for (int64_t j = 0; j < n_kv; ++j) {
-        const int32_t p = mask_is_inf(row[j]) ? -1 : cell_index(src.by_slot, *src.cells, j);
+        // an attended cell emptied since is the probe's own, removed once it ran (rows are mapped when read)
+        const bool removed = !src.by_slot && src.cells->is_empty(j);
+        const int32_t p = mask_is_inf(row[j]) ? -1 : removed ? out.pos : cell_index(src.by_slot, *src.cells, j);
         out.cell_pos[j] = p;
         if (p < 0) {
             continue;
@@ -256,18 +258,6 @@ static void mask_apply(dysco_state & st, T * data, int64_t n_kv, const llama_kv_
     }
 }
 
-// An armed selection runs in the full pass of its token, before the bias is added to the mask. A
-// scoring pass in between would overwrite the probe's mask rows: the selection fails instead.
-static void pass_select_check(dysco_state & st, const llama_ubatch & ub) {
-    auto & ps = st.selection.pass;
-    const uint32_t last = ub.n_tokens - 1;
-    if (ub.seq_id[last][0] == ps.seq_id && ub.pos[last] == ps.pos) {
-        dysco_pass_select_run(st);
-    } else if (st.scoring()) {
-        ps.error = "a scoring pass ran between the probe at position " + std::to_string(ps.pos) + " and its full pass";
-    }
-}
-
 void dysco_mask_apply(const llama_cparams & cparams, const llama_kv_cache_context * mctx,
                       ggml_tensor * kq_mask, const llama_ubatch * ubatch, bool is_swa) {
     dysco_state * st = cparams.dysco;
@@ -281,11 +271,6 @@ void dysco_mask_apply(const llama_cparams & cparams, const llama_kv_cache_contex
     const bool probe    = st->probe.layers > 0;
     const bool one_token = ubatch->n_tokens == 1; // decode steps; prefill ubatches are not timed
     st->timeline.mark(probe ? DYSCO_MARK_PROBE_MASK_IN : DYSCO_MARK_PASS_MASK_IN, one_token);
-    const auto & ps = st->selection.pass;
-    if (!probe && ps.armed && !ps.done && ps.error.empty()) {
-        pass_select_check(*st, *ubatch);
-        st->timeline.mark(DYSCO_MARK_PASS_SELECTED, one_token);
-    }
     if (kq_mask->type == GGML_TYPE_F16) {
         mask_apply(*st, (ggml_fp16_t *) kq_mask->data, n_kv, kv, *ubatch, kind, keep_row);
     } else {
@@ -367,8 +352,6 @@ static void heads_capture_done(dysco_state & st, const llama_ubatch & ub, ggml_c
     cap.pos_last = std::max(cap.pos_last, (int32_t) ub.pos[i0 + n_sel - 1]);
 }
 
-static bool scores_read(dysco_state & st, ggml_cgraph * gf, ggml_backend_sched_t sched);
-
 void dysco_ubatch_done(const llama_cparams & cparams, const llm_graph_result * res, const llama_ubatch & ubatch,
                        ggml_backend_sched_t sched) {
     dysco_state * st = cparams.dysco;
@@ -376,31 +359,30 @@ void dysco_ubatch_done(const llama_cparams & cparams, const llm_graph_result * r
         return;
     }
     st->timeline.mark(st->probe.layers > 0 ? DYSCO_MARK_PROBE_LAUNCHED : DYSCO_MARK_PASS_LAUNCHED, ubatch.n_tokens == 1);
+    ggml_cgraph * gf = res->get_gf();
     if (st->heads_cap.on) {
-        heads_capture_done(*st, ubatch, res->get_gf(), sched);
+        heads_capture_done(*st, ubatch, gf, sched);
     }
-    st->scores.valid = false;
+    dysco_track_done(*st, ubatch);
+    st->scores.valid   = false;
+    st->scores.pending = {};
     if (!st->scoring()) {
         return;
     }
-    // the graph runs on the device meanwhile; the kept row is still in the input buffer
-    for (auto & row : st->scores.row) {
-        row_positions_fill(row);
-    }
-    ggml_cgraph * gf  = res->get_gf();
     static const bool report = getenv("DYSCO_SCHED_REPORT") != nullptr;
     if (report) {
         sched_report(gf, sched);
     }
-    // the pass selection reads them: waiting here would keep the next pass's host work off the device's time
-    if (st->probe.layers > 0 && st->probe.scores_deferred) {
-        return;
-    }
-    scores_read(*st, gf, sched);
+    // read when asked (dysco_scores_sync): the importance folds them in the graph, so a decode step
+    // waits for nothing here
+    st->scores.pending = {gf, sched};
 }
 
 // Reads the score vector of the scored token from a finished (or in-flight) graph.
 static bool scores_read(dysco_state & st, ggml_cgraph * gf, ggml_backend_sched_t sched) {
+    for (auto & row : st.scores.row) { // the kept rows are still in the graph's input buffer
+        row_positions_fill(row);
+    }
     auto & sc = st.scores;
     const int32_t pos = sc.row[DYSCO_CACHE_BASE].pos >= 0 ? sc.row[DYSCO_CACHE_BASE].pos : sc.row[DYSCO_CACHE_SWA].pos;
     sc.values.assign(pos + 1, 0.0f);
@@ -420,62 +402,10 @@ static bool scores_read(dysco_state & st, ggml_cgraph * gf, ggml_backend_sched_t
     return true;
 }
 
-static bool importance_fold(dysco_state & st) {
-    auto & sel = st.selection;
-    if (!dysco_importance_step(sel.importance, sel.importance_next, st.scores.values, sel.pass.decay)) {
-        sel.pass.error = "the updated scores do not sum to a finite positive total";
-        return false;
+void dysco_scores_sync(dysco_state & st) {
+    auto & p = st.scores.pending;
+    if (p.gf) {
+        scores_read(st, p.gf, p.sched);
+        p = {};
     }
-    sel.scored = true;
-    return true;
-}
-
-// Exact: the probe of pos scored 0..pos; folded in, the importance covers them.
-static bool pass_scores_exact(dysco_state & st) {
-    const auto & sc = st.scores;
-    auto & ps = st.selection.pass;
-    if (!sc.valid || sc.pos != ps.pos) {
-        ps.error = "the probe at position " + std::to_string(ps.pos) + " left no scores";
-        return false;
-    }
-    if (sc.values.size() != st.selection.importance.size() + 1) {
-        ps.error = "the scores cover " + std::to_string(sc.values.size()) + " positions but the importance covers " +
-                   std::to_string(st.selection.importance.size()) + "; expected one more";
-        return false;
-    }
-    return importance_fold(st);
-}
-
-// Fast: the previous full pass scored 0..pos-1; folded in unless that happened already (a
-// context-warmup pass is folded by dysco_importance_update), the importance covers them.
-static bool pass_scores_fast(dysco_state & st) {
-    const auto & sc  = st.scores;
-    auto &       sel = st.selection;
-    const bool pending = sc.valid && sc.pos == sel.pass.pos - 1 && sc.values.size() == sel.importance.size() + 1;
-    if (pending && !importance_fold(st)) {
-        return false;
-    }
-    if (sel.importance.size() != (size_t) sel.pass.pos) {
-        sel.pass.error = "the importance covers " + std::to_string(sel.importance.size()) + " positions, not the " +
-                         std::to_string(sel.pass.pos) + " before the pass";
-        return false;
-    }
-    return true;
-}
-
-void dysco_pass_select_run(dysco_state & st) {
-    auto & sel = st.selection;
-    auto & ps  = sel.pass;
-    if (st.probe.scores_deferred) {
-        st.probe.scores_deferred = false;
-        scores_read(st, st.probe.res->get_gf(), st.probe.sched.get());
-    }
-    st.timeline.mark(DYSCO_MARK_PASS_SCORES);
-    if (!(ps.fast ? pass_scores_fast(st) : pass_scores_exact(st))) {
-        return;
-    }
-    dysco_select(sel.importance, ps.top_p, ps.top_k, sel.scratch, sel.selected);
-    dysco_bias_fill(sel.selected, ps.pos, ps.strength, ps.hard_strength, ps.template_mask.data(),
-                    (int32_t) ps.template_mask.size(), st.bias.by_seq[ps.seq_id]);
-    ps.done = true;
 }

@@ -6,7 +6,6 @@
 #include "llama-graph.h"
 
 #include "ggml-cpp.h"
-#include "dysco-select.h"
 
 #include <cstdint>
 #include <map>
@@ -21,6 +20,7 @@ enum dysco_cache_kind { DYSCO_CACHE_BASE = 0, DYSCO_CACHE_SWA = 1, DYSCO_CACHE_K
 const char * dysco_score_name(int kind);
 
 struct llama_kv_cells;
+class llama_kv_cache;
 
 // What the host kept of one KV mask when it was filled: the scored token's unbiased row
 // and which position each of its cells holds (-1: not attended), and back.
@@ -48,6 +48,8 @@ struct dysco_build_nodes {
     ggml_tensor * mask      = nullptr; // [n_kv, 1]      unbiased mask row of the scored token
     ggml_tensor * acc       = nullptr; // [n_kv, 1]      sum of QR-head probabilities over layers
     ggml_tensor * head_mask = nullptr; // [n_kv, n_sel]  unbiased mask rows of the head-captured tokens
+    ggml_tensor * biased    = nullptr; // [n_kv, n_tokens, 1, 1] the KQ mask plus the selection's bias
+    ggml_tensor * cells     = nullptr; // [n_tokens] I64 the cell of each ubatch token
 };
 
 // The mask rows of the ubatch tokens whose heads are captured (positions in the capture range).
@@ -84,26 +86,11 @@ struct dysco_slot_layout {
     int32_t              view_seq = -1;   // rows of this sequence attend every occupied cell
 };
 
-// A selection made by the full pass of (seq_id, pos) right after its KV mask is filled
-// (dysco_probe_select): the probe's scores are read there, so that the pass's host work before
-// that point (batch, graph reuse, mask fill) runs while the probe is still on the device.
-struct dysco_pass_select {
-    bool    armed  = false; // waiting for its full pass, or for dysco_pass_selection
-    bool    done   = false; // the pass selected S and set the bias
-    bool    fast   = false; // no probe: S from the importance before pos (dysco_fast_select)
-    int32_t seq_id = -1;
-    int32_t pos    = -1;
-    double  decay = 0.0, top_p = 0.0, strength = 0.0, hard_strength = 0.0;
-    int32_t top_k = 0;
-    std::vector<uint8_t> template_mask; // [n_template] 1: a template position
-    std::string          error;  // why the pass could not select ("" when it did)
-};
-
 // DYSCO_HOST_TIMELINE=1: host time between the hook points of the decode steps, summarised and printed
 // to stderr when the context is freed (where a step's host time goes, on machines without a profiler).
 enum dysco_mark {
     DYSCO_MARK_PROBE_START, DYSCO_MARK_PROBE_MASK_IN, DYSCO_MARK_PROBE_MASK_OUT, DYSCO_MARK_PROBE_LAUNCHED,
-    DYSCO_MARK_PROBE_END, DYSCO_MARK_PASS_MASK_IN, DYSCO_MARK_PASS_SCORES, DYSCO_MARK_PASS_SELECTED, DYSCO_MARK_PASS_MASK_OUT,
+    DYSCO_MARK_PROBE_END, DYSCO_MARK_PASS_MASK_IN, DYSCO_MARK_PASS_MASK_OUT,
     DYSCO_MARK_PASS_LAUNCHED, DYSCO_MARKS
 };
 
@@ -134,6 +121,10 @@ struct dysco_scores {
     int32_t            pos   = -1;  // position of the scored token
     bool               valid = false;
     std::vector<float> readback;    // [n_kv] scratch for the device->host copy
+    struct {                        // the last scoring pass, until its scores are read (dysco_scores_sync)
+        ggml_cgraph *        gf    = nullptr;
+        ggml_backend_sched_t sched = nullptr;
+    } pending;
 };
 
 // The per-sequence bias added to the KQ mask of full passes.
@@ -142,15 +133,35 @@ struct dysco_bias {
     std::vector<int32_t> nonzero;                 // [n_nonzero] positions of a sparse bias, scratch of the mask hook
 };
 
-// Host-side bookkeeping of the importance and the selection S (dysco_importance_*, dysco_select_bias,
-// dysco_probe_select).
-struct dysco_selection {
-    std::vector<double>  importance;      // [n_pos] positions seen so far
-    std::vector<double>  importance_next; // [n_pos + 1] the update's output, swapped in (no allocation per step)
-    dysco_select_scratch scratch;         // candidates of a selection
-    std::vector<int32_t> selected;        // [|S|] S of the last dysco_select_bias or pass selection
-    bool                 scored = false;  // the importance holds scores, not only the zeros of a reset
-    dysco_pass_select    pass;            // the selection armed for the next full pass
+// Importance, selection and bias as graph ops (dysco-track.cpp): the importance lives on the
+// backend, one value per KV cell (the position the cell holds); scoring passes fold their QR-head
+// scores into it, and an armed full pass selects S from it and adds the bias to its KQ mask, all
+// inside the graph. The host only arms passes and reads S back when asked.
+struct dysco_track {
+    bool    on     = false;  // since dysco_importance_reset: scoring passes fold their scores in
+    bool    scored = false;  // a fold ran since the reset
+    int32_t seq_id = 0;      // the tracked sequence (one for now: a row per sequence later)
+    int32_t n_pos  = 0;      // positions the importance covers: the reset's, then one per fold
+    double  decay = 0.0, top_p = 0.0, strength = 0.0, hard_strength = 0.0;
+    int32_t top_k = 0;
+
+    // the full pass armed to select and bias itself
+    bool    armed     = false;
+    int32_t armed_pos = -1;
+    bool    selected  = false;  // that pass ran with the selection in its graph
+    int32_t selected_pos = -1;  // position of the last selecting pass
+    int32_t selected_n   = 0;   // positions its importance covered (S is among them)
+
+    std::vector<uint8_t> template_mask; // [n_template] 1: a template position (by position)
+    std::vector<int32_t> template_cells; // [n_cells] scratch of the template upload
+
+    ggml_context_ptr        ctx;
+    ggml_backend_buffer_ptr buf;
+    ggml_tensor * imp  = nullptr; // [n_cells] importance of the position each cell holds (0: none)
+    ggml_tensor * sel  = nullptr; // [n_cells] 1: the cell is in S of the last selecting pass
+    ggml_tensor * keep = nullptr; // [n_cells] 0: the cell holds a template position, else 1
+    const llama_kv_cache * kv = nullptr; // the cache whose cells the tensors index
+    std::vector<float> scratch;   // [n_cells] readback and upload
 };
 
 // The probe: its layer cap, its one-token batch, and its own scheduler and graph (swapped into the
@@ -161,7 +172,6 @@ struct dysco_probe_graph {
     ggml_backend_sched_ptr sched;
     llm_graph_result_ptr   res;
     llm_graph_result *     active = nullptr;
-    bool                   scores_deferred = false; // the last probe's scores are still in its graph
 };
 
 struct dysco_state {
@@ -174,7 +184,7 @@ struct dysco_state {
     dysco_scores       scores;
     dysco_build_nodes  build[DYSCO_CACHE_KINDS];
     dysco_bias         bias;
-    dysco_selection    selection;
+    dysco_track        track;
     dysco_probe_graph  probe;
     dysco_head_capture heads_cap;
     dysco_slot_layout  slots;
@@ -188,7 +198,18 @@ struct dysco_state {
     uint64_t graph_key() const;
 };
 
-// Runs an armed pass selection (dysco-mask.cpp): reads the probe's scores (fast: the previous full
-// pass's, when not folded yet), updates the importance, selects S and sets the bias of the pass's
-// sequence. Failures go to selection.pass.error.
-void dysco_pass_select_run(dysco_state & st);
+// After a pass (dysco-api.cpp): the importance now covers a folded position; an armed pass selected.
+void dysco_track_done(dysco_state & st, const llama_ubatch & ub);
+
+// Reads the scores of the last scoring pass if not done yet (dysco-mask.cpp).
+void dysco_scores_sync(dysco_state & st);
+
+// dysco-track.cpp: the graph side. The biased KQ mask of an armed pass (kq_mask unchanged when not
+// armed) and the fold of the scores `acc` [n_kv, 1] (sum over the QR heads) into the importance.
+ggml_tensor * dysco_track_bias(const llm_graph_context & g, dysco_state & st, ggml_tensor * kq_mask);
+void dysco_track_fold(const llm_graph_context & g, dysco_state & st, ggml_tensor * acc, ggml_tensor * mask_row);
+// Allocates the per-cell tensors for the cells of `kv` (once per cache); false when it cannot.
+bool dysco_track_alloc(dysco_state & st, const llama_kv_cache & kv);
+// Whether this graph build folds / selects (also part of the graph key).
+bool dysco_track_folds(const dysco_state & st);
+bool dysco_track_selects(const dysco_state & st, const llm_graph_context & g);

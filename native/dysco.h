@@ -78,49 +78,39 @@ int32_t dysco_get_head_scores(struct llama_context * ctx, float * out, int64_t n
 // 1 turns it off.
 int32_t dysco_set_attn_scale(struct llama_context * ctx, float scale);
 
-// Host-side bookkeeping in the context, for long contexts where numpy's per-step cost shows:
-// the importance vector over positions, updated from the last scores, and the selection and
-// bias of one step (python/dysco_edge/selection.py does the same with the same bits).
-// Resets the importance to n_positions zeros.
-int32_t dysco_importance_reset(struct llama_context * ctx, int32_t n_positions);
-// importance := (scores[0..q-1] + decay * importance, scores[q]) / sum, from the last scores
-// (which must cover one position more than the importance). Returns the new length.
-int32_t dysco_importance_update(struct llama_context * ctx, double decay);
-// Copies min(n_max, length) values to out (out may be NULL); returns the length.
-int32_t dysco_importance_get(struct llama_context * ctx, double * out, int32_t n_max);
-// Replaces the importance with n values (finite, >= 0), e.g. to restore a saved one.
-int32_t dysco_importance_set(struct llama_context * ctx, const double * values, int32_t n);
-// Selects S from the importance (top_p <= 0: no nucleus, top_k <= 0: no top-k, not both) and
-// sets the bias of `seq_id` over positions 0..pos as dysco_set_bias would: log(strength) on S
-// minus the template positions (template_mask[p] != 0, p < n_template) and on pos; with
-// strength >= hard_strength, 0 on S and pos and -INFINITY elsewhere. pos is the last position
-// the importance covers (the token just probed). Writes S (ascending) to `selected` when not NULL (n_max at most); returns |S|.
-int32_t dysco_select_bias(struct llama_context * ctx, int32_t seq_id, int32_t pos, double top_p, int32_t top_k,
-                          double strength, double hard_strength, const uint8_t * template_mask, int32_t n_template,
-                          int32_t * selected, int32_t n_max);
+// Importance, selection and bias inside the decode graph (native/dysco-track.cpp), for a plain KV
+// cache: the importance lives on the backend, one value per KV cell. Scoring passes (probes, and full
+// passes with capture on) fold their scores into it (DYSCO_SPEC.md "update"); an armed full pass
+// selects S from it and adds the bias to its own KQ mask, with no host round trip.
+// python/dysco_edge/runtime/selection.py is the reference it is tested against.
 
-// dysco_select_bias done by the full pass instead, for decoding: probes `token` at `pos` (as
-// dysco_probe) and arms a selection that the next llama_decode of that token at `pos` in
-// `seq_id` runs once its KV mask is filled: importance update with `decay` (as
-// dysco_importance_update), then S and bias (as dysco_select_bias). The probe's scores are read
-// there, so the pass's host work up to its mask overlaps the probe on a GPU. The importance must
-// cover positions 0..pos-1. Same bits as the three calls it replaces.
-int32_t dysco_probe_select(struct llama_context * ctx, int32_t token, int32_t pos, int32_t seq_id, double decay,
-                           double top_p, int32_t top_k, double strength, double hard_strength,
-                           const uint8_t * template_mask, int32_t n_template);
-// Fast mode (not the spec; no probe): arms a selection that the next llama_decode of the token at
-// `pos` in `seq_id` runs once its KV mask is filled, from the scores of the full pass before it:
-// those scores (positions 0..pos-1) are folded into the importance unless they already are, then S
-// is selected from it and the bias set over 0..pos as dysco_select_bias would (pos itself gets
-// log(strength)). Turns score capture on, so that the pass scores its own token for the next step.
-// Returns 1 when armed, 0 when nothing has scored the positions before pos yet (the importance is
-// only a reset's zeros): probe that step instead (dysco_probe_select).
-int32_t dysco_fast_select(struct llama_context * ctx, int32_t pos, int32_t seq_id, double decay, double top_p,
-                          int32_t top_k, double strength, double hard_strength, const uint8_t * template_mask,
-                          int32_t n_template);
-// After that full pass: writes S (ascending, n_max at most) when `selected` is not NULL and returns
-// |S|, or DYSCO_ERR_NO_SCORES with the reason when the pass did not select (it then ran unbiased).
-// Disarms the selection; so does dysco_clear_bias of its sequence.
+// 1 when this context's memory is a plain KV cache (the graph bookkeeping works), 0 otherwise.
+int32_t dysco_track_supported(struct llama_context * ctx);
+// Starts tracking sequence `seq_id` with n_positions positions fed and zero importance, for the
+// selection parameters given: top_p <= 0: no nucleus, top_k <= 0: no top-k (not both); with
+// strength >= hard_strength the bias is the hard mask (0 on S and the current token, a large negative
+// elsewhere), else log(strength) on S minus the template positions (template_mask[p] != 0) and on
+// the current token.
+int32_t dysco_importance_reset(struct llama_context * ctx, int32_t seq_id, int32_t n_positions, double decay,
+                               double top_p, int32_t top_k, double strength, double hard_strength,
+                               const uint8_t * template_mask, int32_t n_template);
+// The importance by position (waits for the device): copies min(n_max, length) values to out (out
+// may be NULL); returns the length.
+int32_t dysco_importance_get(struct llama_context * ctx, double * out, int32_t n_max);
+// Replaces the importance of positions 0..n-1 (finite, >= 0), e.g. to restore a saved one.
+int32_t dysco_importance_set(struct llama_context * ctx, const double * values, int32_t n);
+// Exact DySCO: probes `token` at `pos` (as dysco_probe; the probe folds its scores into the
+// importance, which must cover 0..pos-1) and arms the next full pass of `seq_id` to select S from
+// the importance over 0..pos and bias itself.
+int32_t dysco_probe_select(struct llama_context * ctx, int32_t token, int32_t pos, int32_t seq_id);
+// Fast mode (not the spec; no probe): arms the next full pass of the token at `pos` to select S from
+// the importance over 0..pos-1 and bias itself, and turns score capture on so that the pass folds its
+// own scores for the next step. Returns 1 when armed, 0 when nothing has scored yet (the importance is
+// a reset's zeros): probe that step instead (dysco_probe_select).
+int32_t dysco_fast_select(struct llama_context * ctx, int32_t pos, int32_t seq_id);
+// After that full pass: disarms; writes S (ascending positions, n_max at most; before template removal)
+// when `selected` is not NULL and returns |S| (this waits for the pass), else returns 0.
+// DYSCO_ERR_NO_SCORES when the pass did not select.
 int32_t dysco_pass_selection(struct llama_context * ctx, int32_t * selected, int32_t n_max);
 
 // Slot layout, for replaying a reference harness (conformance tests), not for decoding:

@@ -1,16 +1,17 @@
 """Where DySCO's importance and selection live during a generation: strategies handed to
 the decode loop (`decode.dysco_tokens`), chosen by the caller.
 
-- `InPassBookkeeping`: the importance stays in the llama context; each probe leaves its
-  scores in its graph and the next full pass updates, selects and biases itself right after
-  llama.cpp fills its KQ mask (dysco_probe_select), so the pass's host work overlaps the probe.
+- `InPassBookkeeping`: the importance lives on the backend and the decode graphs do the rest
+  (native/dysco-track.cpp): each probe folds its scores into it, and the full pass selects S and
+  biases its own KQ mask, so a step has no host round trip. S and the importance are read back
+  only for a trace (`--show-focus`, tests).
 - `HostBookkeeping`: the importance is a numpy vector (selection.py) and the bias is set
-  from the host. Static DySCO needs it (one selection, no probes), and so do loops whose
-  scores must be re-indexed first (bench/reference_harness.py).
-Both give the same bits (tests/test_native_select.py).
+  from the host. Static DySCO needs it (one selection, no probes), so do loops whose scores
+  must be re-indexed first (bench/verify/reference_harness.py) and models whose KV cache is not a
+  plain one (iSWA). It is the oracle the graph bookkeeping is tested against.
 - `FastBookkeeping` (mode "fast", not the spec): no probe. Each biased full pass also scores
-  its token with the QR heads; the next pass folds those scores into the importance, selects
-  and biases itself, so a step costs one pass plus the host's selection.
+  its token with the QR heads and folds the scores in its graph; the next pass selects from them.
+  `FastHostBookkeeping` does the same on the host.
 """
 from __future__ import annotations
 
@@ -57,7 +58,7 @@ class _Bookkeeping:
 
 
 class InPassBookkeeping(_Bookkeeping):
-    """Importance, selection and bias inside the llama context (dynamic DySCO only)."""
+    """Importance, selection and bias inside the decode graphs (dynamic DySCO only)."""
 
     def __init__(self, config: DyscoConfig, template: np.ndarray, n_seen: int, **kw):
         if not config.dynamic:
@@ -65,16 +66,15 @@ class InPassBookkeeping(_Bookkeeping):
         super().__init__(config, template, n_seen, **kw)
 
     def begin(self, native) -> None:
-        native.importance_reset(self.n_seen)
+        cfg = self.config
+        native.importance_reset(self.n_seen, cfg.decay, cfg.top_p, cfg.top_k, cfg.strength, self.template_u8)
 
     def observe(self, native) -> None:
-        """Context warmup: fold the last full pass's scores into the importance."""
-        native.importance_update(self.config.decay)
+        """Context warmup: the pass folded its scores into the importance in its graph."""
 
     def before_pass(self, native, token: int, pos: int) -> None:
-        """Probe now; the full pass of `token` at `pos` updates, selects and biases itself."""
-        cfg = self.config
-        native.probe_select(token, pos, cfg.decay, cfg.top_p, cfg.top_k, cfg.strength, self.template_u8)
+        """Probe now (it folds its scores); the full pass of `token` at `pos` selects and biases itself."""
+        native.probe_select(token, pos)
 
     def after_pass(self, native, pos: int) -> None:
         """Raise if the pass did not select; trace S."""
@@ -119,18 +119,45 @@ class HostBookkeeping(_Bookkeeping):
 
 
 class FastBookkeeping(InPassBookkeeping):
-    """Mode "fast": the full pass of the previous token scores; this pass folds them in, selects
-    from the importance over the positions before it and biases itself. No probe, except for a
-    first step that no scored pass precedes (no context warmup)."""
+    """Mode "fast": the full pass of the previous token scored and folded; this pass selects from
+    the importance over the positions before it and biases itself, in its graph. No probe, except
+    for a first step that no scored pass precedes (no context warmup)."""
 
     def before_pass(self, native, token: int, pos: int) -> None:
-        cfg = self.config
-        if not native.fast_select(pos, cfg.decay, cfg.top_p, cfg.top_k, cfg.strength, self.template_u8):
+        # the trace shows the importance S came from: this pass folds its own scores in after
+        self._traced = native.importance() if self.trace is not None else None
+        if not native.fast_select(pos):
             super().before_pass(native, token, pos)
+            self._traced = None
+
+    def after_pass(self, native, pos: int) -> None:
+        selected = native.pass_selection(want_selected=self.trace is not None)
+        if self.trace is not None:
+            self.record(pos, selected, native.importance() if self._traced is None else self._traced)
 
 
-def default_bookkeeping(config: DyscoConfig) -> type[_Bookkeeping]:
-    """Fast mode without probes; exact dynamic DySCO in the pass; static DySCO on the host."""
+class FastHostBookkeeping(HostBookkeeping):
+    """Mode "fast" with numpy and the plain C calls (capture, set_bias, scores): select from the
+    importance over 0..pos-1, bias the pass, fold its scores after it. The first step with nothing
+    scored before it probes, as the spec's step does."""
+
+    def before_pass(self, native, token: int, pos: int) -> None:
+        if not self.scores.values.any():  # only a reset's zeros: nothing has scored yet
+            native.probe(token, pos)
+            self.observe(native)
+        selected = select_positions(self.scores.values, self.config.top_p, self.config.top_k)
+        native.set_capture(True)
+        native.set_bias(bias_vector(selected, pos, self.config.strength, self.template))
+        self.record(pos, selected, self.scores.values)
+
+    def after_pass(self, native, pos: int) -> None:
+        if self.scores.values.size == pos:  # not yet folded: this pass scored 0..pos
+            self.observe(native)
+
+
+def default_bookkeeping(config: DyscoConfig, in_graph: bool = True) -> type[_Bookkeeping]:
+    """Dynamic DySCO in the decode graphs where the KV cache allows it (`in_graph`), else on the
+    host; static DySCO on the host."""
     if config.mode == FAST:
-        return FastBookkeeping
-    return InPassBookkeeping if config.dynamic else HostBookkeeping
+        return FastBookkeeping if in_graph else FastHostBookkeeping
+    return InPassBookkeeping if config.dynamic and in_graph else HostBookkeeping

@@ -102,7 +102,7 @@ def dysco_tokens(engine: Engine, prompt: Sequence[int], config: DyscoConfig, war
     """DySCO decoding of one prompt, exactly as the spec's procedure.
 
     `bookkeeping`: the strategy class that keeps the importance and selects (bookkeeping.py);
-    None: `default_bookkeeping(config)`."""
+    None: `default_bookkeeping` for the config and this engine's KV cache."""
     n = len(prompt)
     start_fed = n - warmups.fed
     first_iv = warmups.first_intervention(n)
@@ -110,7 +110,7 @@ def dysco_tokens(engine: Engine, prompt: Sequence[int], config: DyscoConfig, war
     # the first token comes from the prefill's logits, as in plain decoding
     prefill(engine, prompt, reuse, start_fed, progress, last_logits=warmups.fed == 0)
     engine.native.set_heads(config.qr_heads)
-    strategy = bookkeeping or default_bookkeeping(config)
+    strategy = bookkeeping or default_bookkeeping(config, engine.native.track_supported)
     books = strategy(config, template_mask(prompt, config.template_sequences), start_fed,
                      capacity=engine.n_ctx + 1, trace=trace)
     books.begin(engine.native)

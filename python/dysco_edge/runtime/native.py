@@ -31,18 +31,13 @@ int32_t dysco_head_scores_shape(void * ctx, int32_t * n_layer, int32_t * n_head,
 int32_t dysco_get_head_scores(void * ctx, float * out, int64_t n_max);
 int32_t dysco_set_attn_scale(void * ctx, float scale);
 int32_t dysco_set_slot_layout(void * ctx, bool on, const int32_t * hidden, int32_t n_hidden, int32_t view_seq);
-int32_t dysco_importance_reset(void * ctx, int32_t n_positions);
-int32_t dysco_importance_update(void * ctx, double decay);
+int32_t dysco_track_supported(void * ctx);
+int32_t dysco_importance_reset(void * ctx, int32_t seq_id, int32_t n_positions, double decay, double top_p, int32_t top_k,
+                               double strength, double hard_strength, const uint8_t * template_mask, int32_t n_template);
 int32_t dysco_importance_get(void * ctx, double * out, int32_t n_max);
 int32_t dysco_importance_set(void * ctx, const double * values, int32_t n);
-int32_t dysco_select_bias(void * ctx, int32_t seq_id, int32_t pos, double top_p, int32_t top_k, double strength,
-                          double hard_strength, const uint8_t * template_mask, int32_t n_template,
-                          int32_t * selected, int32_t n_max);
-int32_t dysco_probe_select(void * ctx, int32_t token, int32_t pos, int32_t seq_id, double decay, double top_p,
-                           int32_t top_k, double strength, double hard_strength, const uint8_t * template_mask,
-                           int32_t n_template);
-int32_t dysco_fast_select(void * ctx, int32_t pos, int32_t seq_id, double decay, double top_p, int32_t top_k,
-                          double strength, double hard_strength, const uint8_t * template_mask, int32_t n_template);
+int32_t dysco_probe_select(void * ctx, int32_t token, int32_t pos, int32_t seq_id);
+int32_t dysco_fast_select(void * ctx, int32_t pos, int32_t seq_id);
 int32_t dysco_pass_selection(void * ctx, int32_t * selected, int32_t n_max);
 """
 
@@ -169,7 +164,7 @@ class NativeContext:
 
     def set_slot_layout(self, hidden=(), view_seq: int = -1) -> None:
         """Address cells by slot instead of position (a reference-harness replay, see
-        bench/reference_harness.py): scores and bias by slot, `hidden` slots masked from every
+        bench/verify/reference_harness.py): scores and bias by slot, `hidden` slots masked from every
         query, rows of `view_seq` attending every occupied cell."""
         slots = [int(s) for s in hidden]
         arr = _ffi.new("int32_t[]", slots)
@@ -178,65 +173,48 @@ class NativeContext:
     def clear_slot_layout(self) -> None:
         _check(self._lib.dysco_set_slot_layout(self._ctx, False, _ffi.NULL, 0, -1), "dysco_set_slot_layout")
 
-    # ---- host-side bookkeeping in the context (selection.py's twin in C, same bits) ----
+    # ---- importance, selection and bias inside the decode graph (native/dysco-track.cpp) ----
 
-    def importance_reset(self, n_positions: int) -> None:
-        _check(self._lib.dysco_importance_reset(self._ctx, int(n_positions)), "dysco_importance_reset")
+    @property
+    def track_supported(self) -> bool:
+        """Whether the importance can live in the graph (a plain KV cache; iSWA models track on the host)."""
+        return _check(self._lib.dysco_track_supported(self._ctx), "dysco_track_supported") == 1
 
-    def importance_update(self, decay: float) -> int:
-        """Update the importance from the last scores; returns its new length."""
-        return _check(self._lib.dysco_importance_update(self._ctx, float(decay)), "dysco_importance_update")
+    def importance_reset(self, n_positions: int, decay: float, top_p: float | None, top_k: int | None,
+                         strength: float, template: np.ndarray, seq_id: int = 0) -> None:
+        """Track `seq_id` from n_positions positions of zero importance, with these selection settings."""
+        rc = self._lib.dysco_importance_reset(self._ctx, int(seq_id), int(n_positions),
+                                              *_selection_args(decay, top_p, top_k, strength, template))
+        _check(rc, "dysco_importance_reset")
 
     def importance(self) -> np.ndarray:
-        """The importance vector kept in the context (a float64 copy)."""
+        """The importance by position (a float64 copy; waits for the device)."""
         return self._read_vector(self._lib.dysco_importance_get, np.float64, "double *", "dysco_importance_get")
 
     def set_importance(self, values: np.ndarray) -> None:
-        """Replace the importance kept in the context (finite values >= 0)."""
+        """Replace the importance of positions 0..len-1 (finite values >= 0)."""
         arr = np.ascontiguousarray(values, dtype=np.float64)
         _check(self._lib.dysco_importance_set(self._ctx, _ffi.cast("const double *", _ffi.from_buffer(arr)), arr.size),
                "dysco_importance_set")
 
-    def select_bias(self, pos: int, top_p: float | None, top_k: int | None, strength: float,
-                    template: np.ndarray, *, want_selected: bool = False, seq_id: int = 0):
-        """Select S from the importance (over 0..pos) and set the bias for the token at `pos`.
+    def probe_select(self, token: int, pos: int, seq_id: int = 0) -> None:
+        """Probe `token` at `pos` (its scores fold into the importance in the graph) and have the next
+        full pass select S and bias itself in its graph."""
+        _check(self._lib.dysco_probe_select(self._ctx, int(token), int(pos), int(seq_id)), "dysco_probe_select")
 
-        Returns S (ascending int64) when `want_selected`, else its size."""
-        mask = np.ascontiguousarray(template, dtype=np.uint8)
-        # called every decode step: no output array unless S is wanted
-        out = np.empty(pos + 1, dtype=np.int32) if want_selected else None
-        rc = self._lib.dysco_select_bias(
-            self._ctx, int(seq_id), int(pos), -1.0 if top_p is None else float(top_p),
-            -1 if top_k is None else int(top_k), float(strength), HARD_MASK_STRENGTH,
-            _ffi.cast("const uint8_t *", _ffi.from_buffer(mask)), mask.size,
-            _ffi.NULL if out is None else _ffi.cast("int32_t *", _ffi.from_buffer(out)), 0 if out is None else out.size)
-        count = _check(rc, "dysco_select_bias")
-        return count if out is None else out[:count].astype(np.int64)
-
-    def probe_select(self, token: int, pos: int, decay: float, top_p: float | None, top_k: int | None,
-                     strength: float, template: np.ndarray, seq_id: int = 0) -> None:
-        """Probe `token` at `pos`, and have the next full pass of that token update the importance,
-        select S and bias itself (importance_update + select_bias, run where the pass's mask is
-        filled, so the pass's host work overlaps the probe on a GPU)."""
-        rc = self._lib.dysco_probe_select(self._ctx, int(token), int(pos), int(seq_id),
-                                          *_selection_args(decay, top_p, top_k, strength, template))
-        _check(rc, "dysco_probe_select")
-
-    def fast_select(self, pos: int, decay: float, top_p: float | None, top_k: int | None, strength: float,
-                    template: np.ndarray, seq_id: int = 0) -> bool:
-        """Fast mode: have the next full pass at `pos` fold in the previous pass's scores, select S
-        and bias itself, and score its own token. False when nothing has scored the positions
-        before `pos` yet (probe this step instead)."""
-        rc = self._lib.dysco_fast_select(self._ctx, int(pos), int(seq_id),
-                                         *_selection_args(decay, top_p, top_k, strength, template))
-        return _check(rc, "dysco_fast_select") == 1
+    def fast_select(self, pos: int, seq_id: int = 0) -> bool:
+        """Fast mode: have the next full pass at `pos` select S from the importance over 0..pos-1, bias
+        itself and fold its own scores, all in its graph. False when nothing has scored yet (probe this
+        step instead)."""
+        return _check(self._lib.dysco_fast_select(self._ctx, int(pos), int(seq_id)), "dysco_fast_select") == 1
 
     def pass_selection(self, *, want_selected: bool = False):
-        """After the full pass of a probe_select: S (ascending int64) when `want_selected`, else |S|.
-        Raises DyscoError when that pass did not select (it then ran unbiased)."""
+        """After the armed full pass: S (ascending int64) when `want_selected` (waits for the device),
+        else None. Raises DyscoError when that pass did not select (it then ran unbiased)."""
         if not want_selected:
-            return _check(self._lib.dysco_pass_selection(self._ctx, _ffi.NULL, 0), "dysco_pass_selection")
-        out = np.empty(self._lib.dysco_importance_get(self._ctx, _ffi.NULL, 0), dtype=np.int32)
+            _check(self._lib.dysco_pass_selection(self._ctx, _ffi.NULL, 0), "dysco_pass_selection")
+            return None
+        out = np.empty(self._lib.dysco_importance_get(self._ctx, _ffi.NULL, 0) + 1, dtype=np.int32)
         count = _check(self._lib.dysco_pass_selection(self._ctx, _ffi.cast("int32_t *", _ffi.from_buffer(out)), out.size),
                        "dysco_pass_selection")
         return out[:count].astype(np.int64)
