@@ -153,7 +153,6 @@ struct dysco_track {
     int32_t selected_n   = 0;   // positions its importance covered (S is among them)
 
     std::vector<uint8_t> template_mask; // [n_template] 1: a template position (by position)
-    std::vector<int32_t> template_cells; // [n_cells] scratch of the template upload
 
     ggml_context_ptr        ctx;
     ggml_backend_buffer_ptr buf;
