@@ -159,6 +159,12 @@ static llama_kv_cache * dysco_plain_cache(llama_context * ctx) {
     return dynamic_cast<llama_kv_cache *>(llama_get_memory(ctx));
 }
 
+// The host reads or writes the tracked tensors only once the context's graphs are done with them: a
+// backend buffer's get/set (CUDA: its own stream) does not wait for a graph still running.
+static void track_sync(llama_context * ctx) {
+    llama_synchronize(ctx);
+}
+
 // Zeros the importance and S; keep = 0 on the cells holding template positions of the tracked sequence.
 static void track_upload_reset(dysco_track & tr) {
     ggml_backend_buffer_clear(tr.buf.get(), 0);
@@ -533,6 +539,7 @@ int32_t dysco_importance_reset(llama_context * ctx, int32_t seq_id, int32_t n_po
     tr.n_pos  = n_positions;
     tr.decay = decay, tr.top_p = top_p, tr.top_k = top_k, tr.strength = strength, tr.hard_strength = hard_strength;
     tr.template_mask.assign(template_mask, template_mask + n_template);
+    track_sync(ctx);
     track_upload_reset(tr);
     dysco_key_refresh(ctx);
     return dysco_ok();
@@ -555,6 +562,7 @@ int32_t dysco_importance_get(llama_context * ctx, double * out, int32_t n_max) {
     }
     auto & tr = dysco_state_of(ctx).track;
     if (out) {
+        track_sync(ctx);
         tr.scratch.resize(tr.imp->ne[0]);
         ggml_backend_tensor_get(tr.imp, tr.scratch.data(), 0, ggml_nbytes(tr.imp));
         std::fill(out, out + std::min(n_max, tr.n_pos), 0.0);
@@ -575,6 +583,7 @@ int32_t dysco_importance_set(llama_context * ctx, const double * values, int32_t
         }
     }
     auto & tr = dysco_state_of(ctx).track;
+    track_sync(ctx);
     tr.scratch.assign(tr.imp->ne[0], 0.0f);
     track_by_position(tr, n, [&](llama_pos p, int64_t j) { tr.scratch[j] = (float) values[p]; });
     ggml_backend_tensor_set(tr.imp, tr.scratch.data(), 0, ggml_nbytes(tr.imp));
@@ -648,6 +657,7 @@ int32_t dysco_pass_selection(llama_context * ctx, int32_t * selected, int32_t n_
     if (!selected) {
         return dysco_ok(); // S stays on the device: reading it back would wait for the pass
     }
+    track_sync(ctx);
     tr.scratch.resize(tr.sel->ne[0]);
     ggml_backend_tensor_get(tr.sel, tr.scratch.data(), 0, ggml_nbytes(tr.sel));
     std::vector<int32_t> s;
