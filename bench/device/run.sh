@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On the lent GPU machine, from the repository root, after bench/device/prepare.sh ran here and
 # .dev was carried: build with CUDA, check against the CPU backend, then measure speed.
-#   bench/device/run.sh build|check|speed|doccache|native|profile|kernels|model|select|split-check|split-speed
+#   bench/device/run.sh build|check|speed|doccache|native|profile|kernels|model|split-check|split-speed
 # SHAPE=llama-3.1-8b (default), qwen3-8b, qwen2.5-1.5b or llama-3.1-70b picks the random-weight model and its
 # heads (published; for qwen2.5-1.5b bench/speed/qwen2.5-1.5b-bench-heads.json, L_max as its detected map).
 # split-check and split-speed need two GPUs (bench/device/split_session.sh runs both in the background).
@@ -98,7 +98,4 @@ split-speed)
         > "$out/split-speed-2gpu.md" 2> "$out/split-speed-2gpu.err"
     python3 bench/device/split_table.py "$out/split-speed-1gpu.md" "$out/split-speed-2gpu.md" | tee "$out/split-speed.md"
     tail -n 1 "$out/split-speed-1gpu.md" "$out/split-speed-2gpu.md"; tail -n 2 "$out"/split-speed-*.err ;;
-select)
-    g++ -O2 -ffp-contract=off -ftree-vectorize -Inative bench/speed/select_timing.cpp native/dysco-select.cpp -o /tmp/select_timing \
-        && /tmp/select_timing ${CONTEXTS:-32768} | tee "$out/select_timing.md" ;;
 esac
