@@ -11,19 +11,14 @@ The same as `dysco-edge heads import`; the work is dysco_edge.heads.importing's.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
-from dysco_edge.cli import run_handler
+from dysco_edge.cli import script_main
 from dysco_edge.heads.cli import add_import_arguments, import_map
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_import_arguments(parser)
-    parser.add_argument("--debug", action="store_true", help="show the full traceback of any error")
-    args = parser.parse_args(argv)
-    return run_handler(import_map, args, debug=args.debug, prog=parser.prog)
+    return script_main(__doc__, add_import_arguments, import_map, argv)
 
 
 if __name__ == "__main__":

@@ -10,19 +10,14 @@ The same as `dysco-edge heads embed`; the work is dysco_edge.heads.gguf's.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
-from dysco_edge.cli import run_handler
+from dysco_edge.cli import script_main
 from dysco_edge.heads.cli import add_embed_arguments, embed_map
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_embed_arguments(parser)
-    parser.add_argument("--debug", action="store_true", help="show the full traceback of any error")
-    args = parser.parse_args(argv)
-    return run_handler(embed_map, args, debug=args.debug, prog=parser.prog)
+    return script_main(__doc__, add_embed_arguments, embed_map, argv)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     return run_handler(args.handler, args, debug=args.debug)
 
 
+def script_main(doc: str, add_arguments: Callable[[argparse.ArgumentParser], None],
+                handler: Callable[[argparse.Namespace], int], argv: list[str] | None = None) -> int:
+    """A stand-alone script over one verb (convert/*.py): its docstring's first paragraph as the
+    description, the verb's arguments plus --debug, errors as run_handler gives them."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    add_arguments(parser)
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of any error")
+    args = parser.parse_args(argv)
+    return run_handler(handler, args, debug=args.debug, prog=parser.prog)
+
+
 def run_handler(handler: Callable[[argparse.Namespace], int], args: argparse.Namespace, *,
                 debug: bool = False, prog: str = "dysco-edge") -> int:
     """A verb's exit code; our errors and the OS's as one line on stderr (exit 2), unless debug."""
