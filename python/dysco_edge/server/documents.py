@@ -158,6 +158,9 @@ class Opening:
         self.result = session.opened
         return iter(())
 
+    def describe(self) -> str:
+        return f"open {self.doc.filename} ({self.doc.n_tokens} tokens)"
+
     def close(self) -> None:
         pass
 

@@ -75,6 +75,9 @@ class Job:
         self.channel, self.stream = channel, stream
 
     def describe(self) -> str:
+        own = getattr(self.stream, "describe", None)  # a job that is not a generation says what it is
+        if own is not None:
+            return own()
         req = self.stream.req
         dysco = f"DySCO {req.config.mode}" if req.config is not None else "DySCO off"
         return f"{len(req.prompt)} prompt tokens, at most {req.max_new_tokens} new, {dysco}"
@@ -145,6 +148,9 @@ class Worker:
 def _log_done(channel: Channel, generation, first_text) -> None:
     """One line per finished request: the prefill (up to the first text) and the decode, timed."""
     end = time.perf_counter()
+    if not hasattr(generation, "token_ids"):  # e.g. a document opened: its result says how
+        log.info("%s: done in %.1f s: %s", channel.name, end - channel.started, generation)
+        return
     first_text = first_text or end
     prefill_s, decode_s = first_text - channel.started, end - first_text
     n_new, n_prefilled = len(generation.token_ids), generation.n_prompt - generation.n_cached
