@@ -391,13 +391,13 @@ def test_cli_refuses_an_unreadable_document_in_one_line(tmp_path, kind):
 def test_cli_opens_a_pdf_then_loads_its_cells(tmp_path):
     pdf = tmp_path / "report.pdf"
     pdf.write_bytes(make_pdf(REPORT))
-    args = ["--doc", str(pdf), "-q", "Which supplier missed the March deadline?", "--max-tokens", "12",
-            "--cache-dir", str(tmp_path / "kv"), "--show-focus"]
+    args = ["--model", "smollm2-135m", "--doc", str(pdf), "-q", "Which supplier missed the March deadline?",
+            "--max-tokens", "12", "--cache-dir", str(tmp_path / "kv"), "--show-focus"]
     first, second = _run(*args), _run(*args)
     for proc in (first, second):
         assert proc.returncode == 0, proc.stderr
         assert proc.stderr.splitlines()[0].startswith("running on CPU")
-    assert "prefilled in" in first.stderr and "(cached)" in first.stderr
+    assert "prefilled in" in first.stderr and "saved to the KV cache" in first.stderr
     assert "loaded from the KV cache" in second.stderr
     assert first.stdout == second.stdout and first.stdout.strip()
     assert "focus" in first.stderr

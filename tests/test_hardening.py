@@ -259,11 +259,13 @@ def test_lone_surrogate_in_a_message_is_an_input_error(model):
         model.generate(messages=[{"role": "user", "content": "a\ud800b"}], max_new_tokens=1)
 
 
-def test_invalid_utf8_on_the_command_line_and_stdin_is_one_line():
+def test_invalid_utf8_on_the_command_line_and_stdin_is_one_line(tmp_path):
     path = str(models.smollm2_q4_1())
+    doc = tmp_path / "doc.txt"  # questions come from stdin only beside a --doc (alone, run asks the sample's)
+    doc.write_text("The shed is green.\n", encoding="utf-8")
     for done in (_cli("run", path, "-p", "caf\udce9", "--no-dysco", "--no-cache"),  # as argv bytes b"caf\xe9"
                  _cli("run", path, "-q", "caf\udce9", "--no-dysco", "--no-cache"),
-                 _cli("run", path, "--no-dysco", "--no-cache", stdin=b"caf\xe9 ?\n")):
+                 _cli("run", path, "--doc", str(doc), "--no-dysco", "--no-cache", stdin=b"caf\xe9 ?\n")):
         last = done.stderr.decode().strip().splitlines()[-1]
         assert done.returncode == 2 and ("not UTF-8" in last or "not valid UTF-8" in last), done.stderr.decode()
         assert b"Traceback" not in done.stderr
