@@ -34,7 +34,7 @@ def main() -> None:
     results = {}
     # local first: after the servers are registered, every model of this process could use them
     for name, options in (("local", {}), ("rpc", {"rpc": sys.argv[1]})):
-        with Model(n_ctx=2048, flash_attn="on", **options) as model:
+        with Model("smollm2-135m", n_ctx=2048, flash_attn="on", **options) as model:
             results[name] = runs(model, document())
     print(json.dumps(results))
 
