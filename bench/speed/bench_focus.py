@@ -12,7 +12,6 @@ without, without, with, ...); the table gives medians.
 """
 from __future__ import annotations
 
-import argparse
 import base64
 import json
 import random
@@ -24,11 +23,10 @@ from pathlib import Path
 
 import openai
 
-from dysco_edge.models import default_model_path
 
 # bench_server.py's start_server, whether it lives in bench/ or beside this file
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
-from bench_server import start_server  # noqa: E402
+from bench_server import server_bench_parser, start_server  # noqa: E402
 
 QUESTION = "Copy out the entries of page 2 of the log, one per line."  # a long answer: decode is timed
 
@@ -86,12 +84,7 @@ def ask(client, doc_id: str, gen: int, mode: str, focus: bool) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=str(default_model_path()))
-    ap.add_argument("--n-ctx", type=int, default=8192)
-    ap.add_argument("--doc-tokens", type=int, default=6000)
-    ap.add_argument("--gen", type=int, default=128)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap = server_bench_parser(__doc__.splitlines()[0])
     ap.add_argument("--mode", default="fast", choices=["fast", "exact"])
     args = ap.parse_args()
     proc, base = start_server(args.model, args.n_ctx)

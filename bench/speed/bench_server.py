@@ -25,7 +25,7 @@ import urllib.request
 import openai
 
 from dysco_edge import Model
-from dysco_edge.models import default_model_path
+from dysco_edge.models import get, locate
 
 STORY = [{"role": "user", "content": "Write a long story about a lighthouse keeper and a storm."}]
 QUESTIONS = ["Which ship reached Arden first?", "How many crew did the Heron carry?",
@@ -112,14 +112,20 @@ def summarize(name: str, served: list[dict], local: list[dict], key: str) -> dic
             "in_process_all": [round(x[key], 2) for x in local]}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=str(default_model_path()))
+def server_bench_parser(description: str) -> argparse.ArgumentParser:
+    """The options the server benchmarks share; the model defaults to SmolLM2 (the figures' model),
+    not to the catalog's default."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--model", default=str(locate(get("smollm2-135m"))))
     ap.add_argument("--n-ctx", type=int, default=8192)
     ap.add_argument("--doc-tokens", type=int, default=6000)
     ap.add_argument("--gen", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=5)
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = server_bench_parser(__doc__.splitlines()[0]).parse_args()
     model = Model(args.model, n_ctx=args.n_ctx)
     proc, base = start_server(args.model, args.n_ctx)
     try:
