@@ -26,7 +26,7 @@ from dysco_edge.eval.methods import Method
 from dysco_edge.eval.results import read_records
 from dysco_edge.eval.run import EvalPlan, run_eval
 from dysco_edge.eval.tasks import TASKS
-from dysco_edge.models import default_model_path
+from dysco_edge.models import resolve
 
 FACTORS = (0.8, 0.9, 1.1, 1.2, 1.35, 1.5)
 KNOB_VALUES = {
@@ -124,7 +124,7 @@ def print_table(records: list[dict], stream=sys.stdout) -> None:
 
 
 def model_path(args: argparse.Namespace) -> Path:
-    return Path(args.model) if args.model else default_model_path()
+    return Path(args.model) if args.model else resolve("smollm2-135m")
 
 
 def model_records(args: argparse.Namespace) -> list[dict]:

@@ -26,7 +26,7 @@ from dysco_edge.runtime.chat import ChatTemplate
 from dysco_edge.runtime.engine import Engine, EngineOptions
 from dysco_edge.heads.lookup import locate_head_map
 from dysco_edge.heads.maps import ModelShape, load_head_map
-from dysco_edge.models import default_model_path
+from dysco_edge.models import resolve
 from dysco_edge.heads.layout import PromptFormat
 from dysco_edge.heads.detect import NativeAttention
 
@@ -117,7 +117,7 @@ def main() -> None:
     ap.add_argument("--far", type=int, default=None, metavar="N", help="also report gold passages > N tokens back")
     ap.add_argument("--n-threads", type=int, default=2)
     args = ap.parse_args()
-    path = Path(args.model) if args.model else default_model_path()
+    path = Path(args.model) if args.model else resolve("smollm2-135m")
     with Engine(path, EngineOptions(n_ctx=4096, n_threads=args.n_threads)) as engine:
         shape = ModelShape.from_gguf_metadata(engine.metadata)
         head_maps = [_labelled(spec) for spec in args.head_map] or [("detected", locate_head_map(shape, path).head_map)]

@@ -15,7 +15,7 @@ import numpy as np
 
 from dysco_edge.runtime.engine import Engine, EngineOptions
 from dysco_edge.heads.maps import load_head_map
-from dysco_edge.models import default_model_path
+from dysco_edge.models import resolve
 
 BLOCK = 8
 HEADS = [(12, 1), (14, 3), (15, 0), (16, 5), (18, 2), (20, 7)]  # L_max 20 on a 30-layer model
@@ -71,7 +71,7 @@ def main():
     ap.add_argument("--flash-attn", action="store_true")
     ap.add_argument("--head-map", default=None, help="QR heads from a head map (default: 6 fixed heads, L_max 20)")
     args = ap.parse_args()
-    model = args.model or default_model_path()
+    model = args.model or resolve("smollm2-135m")
     heads = list(load_head_map(args.head_map).to_config().qr_heads) if args.head_map else HEADS
     print(f"model: {model}; heads: {args.head_map or HEADS}")
     print("| context | plain tok/s | bias / plain | capture / plain | probe time / plain step "

@@ -16,7 +16,7 @@ import numpy as np
 from dysco_edge.runtime.decode import dysco_tokens, plain_tokens, plan_warmups
 from dysco_edge.runtime.engine import Engine, EngineOptions, Sampler
 from dysco_edge.heads.maps import load_head_map
-from dysco_edge.models import default_model_path
+from dysco_edge.models import resolve
 
 
 def generate(eng, prompt, config):
@@ -41,7 +41,7 @@ def main():
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
     config = load_head_map(args.head_map).to_config()
-    eng = Engine(args.model or default_model_path(), EngineOptions(n_ctx=args.context + 64, n_batch=2048,
+    eng = Engine(args.model or resolve("smollm2-135m"), EngineOptions(n_ctx=args.context + 64, n_batch=2048,
                                                                    n_ubatch=512, n_threads=args.threads))
     prompt = [int(t) for t in np.random.default_rng(args.context).integers(1000, 30000, size=args.context)]
     counts = {"plain": args.context - 1, "dysco": args.context - config.context_warmup - 4}

@@ -18,7 +18,7 @@ from bench_api import ApiRun, alternate, document, messages
 
 from dysco_edge import Model
 from dysco_edge.errors import EngineError
-from dysco_edge.models import default_model_path
+from dysco_edge.models import resolve
 from dysco_edge.runtime.engine import rpc_handshake
 
 MODES = ("plain", "exact", "fast")
@@ -97,7 +97,7 @@ def main():
     ap.add_argument("--threads", type=int, default=None, help="CPU threads of the local run")
     ap.add_argument("--flash-attn", action="store_true")
     args = ap.parse_args()
-    print(f"model: {args.model or default_model_path().name}; {args.servers} rpc-servers on 127.0.0.1 with "
+    print(f"model: {args.model or resolve('smollm2-135m').name}; {args.servers} rpc-servers on 127.0.0.1 with "
           f"{args.server_threads} thread(s) each; local threads: {args.threads or 'default'}; "
           f"flash attention {'on' if args.flash_attn else 'off'}; decode of {args.gen} tokens, median of {args.repeats}")
     with rpc_servers(args.servers, args.server_threads) as endpoints:

@@ -29,7 +29,7 @@ import time
 import numpy as np
 
 from dysco_edge.heads.maps import load_head_map
-from dysco_edge.models import default_model_path, resolve
+from dysco_edge.models import resolve
 from dysco_edge.runtime.decode import dysco_tokens, plain_tokens, plan_warmups
 from dysco_edge.runtime.engine import Engine, EngineOptions, Sampler
 
@@ -82,7 +82,7 @@ def main() -> None:
     ap.add_argument("--modes", default="plain,fast,exact")
     ap.add_argument("--profile", action="store_true")
     args = ap.parse_args()
-    path = resolve(args.model) if args.model else default_model_path()
+    path = resolve(args.model) if args.model else resolve("smollm2-135m")
     base = load_head_map(args.head_map).to_config()
     configs = {m: m if m == SCORED_PLAIN else None if m == "plain" else base.replace(mode=m)
                for m in args.modes.split(",")}
