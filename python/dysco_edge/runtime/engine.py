@@ -27,7 +27,7 @@ import llama_cpp
 from ..cores import physical_cores
 from ..errors import EngineError, InputError
 from ..limits import INT32_MAX, MAX_THREADS, int_in
-from .native import NativeContext, lib_dir
+from .native import NativeContext, lib_dir, library_file
 from .sampling import SamplingOptions
 
 ProgressFn = Callable[[int, int], None]
@@ -422,10 +422,14 @@ class Engine:
         self._closed = False
         self._model = self._llm.model
         self._own_ctx = self._new_context(options.n_ctx) if options.n_seq_max > 1 else None
-        self._batch = None
         self._bind(self._own_ctx or self._llm.ctx)
         self._vocab_ptr = llama_cpp.llama_model_get_vocab(self.model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
+        self._logits_row = ctypes.c_float * self.n_vocab
+        self._logits_at, self._logits = 0, np.zeros(0, np.float32)  # a view of llama.cpp's logits, by address
+        # a vocabulary never changes: each token's text and end flag are asked of llama.cpp once
+        self._pieces: dict[int, bytes] = {}
+        self._ends: dict[int, bool] = {}
         self.n_layer = llama_cpp.llama_model_n_layer(self.model)
         self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(self.model)
 
@@ -470,9 +474,7 @@ class Engine:
         # the context's DySCO state must exist before llama.cpp builds its first graph: a graph built
         # without it holds none, and reused for a DySCO step (same shape) it would never bias or select
         self._native.set_capture(False)
-        if self._batch is not None:
-            llama_cpp.llama_batch_free(self._batch)
-        self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+        self._batch = TokenBatch(self.n_batch)
 
     def _new_context(self, n_ctx: int):
         """A context like Llama's on the same weights; with several sequences, on one unified KV
@@ -505,9 +507,6 @@ class Engine:
         if self._own_ctx is not None:
             llama_cpp.llama_free(self._own_ctx)
             self._own_ctx = None
-        if self._batch is not None:
-            llama_cpp.llama_batch_free(self._batch)
-            self._batch = None
         self._llm.close()
 
     def __enter__(self):
@@ -555,6 +554,13 @@ class Engine:
         self._alive()
         return self._llm.detokenize(list(ids), special=special)
 
+    def piece(self, token: int) -> bytes:
+        """detokenize([token]), kept per token: a generation's text grows by one piece per token."""
+        piece = self._pieces.get(token)
+        if piece is None:
+            piece = self._pieces[token] = self.detokenize([token])
+        return piece
+
     def special_text(self, which: str) -> str:
         """The text of the 'bos' or 'eos' token ('' when the model has none)."""
         token = {"bos": llama_cpp.llama_vocab_bos, "eos": llama_cpp.llama_vocab_eos}[which](self._vocab)
@@ -571,7 +577,10 @@ class Engine:
 
     def is_end(self, token: int) -> bool:
         """Whether the token ends a generation (EOS, end of turn, ...)."""
-        return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
+        end = self._ends.get(token)
+        if end is None:
+            end = self._ends[token] = bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
+        return end
 
     # ---- the KV cache ----
 
@@ -641,7 +650,7 @@ class Engine:
         for begin in range(0, n, self.n_batch):
             chunk = tokens[begin:begin + self.n_batch]
             self._fill_batch(chunk, start_pos + begin, seq_id, want_logits and begin + len(chunk) == n)
-            rc = llama_cpp.llama_decode(self.ctx, self._batch)
+            rc = llama_cpp.llama_decode(self.ctx, self._batch.c)
             if rc != 0:
                 raise EngineError(f"llama_decode failed with {rc} at positions {start_pos + begin}.."
                                   f"{start_pos + begin + len(chunk) - 1}")
@@ -649,20 +658,72 @@ class Engine:
                 progress(begin + len(chunk), n)
 
     def _fill_batch(self, chunk: Sequence[int], pos0: int, seq_id: int, last_logits: bool) -> None:
-        b = self._batch
-        b.n_tokens = len(chunk)
-        for i, tok in enumerate(chunk):
-            b.token[i] = int(tok)
-            b.pos[i] = pos0 + i
-            b.n_seq_id[i] = 1
-            b.seq_id[i][0] = seq_id
-            b.logits[i] = 0
-        b.logits[len(chunk) - 1] = 1 if last_logits else 0
+        self._batch.fill(chunk, pos0, seq_id, last_logits)
 
     def logits(self) -> np.ndarray:
         """Logits of the last token decoded with want_logits (a copy, float32)."""
-        ptr = llama_cpp.llama_get_logits_ith(self.ctx, -1)
-        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+        return self._logits_view().copy()
+
+    def _logits_view(self) -> np.ndarray:
+        """The last logits where llama.cpp keeps them (valid until the next decode). Its buffer
+        stays put from step to step, so the view is made again only when the address moves."""
+        address = _logits_address()(self.ctx, -1)
+        if not address:
+            raise EngineError("no logits to sample from: the last decode asked for none")
+        if address != self._logits_at:
+            self._logits = np.frombuffer(self._logits_row.from_address(address), dtype=np.float32)
+            self._logits_at = address
+        return self._logits
+
+    def greedy_token(self) -> Optional[int]:
+        """The first largest of the last logits, read in place: llama.cpp's greedy sampler's choice
+        without its copy of every logit into candidates. None when that is NaN (where the two differ)."""
+        logits = self._logits_view()
+        token = int(logits.argmax())
+        return None if math.isnan(logits[token]) else token
+
+
+@functools.lru_cache(maxsize=None)
+def _logits_address():
+    """llama_get_logits_ith giving an address (llama_cpp's binding gives a float pointer, which
+    ctypes.cast turns back into one at more than the call's own cost)."""
+    fn = ctypes.CDLL(str(library_file(lib_dir()))).llama_get_logits_ith  # libllama's handle, loaded already
+    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_int32], ctypes.c_void_p
+    return fn
+
+
+class TokenBatch:
+    """A llama_batch whose arrays numpy owns, so that a batch is filled by slices rather than one
+    ctypes call per token and field, and a decode step allocates nothing. One sequence per token."""
+
+    def __init__(self, size: int):
+        self.token, self.pos = np.zeros(size, np.int32), np.zeros(size, np.int32)
+        self.n_seq_id, self.seq_id = np.ones(size, np.int32), np.zeros(size, np.int32)
+        self.logits = np.zeros(size, np.int8)
+        # seq_id is an array of pointers, one per token, each to that token's one sequence id
+        self._seq_rows = (self.seq_id.ctypes.data + 4 * np.arange(size, dtype=np.uint64)).astype(np.uintp)
+        p = ctypes.POINTER
+        self.c = llama_cpp.llama_batch(
+            n_tokens=0, token=self._ptr(self.token, llama_cpp.llama_token), embd=None,
+            pos=self._ptr(self.pos, llama_cpp.llama_pos), n_seq_id=self._ptr(self.n_seq_id, ctypes.c_int32),
+            seq_id=ctypes.cast(self._seq_rows.ctypes.data, p(p(llama_cpp.llama_seq_id))),
+            logits=self._ptr(self.logits, ctypes.c_int8))
+
+    @staticmethod
+    def _ptr(array: np.ndarray, c_type):
+        return ctypes.cast(array.ctypes.data, ctypes.POINTER(c_type))
+
+    def fill(self, chunk: Sequence[int], pos0: int, seq_id: int, last_logits: bool) -> None:
+        n = len(chunk)
+        if n == 1:  # a decode step: items cost a fraction of slices
+            self.token[0], self.pos[0], self.seq_id[0], self.logits[0] = chunk[0], pos0, seq_id, last_logits
+        else:
+            self.token[:n] = chunk
+            self.pos[:n] = np.arange(pos0, pos0 + n, dtype=np.int32)
+            self.seq_id[:n] = seq_id
+            self.logits[:n] = 0
+            self.logits[n - 1] = last_logits
+        self.c.n_tokens = n
 
 
 class Sampler:
@@ -692,7 +753,12 @@ class Sampler:
         return stages
 
     def sample(self, engine: Engine) -> int:
-        return int(llama_cpp.llama_sampler_sample(self._chain, engine.ctx, -1))
+        # greedy: the chain only has greedy's argmax, whose state never changes; llama.cpp's copies
+        # the whole vocabulary's logits into candidates first (most of a token's host time at 150K)
+        token = engine.greedy_token() if self.options.greedy else None
+        if token is None:
+            token = int(llama_cpp.llama_sampler_sample(self._chain, engine.ctx, -1))
+        return token
 
     def close(self) -> None:
         if self._chain is not None:

