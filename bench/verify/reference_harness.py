@@ -63,6 +63,7 @@ class ReferenceHarness:
     def __init__(self, engine, prompt: Sequence[int], fed: int, pad_id: int = 1):
         self.engine = engine
         self.ctx = engine.ctx
+        self.greedy_token = engine.greedy_token  # what Sampler reads: the same context's logits
         self.n_ctx = engine.n_ctx
         keep = np.array([t != pad_id for t in prompt])
         ids = np.cumsum(keep) - 1

@@ -727,7 +727,8 @@ class TokenBatch:
 
 
 class Sampler:
-    """A llama.cpp sampler chain; `sample(engine)` picks from the last decoded logits."""
+    """A llama.cpp sampler chain; `sample(engine)` picks from the last decoded logits (of
+    engine.ctx; greedy ones through engine.greedy_token)."""
 
     def __init__(self, options: SamplingOptions = SamplingOptions()):
         self.options = options
