@@ -115,24 +115,53 @@ def one_generation(model: Model, inp: dict, dysco, gen: int, by_step: bool, cloc
     return med
 
 
-def measure(model: Model, n_doc: int, gen: int, repeats: int, clock) -> dict[str, dict[str, dict]]:
+def measure(model: Model, modes, n_doc: int, gen: int, repeats: int, clock) -> dict[str, dict[str, dict]]:
     """{mode: {light|by step: medians over repeats}}, modes and instrumentations alternating."""
     inp = api_input(model, messages(document(model, n_doc)))
-    config = model.resolve_dysco("auto")
-    dysco = {"plain": None, "fast": config.replace(mode="fast"), "exact": config.replace(mode="exact")}
-    for mode in MODES:  # sizes the context, fills the prefix cache, builds every graph
+    config = model.resolve_dysco("auto") if set(modes) - {"plain"} else None
+    dysco = {"plain": None} | ({"fast": config.replace(mode="fast"), "exact": config.replace(mode="exact")}
+                               if config else {})
+    for mode in modes:  # sizes the context, fills the prefix cache, builds every graph
         model.generate(**inp, dysco=dysco[mode], max_new_tokens=gen + 1)
-    runs = {(m, kind): [] for m in MODES for kind in ("light", "by step")}
+    runs = {(m, kind): [] for m in modes for kind in ("light", "by step")}
     for i in range(repeats):
         for (mode, kind), got in runs.items():
             got.append(one_generation(model, inp, dysco[mode], gen, kind == "by step", clock))
             print(f"# {i + 1} {mode} {kind}: host {got[-1]['host']:.1f} us, "
                   f"llama_decode {got[-1].get('llama_decode', 0):.0f} us", file=sys.stderr, flush=True)
-    out: dict[str, dict[str, dict]] = {m: {} for m in MODES}
+    out: dict[str, dict[str, dict]] = {m: {} for m in modes}
     for (mode, kind), got in runs.items():
         keys = {k for g in got for k in g}
         out[mode][kind] = {k: statistics.median(g.get(k, 0.0) for g in got) for k in keys}
     return out
+
+
+HOT_CALLS = 200
+
+
+def hot_sample_us(engine) -> float:
+    """Median time of one greedy Sampler.sample on the same logits, caches warm (in a cycle they are
+    not: a step's computation has evicted them on a CPU, where a GPU would have left them). The
+    prefix cache is cleared first: call last."""
+    engine.clear()
+    engine.decode(engine.tokenize("Hello there", add_bos=True), 0)
+    sampler, times = engine_mod.Sampler(), []
+    for _ in range(HOT_CALLS):
+        t = time.perf_counter()
+        sampler.sample(engine)
+        times.append((time.perf_counter() - t) * 1e6)
+    sampler.close()
+    return statistics.median(times)
+
+
+def hot_fill_us(engine) -> float:
+    """Median time of filling one full prefill batch (n_batch tokens) for llama_decode, hot."""
+    tokens, times = list(range(engine.n_batch)), []
+    for _ in range(HOT_CALLS // 4):
+        t = time.perf_counter()
+        engine._fill_batch(tokens, 0, 0, False)
+        times.append((time.perf_counter() - t) * 1e6)
+    return statistics.median(times)
 
 
 def table(results: dict[str, dict[str, dict]]) -> list[str]:
@@ -151,6 +180,7 @@ def table(results: dict[str, dict[str, dict]]) -> list[str]:
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m", help="catalog name or GGUF path")
+    ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     ap.add_argument("--context", type=int, default=1024, help="document tokens")
     ap.add_argument("--gen", type=int, default=64, help="decode cycles per generation")
     ap.add_argument("--threads", type=int, default=1)
@@ -165,11 +195,15 @@ def main() -> None:
     args = parse_args()
     load = os.getloadavg()[0]
     with Model(args.model, n_threads=args.threads, flash_attn=args.flash_attn) as model:
-        results = measure(model, args.context, args.gen, args.repeats, CLOCKS[args.clock])
+        results = measure(model, args.modes, args.context, args.gen, args.repeats, CLOCKS[args.clock])
+        hot, fill = hot_sample_us(model.engine), hot_fill_us(model.engine)
         lines = [f"`host_overhead.py {' '.join(sys.argv[1:])}`: {model.path.name}, vocabulary "
                  f"{model.engine.n_vocab}, package {Path(dysco_edge.__file__).parent}; {args.clock} clock, "
-                 f"microseconds per decoded token, medians; load average {load:.1f} at the start", ""]
+                 f"microseconds per decoded token, medians; load average {load:.1f} at the start; "
+                 f"hot, alone: greedy sampling {hot:.1f} us (the same logits {HOT_CALLS} times), a batch of "
+                 f"{model.engine.n_batch} prefill tokens filled {fill:.1f} us", ""]
         lines += table(results)
+    results["hot"] = {"sample us": hot, "fill batch us": fill}
     print("\n".join(lines))
     if args.json:
         args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "results": results},
