@@ -55,7 +55,7 @@ def test_a_context_smaller_than_a_batch_just_works(tmp_path):
 
 
 @pytest.mark.slow
-def test_run_decodes_fast_by_default_and_exact_or_off_when_asked(tmp_path):
+def test_run_decodes_plainly_by_default_and_fast_or_exact_when_asked(tmp_path):
     import json
     import models
     from dysco_edge import Model
@@ -71,12 +71,14 @@ def test_run_decodes_fast_by_default_and_exact_or_off_when_asked(tmp_path):
                     for mode in ("fast", "exact")}
         expected["off"] = model.generate(prompt, dysco=None, max_new_tokens=16).text
     assert len(set(expected.values())) == 3
-    for flags, mode in (([], "fast"), (["--dysco", "exact"], "exact"), (["--no-dysco"], "off")):
+    for flags, mode in (([], "off"), (["--dysco", "fast"], "fast"), (["--dysco", "exact"], "exact"),
+                        (["--no-dysco"], "off"), (["--compare"], "fast")):
         proc = subprocess.run([sys.executable, "-m", "dysco_edge.cli", "run", str(models.smollm2_q4_1()), "-p", prompt,
                                "--max-tokens", "16", "--n-ctx", "512", "--head-map", str(tmp_path / "map.json"), *flags],
                               capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=600)
         assert proc.returncode == 0, proc.stderr
-        assert proc.stdout.rstrip("\n") == expected[mode]
+        shown = proc.stdout.rstrip("\n").split("--- DySCO:\n")[-1]  # --compare: plain's answer first
+        assert shown == expected[mode]
         assert (f"DySCO mode: {mode}" in proc.stderr) == (mode != "off")
 
 

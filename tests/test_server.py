@@ -84,7 +84,9 @@ def _wait_healthy(base: str, proc, log: Path, timeout: float = 180) -> None:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    with running_server("--api-key", KEY, "--queue", "32", log=tmp_path_factory.mktemp("srv") / "log") as s:
+    # DySCO for requests naming none: most tests here are about it (the default, plain, has a test of its own)
+    with running_server("--api-key", KEY, "--queue", "32", "--dysco-mode", "fast",
+                        log=tmp_path_factory.mktemp("srv") / "log") as s:
         yield s
 
 
@@ -333,7 +335,7 @@ def test_model_without_qr_heads_answers_plainly_under_auto_and_says_so(tmp_path)
         plain = local.generate(token_ids=ids, dysco=None, max_new_tokens=6).text
         # the server decodes in fast mode unless the request names a mode
         dysco = local.generate(token_ids=ids, dysco=DyscoConfig.from_dict({**knobs, "mode": "fast"}), max_new_tokens=6).text
-    with running_server(log=tmp_path / "log", model=path) as (base, _):
+    with running_server("--dysco-mode", "fast", log=tmp_path / "log", model=path) as (base, _):
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0, timeout=300)
         raw = client.completions.with_raw_response.create(model="any", prompt="The harbour log", max_tokens=6)
         assert raw.headers["x-dysco"] == "off; reason=no QR heads for this model"
@@ -345,3 +347,19 @@ def test_model_without_qr_heads_answers_plainly_under_auto_and_says_so(tmp_path)
         raw = client.completions.with_raw_response.create(model="any", prompt="The harbour log", max_tokens=6,
                                                           extra_body={"dysco": knobs})
         assert raw.headers["x-dysco"] == "on" and raw.parse().choices[0].text == dysco
+
+
+@pytest.mark.slow
+def test_the_server_answers_plainly_by_default_and_with_dysco_when_asked(tmp_path, model):
+    """Without --dysco-mode, "auto" (what a request gets when it names no dysco) is plain, said in the
+    header; true runs fast DySCO."""
+    plain = model.generate(messages=QUESTION, dysco=None, max_new_tokens=8).text
+    fast = model.generate(messages=QUESTION, dysco=model.head_map().to_config(mode="fast"), max_new_tokens=8).text
+    with running_server(log=tmp_path / "log") as (base, _):
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0, timeout=300)
+        raw = client.chat.completions.with_raw_response.create(model="any", messages=QUESTION, max_tokens=8)
+        assert raw.headers["x-dysco"].startswith("off; reason=the server's default (--dysco-mode off)")
+        assert raw.parse().choices[0].message.content == plain
+        raw = client.chat.completions.with_raw_response.create(model="any", messages=QUESTION, max_tokens=8,
+                                                               extra_body={"dysco": True})
+        assert raw.headers["x-dysco"] == "on" and raw.parse().choices[0].message.content == fast

@@ -39,7 +39,7 @@ def model():
 
 
 def _client(model, api_key=None):
-    app = create_app(model, ServerSettings(model_id="m", api_key=api_key, max_tokens=2))
+    app = create_app(model, ServerSettings(model_id="m", api_key=api_key, max_tokens=2, dysco_mode="fast"))
     return TestClient(app, raise_server_exceptions=False)
 
 

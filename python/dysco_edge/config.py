@@ -34,6 +34,9 @@ __all__ = [
 AUTO = "auto"
 EXACT, FAST = "exact", "fast"
 MODES = (EXACT, FAST)
+# plain decoding: the default of `run` and `serve`, since DySCO measured no gain at the sizes we run
+# and costs a few percent of speed (README "Where DySCO helps")
+OFF = "off"
 HARD_MASK_STRENGTH = 99.0  # the spec: strength >= 99 means "hard mask"
 
 HeadPair = tuple[int, int]

@@ -12,12 +12,13 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ..config import EXACT, DyscoConfig
+from ..config import FAST, OFF, DyscoConfig
 from ..errors import ConfigError, InputError
 from .focus import FocusOptions
 
 # when dysco is "auto" and the model has no QR heads: answered plainly, and said so
 NO_HEADS_NOTE = "off; reason=no QR heads for this model"
+SERVER_OFF_NOTE = "off; reason=the server's default (--dysco-mode off); send dysco true for DySCO"
 
 
 class _Body(BaseModel):
@@ -154,13 +155,16 @@ class DyscoChoice:
         return self.config is not None
 
 
-def choose_dysco(model, value: Any, mode: str = EXACT) -> DyscoChoice:
-    """The body's `dysco`: "auto" (DySCO when the model has QR heads, else plain, said so),
-    true (DySCO, an error without heads), false/null/"off" (plain), or an object of
-    DyscoConfig knobs over the model's head map (validated by DyscoConfig itself). `mode` is
-    the server's DySCO mode, for requests whose knobs do not name one."""
+def choose_dysco(model, value: Any, mode: str = OFF) -> DyscoChoice:
+    """The body's `dysco`: "auto" (the server's default: with `mode` off plain, else DySCO when the
+    model has QR heads, else plain, said so), true (DySCO, an error without heads), false/null/"off"
+    (plain), or an object of DyscoConfig knobs over the model's head map (validated by DyscoConfig
+    itself). `mode` is the server's --dysco-mode; true and knobs naming no mode run fast when it is off."""
     if value is False or value is None or value == "off":
         return DyscoChoice(None, "off")
+    if value == "auto" and mode == OFF:
+        return DyscoChoice(None, SERVER_OFF_NOTE)
+    mode = FAST if mode == OFF else mode
     if value == "auto" or value is True:
         found = model.head_map()
         if found is not None:

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# One lease of the lent GPU machine (nvidia-h200) for issues 24-26, run in the background (setsid) so that it
+# outlives the call that starts it. In order: build libllama, llama-bench and llama-server with CUDA
+# (run.sh build); check CUDA against the CPU backend (run.sh check); the golden cases on CUDA with flash
+# attention off and on (once SmolLM2 arrives); then, once the real Qwen2.5-Coder-1.5B arrives, the Vulkan
+# session (vulkan_session.sh: CPU vs Vulkan, speed), the consumer-GPU configurations (consumer_session.sh)
+# and parallel sequences against llama-server (parallel_session.sh). Each writes under /tmp/res.
+#   here, once:  bash bench/device/prepare.sh; cp ../shared/golden/smollm2_reference.json .dev/device/
+#                bash bench/device/eval_gpu.sh ship QWEN.gguf qwen15; the same for SmolLM2 Q4_1 as smol
+#   there, call 1, carry [".dev"]:  setsid nohup bash bench/device/round_session.sh > /dev/null 2>&1 &
+#   there, a call per part:         bash bench/device/eval_gpu.sh take NAME K [SHA256 on the last]
+#   there, to collect:              tail /tmp/res/round-session.log; tar czf "$OUT"/res.tgz -C /tmp res
+# PARTS (default "golden vulkan consumer parallel") picks what runs after the build and check.
+set -u
+export OUT=/tmp/res; mkdir -p $OUT
+export PYTHONPATH=/tmp/site:$PWD/python:$PWD/.dev/device/pylib PYTHONUNBUFFERED=1
+
+wait_model() {  # eval_gpu.sh take marks a whole, checked model with NAME.ok
+    until [ -f "/tmp/models/$1.ok" ]; do sleep 2; done
+}
+
+# the catalog's cache path: there Model finds the shipped head map for the file (no part packages there)
+QWEN=$HOME/.cache/dysco-edge/models/Qwen2.5-Coder-1.5B-Instruct-Q4_K_M.gguf
+export QWEN
+place_qwen() {
+    wait_model qwen15
+    mkdir -p "$(dirname "$QWEN")" && ln -f /tmp/models/qwen15.gguf "$QWEN"
+}
+
+golden() {
+    wait_model smol
+    python3 -c "import sys; from pathlib import Path; sys.path.insert(0, 'tests'); from models import dequantize_gguf
+dequantize_gguf(Path('/tmp/models/smol.gguf'), Path('/tmp/models/smol-f32.gguf'))"
+    for fa in "" --flash-attn; do
+        echo "## golden cases on CUDA, all layers offloaded, flash attention ${fa:+on}${fa:-off}"
+        DYSCO_EDGE_LIB_DIR=$PWD/build/cuda/bin python3 bench/verify/conformance.py --model /tmp/models/smol-f32.gguf \
+            --golden .dev/device/smollm2_reference.json --n-gpu-layers 99 $fa
+    done > $OUT/golden-cuda.md 2> $OUT/golden-cuda.err
+}
+
+{
+    start=$(date +%s)
+    bash bench/device/run.sh build || exit 1
+    bash bench/device/run.sh check > $OUT/check.log 2>&1
+    echo "check rc=$? at $(( $(date +%s) - start )) s"
+    ( for s in ${SHAPES-qwen3-8b llama-3.1-8b}; do SHAPE=$s bash bench/device/run.sh model; done ) > $OUT/make-shapes.log 2>&1 &
+    for part in ${PARTS:-golden vulkan consumer parallel}; do
+        echo "== $part at $(( $(date +%s) - start )) s"
+        case $part in
+            golden) golden ;;
+            vulkan|consumer|parallel) place_qwen; bash bench/device/${part}_session.sh ;;
+        esac
+        echo "== $part rc=$? at $(( $(date +%s) - start )) s"
+    done
+    wait
+    echo "round session done at $(( $(date +%s) - start )) s"
+} > $OUT/round-session.log 2>&1
