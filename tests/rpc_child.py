@@ -1,6 +1,6 @@
 """Run by tests/test_rpc.py in a process of its own, since RPC devices, once registered, stay for
 the whole process: SmolLM2 on the CPU, then on the RPC servers named in argv[1] (all layers), then
-with its last PARTIAL_LAYERS layers on them and the rest on this CPU (QR layers on both sides of
+with PARTIAL_LAYERS offloaded to them (llama.cpp's count) and the rest on this CPU (QR layers on both sides of
 the split, as partial offload to a small GPU puts them); JSON on stdout.
 
 Every run uses one CPU thread, as the servers do: ggml's CPU flash attention splits the cells of a
@@ -16,7 +16,7 @@ import sys
 from dysco_edge import Model
 
 N_NEW = 24
-PARTIAL_LAYERS = 20  # of SmolLM2's 30: layers 10-29 offloaded; its QR heads sit in layers 2-18
+PARTIAL_LAYERS = 20  # llama.cpp's count: the output head and layers 11-29 of 30; the QR heads sit in layers 2-18
 
 
 def document() -> str:
