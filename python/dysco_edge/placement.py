@@ -177,8 +177,9 @@ class Placement:
         return f"{self.blocks}/{self.n_layer} layers{head}"
 
     def parts_text(self) -> str:
-        return (f"weights {_gib(self.weights)}, KV {_gib(self.kv)}, compute {_gib(self.compute)}, "
-                f"DySCO {_gib(self.dysco)}, reserve {_gib(DEVICE_RESERVE if self.n_gpu_layers else 0)}")
+        reserve = DEVICE_RESERVE if self.n_gpu_layers else 0
+        return (f"weights {self.weights / GIB:.2f}, KV {self.kv / GIB:.2f}, compute {self.compute / GIB:.2f}, "
+                f"DySCO {self.dysco / GIB:.3f}, reserve {reserve / GIB:.2f} GiB")
 
 
 def _gib(n: int) -> str:
@@ -213,10 +214,10 @@ class Fit:
         kv = ("KV cache in host memory" if not c.kv_on_device and c.n_gpu_layers
               else "KV cache with the offloaded layers" if c.n_gpu_layers else "nothing offloaded")
         if c.n_gpu_layers == whole.n_gpu_layers:
-            why = f"all of it fits: {_gib(c.total)} needed"
+            why = f"all of it fits in {_gib(c.total)}"
         else:
-            why = f"everything would need {_gib(whole.total)}; this needs {_gib(c.total)}"
-        return (f"gpu memory {_gib(self.budget)}: {c.layers_text()} offloaded, {kv} ({why}: {c.parts_text()})")
+            why = f"everything would need {_gib(whole.total)}; this takes {_gib(c.total)}"
+        return f"gpu memory {_gib(self.budget)}: {c.layers_text()} offloaded, {kv} ({why}: {c.parts_text()})"
 
 
 def fit(m: ModelBytes, n_ctx: int, memory: MemoryOptions, *, flash_attn: bool, n_ubatch: int = 512) -> Fit:
