@@ -2,7 +2,7 @@
 the process took, from nvidia-smi, against the budget), and the decode speed of what it chose
 (plain / fast / exact through Model.generate, bench_api.py's measurement).
 
-    python bench/device/consumer_budget.py --models A.gguf B.gguf --contexts 8192 32768 --budgets 8G 12G 24G \
+    python bench/device/consumer_budget.py --models A.gguf B.gguf=heads.json --contexts 8192 32768 --budgets 8G 12G 24G \
         [--doc-tokens 1024] [--gen 16] [--repeats 2] [--rpc HOST:PORT]   # RPC: a run without a GPU
 
 Decode is timed after a document of --doc-tokens tokens (at most half the context) inside a context
@@ -49,8 +49,9 @@ def speeds(model: Model, doc_tokens: int, gen: int, repeats: int) -> dict[str, f
 
 
 def measure(path: str, n_ctx: int, budget: str, args, baseline: float | None) -> dict:
+    path, _, heads = path.partition("=")  # MODEL or MODEL=HEAD_MAP
     device = {"rpc": args.rpc} if args.rpc else {}
-    with Model(path, n_ctx=n_ctx, gpu_memory=budget, **device) as model:
+    with Model(path, n_ctx=n_ctx, gpu_memory=budget, head_map=heads or None, **device) as model:
         chosen = model.placement.chosen if model.placement else None
         out = {"chosen": chosen, "describe": model.placement.describe() if model.placement else model.where(),
                "speed": speeds(model, args.doc_tokens, args.gen, args.repeats)}
@@ -60,7 +61,7 @@ def measure(path: str, n_ctx: int, budget: str, args, baseline: float | None) ->
 
 
 def label(path: str) -> str:
-    name = Path(path).stem
+    name = Path(path.partition("=")[0]).stem
     return f"{name} (random weights)" if name in ("qwen3-8b", "llama-3.1-8b", "llama-3.1-70b") else name
 
 
@@ -80,7 +81,7 @@ def row(path: str, n_ctx: int, budget: str, r: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", nargs="+", required=True)
+    ap.add_argument("--models", nargs="+", required=True, help="GGUF paths, each optionally =HEAD_MAP.json")
     ap.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768])
     ap.add_argument("--budgets", nargs="+", default=["8G", "12G", "24G"])
     ap.add_argument("--doc-tokens", type=int, default=1024)
@@ -100,7 +101,7 @@ def main() -> None:
         for n_ctx in args.contexts:
             for budget in args.budgets:
                 # the choice is known before loading: a budget that chooses the same as another reuses it
-                chosen = fit_model(path, n_ctx, MemoryOptions(gpu_memory=budget), flash_attn=True).chosen
+                chosen = fit_model(path.partition("=")[0], n_ctx, MemoryOptions(gpu_memory=budget), flash_attn=True).chosen
                 key = (path, n_ctx, chosen.n_gpu_layers, chosen.kv_on_device)
                 if key not in done:
                     done[key] = measure(path, n_ctx, budget, args, baseline)

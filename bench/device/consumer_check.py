@@ -87,6 +87,7 @@ def row(name: str, vs: str, got: dict, want: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)
+    ap.add_argument("--head-map", default=None, help="head map JSON (default: the one Model finds)")
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
     ap.add_argument("--doc-tokens", type=int, default=1500)
     ap.add_argument("--gen", type=int, default=24)
@@ -96,7 +97,7 @@ def main() -> None:
     ap.add_argument("--cpu-quantized", action="store_true", help="only q8_0/q4_0 against f16, all on the CPU")
     ap.add_argument("--print-split", action="store_true", help="print the partial configuration's n_gpu_layers")
     args = ap.parse_args()
-    cpu = dict(n_gpu_layers=0, flash_attn="on", n_threads=args.threads)
+    cpu = dict(n_gpu_layers=0, flash_attn="on", n_threads=args.threads, head_map=args.head_map)
     runs = {}
 
     def run(key: str, options: dict) -> dict:
@@ -106,7 +107,7 @@ def main() -> None:
         return runs[key]
 
     if args.print_split or not args.cpu_quantized:
-        with Model(args.model, n_gpu_layers=0, n_ctx=512) as probe:
+        with Model(args.model, n_gpu_layers=0, n_ctx=512, head_map=args.head_map) as probe:
             n_gpu = split_layers(probe)
         if args.print_split:
             print(n_gpu)
@@ -125,7 +126,7 @@ def main() -> None:
 
 def config_rows(args, run, cpu: dict, n_gpu: int) -> None:
     """Each configuration against the same options on the CPU (and, quantized, against f16 there)."""
-    device = dict({"rpc": args.rpc} if args.rpc else {}, n_threads=args.threads)
+    device = dict({"rpc": args.rpc} if args.rpc else {}, n_threads=args.threads, head_map=args.head_map)
     for name in args.configs:
         options = dict(config_options(name, n_gpu), **device)
         got = run(name, options)

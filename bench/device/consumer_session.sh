@@ -34,11 +34,11 @@ start=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - start )) s] $*"; }
 
 stamp "checks against the CPU"
-$py bench/device/consumer_check.py --model "$model" --doc-tokens "${DOC:-1500}" --gen "${GEN:-24}" $rpc $threads \
+$py bench/device/consumer_check.py --model "$model" ${heads:+--head-map $heads} --doc-tokens "${DOC:-1500}" --gen "${GEN:-24}" $rpc $threads \
     > "$out/check.md" 2> "$out/check.err"; tail -2 "$out/check.err"
 
 stamp "speed of each configuration"
-n_gpu=$($py bench/device/consumer_check.py --model "$model" --print-split 2>/dev/null)
+n_gpu=$($py bench/device/consumer_check.py --model "$model" ${heads:+--head-map $heads} --print-split 2>/dev/null)
 speed() {  # name, then bench_api options
     local name=$1; shift
     $py bench/speed/bench_api.py --model "$model" ${heads:+--head-map $heads} --contexts ${CONTEXTS:-4096} \
@@ -54,10 +54,11 @@ speed q4_0 --n-gpu-layers 99 --cache-type-k q4_0 --cache-type-v q4_0 --flash-att
 
 stamp "memory budgets"
 shapes=${SHAPES-qwen3-8b llama-3.1-8b}
-models=("$model")
-for s in $shapes; do
+models=("$model${heads:+=$heads}")
+for s in $shapes; do  # random weights with the published heads, as run.sh measures them
     [ -f /tmp/$s.gguf ] || SHAPE=$s bash bench/device/run.sh model > "$out/make-$s.log" 2>&1
-    [ -f /tmp/$s.gguf ] && models+=("/tmp/$s.gguf")
+    case "$s" in llama-3.1-8b) hm=head_maps/llama-3.1-8b-instruct.json ;; *) hm=head_maps/$s.json ;; esac
+    [ -f /tmp/$s.gguf ] && models+=("/tmp/$s.gguf=$hm")
 done
 $py bench/device/consumer_budget.py --models "${models[@]}" --contexts ${BUDGET_CONTEXTS:-8192 32768} \
     --budgets ${BUDGETS:-8G 12G 24G} --repeats "${REPEATS:-2}" $rpc > "$out/budget.md" 2> "$out/budget.err"
