@@ -118,7 +118,8 @@ struct dysco_graph_swap {
         if (ctx.sched_need_reserve || !ctx.gf_res_reserve) {
             return false;
         }
-        if (!st.probe.sched) {
+        const bool fresh = !st.probe.sched;
+        if (fresh) {
             st.probe.sched.reset(ggml_backend_sched_new(ctx.backend_ptrs.data(), ctx.backend_buft.data(),
                                                         (int) ctx.backend_ptrs.size(), ctx.gf_res_reserve->get_max_nodes(),
                                                         false, ctx.cparams.op_offload));
@@ -126,7 +127,26 @@ struct dysco_graph_swap {
         std::swap(ctx.sched, st.probe.sched);
         std::swap(ctx.gf_res_prev[0], st.probe.res);
         std::swap(ctx.gf_res_prev_active, st.probe.active);
+        if (fresh) {
+            reserve_every_device(ctx, st);
+        }
         return true;
+    }
+
+    // A scheduler sizes each device's compute buffer by the graphs it has seen. A probe stops after
+    // L_max and asks for no logits, so a device holding only later layers got a buffer of size 0,
+    // whose base is null, yet the probe's output part (zero rows) may still land there: the tensor
+    // got a null address and the allocator aborted (partial offload, or a split whose last device
+    // holds no layer up to L_max). Reserving one token through every layer first gives every device
+    // a buffer of one token's size; buffers only grow afterwards.
+    static void reserve_every_device(llama_context & ctx, dysco_state & st) {
+        const int32_t layers = st.probe.layers;
+        st.probe.layers = 0;
+        const auto mctx = ctx.memory->init_full();
+        if (mctx) {
+            ctx.graph_reserve(1, 1, 1, mctx.get());
+        }
+        st.probe.layers = layers;
     }
 };
 

@@ -1,5 +1,12 @@
 """Run by tests/test_rpc.py in a process of its own, since RPC devices, once registered, stay for
-the whole process: SmolLM2 on the CPU, then on the RPC servers named in argv[1]; JSON on stdout."""
+the whole process: SmolLM2 on the CPU, then on the RPC servers named in argv[1] (all layers), then
+with PARTIAL_LAYERS offloaded to them (llama.cpp's count) and the rest on this CPU (QR layers on both sides of
+the split, as partial offload to a small GPU puts them); JSON on stdout.
+
+Every run uses one CPU thread, as the servers do: ggml's CPU flash attention splits the cells of a
+one-token query over the threads and merges the partial softmaxes (ops.cpp, use_split_kv_path, from
+512 cells), so its rounding, and with it the QR-head scores and the selected sets near the nucleus'
+edge, depends on the thread count."""
 from __future__ import annotations
 
 import json
@@ -9,6 +16,7 @@ import sys
 from dysco_edge import Model
 
 N_NEW = 24
+PARTIAL_LAYERS = 20  # llama.cpp's count: the output head and layers 11-29 of 30; the QR heads sit in layers 2-18
 
 
 def document() -> str:
@@ -33,8 +41,9 @@ def runs(model: Model, prompt: str) -> dict:
 def main() -> None:
     results = {}
     # local first: after the servers are registered, every model of this process could use them
-    for name, options in (("local", {}), ("rpc", {"rpc": sys.argv[1]})):
-        with Model("smollm2-135m", n_ctx=2048, flash_attn="on", **options) as model:
+    rpc = {"rpc": sys.argv[1]}
+    for name, options in (("local", {}), ("rpc", rpc), ("partial", dict(rpc, n_gpu_layers=PARTIAL_LAYERS))):
+        with Model("smollm2-135m", n_ctx=2048, flash_attn="on", n_threads=1, **options) as model:
             results[name] = runs(model, document())
     print(json.dumps(results))
 

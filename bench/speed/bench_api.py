@@ -54,6 +54,13 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=None, help="n_threads (default: the API's default)")
     ap.add_argument("--flash-attn", default="auto", choices=("auto", "on", "off"))
     ap.add_argument("--n-gpu-layers", type=int, default=None, help="default: the API's (all where a GPU is)")
+    ap.add_argument("--no-kv-offload", dest="kv_offload", action="store_false", help="KV cache in host memory")
+    ap.add_argument("--cache-type-k", default="f16", help="KV cache type of K: f16, q8_0, q4_0")
+    ap.add_argument("--cache-type-v", default="f16", help="KV cache type of V (quantized: flash attention on)")
+    ap.add_argument("--gpu-memory", default=None, help="a device memory budget, e.g. 8G (with --n-ctx)")
+    ap.add_argument("--n-ctx", type=int, default=None, help="fixed context size (default: what the inputs need)")
+    ap.add_argument("--no-llama", action="store_true", help="skip llama-cpp-python's Llama (and llama-bench)")
+    ap.add_argument("--rpc", default=None, help="host:port,... of rpc-servers whose devices take layers")
     ap.add_argument("--split-mode", default="layer", help="layer, row or none (several GPUs)")
     ap.add_argument("--tensor-split", default="", help="a share per GPU, e.g. 1,1 (default: by free memory)")
     ap.add_argument("--repeats", type=int, default=3, help="alternating runs per mode (medians)")
@@ -199,7 +206,7 @@ def run_llama_bench(args, model: Model, settings: dict, depth: int, n_gen: int, 
     cmd = [str(args.llama_bench), "-m", str(model.path), "-p", "0", "-n", str(n_gen), "-d", str(depth),
            "-t", str(settings["threads"]), "-fa", "on" if settings["flash_attn"] else "off",
            "-ngl", str(999 if ngl < 0 else ngl), "-sm", args.split_mode, "-r", str(reps or max(1, args.repeats)),
-           "-o", "json"]
+           "-nkvo", "0" if args.kv_offload else "1", "-ctk", args.cache_type_k, "-ctv", args.cache_type_v, "-o", "json"]
     if args.tensor_split:
         cmd += ["-ts", args.tensor_split.replace(",", "/")]
     done = subprocess.run(cmd, capture_output=True, text=True, env=llama_bench_env())
@@ -217,11 +224,14 @@ def measure_context(args, model: Model, settings: dict, n: int) -> dict[str, dic
     runs = {mode: ApiRun(model, msgs, dysco[mode], args.gen, not args.no_prefill, clock) for mode in MODES}
     for run in runs.values():
         run.warm()
+    if args.no_llama:
+        return alternate(runs, args.repeats)
+    o = model.engine.options
     llm = llama_cpp.Llama(model_path=str(model.path), n_ctx=model.n_ctx, n_batch=512, n_ubatch=512,
                           n_gpu_layers=settings["n_gpu_layers"], flash_attn=settings["flash_attn"],
                           n_threads=settings["threads"], split_mode=SPLIT_MODES[args.split_mode],
                           tensor_split=[float(x) for x in args.tensor_split.split(",")] if args.tensor_split else None,
-                          verbose=False)
+                          offload_kqv=o.offload_kqv, type_k=o.type_k, type_v=o.type_v, verbose=False)
     try:
         runs["Llama"] = LlamaRun(llm, msgs, None, args.gen, not args.no_prefill, clock)
         runs["Llama"].warm()
@@ -237,16 +247,16 @@ def ratio(a, b) -> str:
 
 
 def decode_row(n: int, r: dict, bound: float) -> str:
-    p, f, e, llm, lb = (r[k]["decode"] for k in ("plain", "fast", "exact", "Llama", "llama-bench"))
+    p, f, e, llm, lb = (r[k]["decode"] if k in r else None for k in ("plain", "fast", "exact", "Llama", "llama-bench"))
     lb_cells = f"{lb:.1f} | {ratio(p, lb)}" if lb else "- | -"
     return (f"| {n} | {int(r['plain']['n_prompt'])} | {p:.1f} | {f:.1f} | {e:.1f} | {ratio(f, p)} | {ratio(e, p)} "
-            f"| {bound:.3f}x | {e / p / bound:.3f} | {llm:.1f} | {ratio(p, llm)} | {lb_cells} |")
+            f"| {bound:.3f}x | {e / p / bound:.3f} | {f'{llm:.1f}' if llm else '-'} | {ratio(p, llm)} | {lb_cells} |")
 
 
 def prefill_row(n: int, r: dict) -> str:
-    p, f, e, llm = (r[k] for k in ("plain", "fast", "exact", "Llama"))
+    p, f, e, llm = (r.get(k, {}) for k in ("plain", "fast", "exact", "Llama"))
     return (f"| {n} | {p['prefill']:.0f} | {ratio(f['prefill'], p['prefill'])} | {ratio(e['prefill'], p['prefill'])} "
-            f"| {llm['prefill']:.0f} | {p['ttft']:.2f} | {ratio(p['ttft'], f['ttft'])} | {ratio(p['ttft'], e['ttft'])} |")
+            f"| {llm.get('prefill', 0):.0f} | {p['ttft']:.2f} | {ratio(p['ttft'], f['ttft'])} | {ratio(p['ttft'], e['ttft'])} |")
 
 
 def tables(results: dict[int, dict], bound: float, prefill: bool) -> list[str]:
@@ -278,6 +288,7 @@ def header(args, model: Model, settings: dict, config) -> list[str]:
     return [f"`python bench/speed/bench_api.py {' '.join(sys.argv[1:])}` ({datetime.date.today()})", "",
             f"- model: {model.path.name}; heads: {model.find_heads().describe()}, {len(config.qr_heads)} QR heads, "
             f"L_max {config.l_max} of {model.shape.n_layer} layers",
+            *([f"- {model.placement.describe()}"] if model.placement else []),
             f"- where: {model.where()}; threads {settings['threads']}; flash attention "
             f"{'on' if settings['flash_attn'] else 'off'}; n_gpu_layers {settings['n_gpu_layers']}",
             f"- decode of {args.gen} tokens, greedy, chat template; medians of {args.repeats} alternating runs; "
@@ -289,7 +300,9 @@ def header(args, model: Model, settings: dict, config) -> list[str]:
 def main() -> None:
     args = parse_args()
     model = Model(args.model, n_gpu_layers=args.n_gpu_layers, flash_attn=args.flash_attn, n_threads=args.threads,
-                  head_map=args.head_map, split_mode=args.split_mode, tensor_split=args.tensor_split or None)
+                  head_map=args.head_map, split_mode=args.split_mode, tensor_split=args.tensor_split or None,
+                  n_ctx=args.n_ctx, kv_offload=args.kv_offload, cache_type_k=args.cache_type_k,
+                  cache_type_v=args.cache_type_v, gpu_memory=args.gpu_memory, rpc=args.rpc)
     settings = resolved_settings(model)
     config = model.resolve_dysco("auto")
     results = {n: measure_context(args, model, settings, n) for n in args.contexts}

@@ -23,8 +23,9 @@ from .heads.lookup import FoundHeadMap, locate_head_map, no_head_map_message
 from .heads.maps import HeadMap, ModelShape, heads_outside, load_head_map
 from .limits import int_in
 from .models import resolve as resolve_model
-from .runtime.engine import (Engine, EngineOptions, ProgressFn, SplitOptions, choose_offload, connect_rpc,
-                             offload_free_bytes)
+from .placement import Fit, MemoryOptions, fit_model
+from .runtime.engine import (CACHE_TYPE_IDS, Engine, EngineOptions, ProgressFn, SplitOptions, choose_offload,
+                             connect_rpc, offload_free_bytes)
 from .runtime.focus_trace import FocusTrace
 from .runtime.generation import ContextLock, Generation, Request, TextStream
 from .runtime.prefix_cache import PrefixCache
@@ -57,17 +58,30 @@ class Model:
     (rows of each matrix; CUDA) or "none" (only device main_gpu); tensor_split one share per device
     (default: by free memory); rpc the host:port of `dysco-edge rpc-server`s whose devices join
     this process's before it loads (for good: later models in the process see them too) and come
-    first in the devices' order."""
+    first in the devices' order.
+
+    Small GPUs: kv_offload False keeps the KV cache (and attention) in host memory; cache_type_k /
+    cache_type_v "f16", "q8_0" or "q4_0" (a quantized V needs flash attention, which "auto" then
+    turns on); gpu_memory (bytes, or a size such as "8G", with n_ctx) offloads the most layers whose
+    weights, KV cells and compute buffers fit in that much device memory (`placement` says what it
+    chose and why; placement.py)."""
 
     def __init__(self, path: Optional[Union[str, Path]] = None, *, n_ctx: Optional[int] = None,
                  n_gpu_layers: Optional[int] = None, flash_attn: Union[bool, str] = "auto", n_batch: int = 512,
                  n_threads: Optional[int] = None, head_map: Optional[Union[str, Path, HeadMap]] = None,
                  split_mode: str = "layer", main_gpu: int = 0, tensor_split: Union[Sequence[float], str, None] = None,
-                 rpc: Union[str, Sequence[str], None] = None):
+                 rpc: Union[str, Sequence[str], None] = None, kv_offload: bool = True, cache_type_k: str = "f16",
+                 cache_type_v: str = "f16", gpu_memory: Union[int, str, None] = None):
         self.path = check_gguf_file(resolve_model(path or None))
         split = SplitOptions(split_mode, main_gpu, tensor_split or (), rpc or ())
+        memory = MemoryOptions(kv_offload, cache_type_k, cache_type_v, gpu_memory)
+        if memory.gpu_memory is not None and n_gpu_layers is not None:
+            raise InputError(f"give n_gpu_layers ({n_gpu_layers}) or gpu_memory, not both: gpu_memory chooses "
+                             f"the layers")
         connect_rpc(split.rpc)  # before the offload choice: the servers' devices take the layers
-        layers, flash = choose_offload(n_gpu_layers, flash_attn)
+        layers, flash = choose_offload(n_gpu_layers, memory.flash_attn_for(flash_attn))
+        self.placement = self._fit(memory, n_ctx, flash, n_batch) if layers != 0 else None
+        layers = self.placement.chosen.n_gpu_layers if self.placement else layers
         self._kv_shape = kv_shape(self.path)  # a context that cannot fit is refused before any work
         self._device_free = offload_free_bytes() if layers != 0 else 0
         if n_ctx is not None:
@@ -75,7 +89,10 @@ class Model:
         self._auto_ctx = n_ctx is None
         self.engine = Engine(self.path, EngineOptions(n_ctx=n_ctx or AUTO_CTX_START, n_batch=n_batch,
                                                       n_ubatch=n_batch, n_gpu_layers=layers, flash_attn=flash,
-                                                      n_threads=n_threads, split=split))
+                                                      n_threads=n_threads, split=split,
+                                                      type_k=CACHE_TYPE_IDS[memory.cache_type_k],
+                                                      type_v=CACHE_TYPE_IDS[memory.cache_type_v],
+                                                      offload_kqv=memory.kv_offload))
         self._file_identity: Optional[dict] = None
         self.shape = ModelShape.from_gguf_metadata(self.engine.metadata)
         self.prompter = Prompter(self.engine)
@@ -84,6 +101,12 @@ class Model:
         self._found_heads: Optional[tuple[Optional[FoundHeadMap]]] = None  # looked up once, on first use
         self._cache = PrefixCache(self.engine)
         self._lock = ContextLock()
+
+    def _fit(self, memory: MemoryOptions, n_ctx: Optional[int], flash: bool, n_batch: int) -> Optional[Fit]:
+        """What the gpu_memory budget chose (None without a budget)."""
+        if memory.gpu_memory is None:
+            return None
+        return fit_model(self.path, n_ctx, memory, flash_attn=flash, n_ubatch=n_batch)
 
     def close(self) -> None:
         with self._lock:

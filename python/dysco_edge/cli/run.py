@@ -11,9 +11,7 @@ from ..errors import InputError
 from ..limits import check_text
 from ..progress import Progress
 from .models import add_model_arguments, chosen_model
-from .devices import add_device_arguments, device_options
-
-FLASH_ATTN = ("auto", "on", "off")  # runtime.engine.FLASH_ATTN_CHOICES, without importing llama.cpp to parse
+from .devices import add_device_arguments, add_memory_arguments, device_options, memory_options
 QUESTION_ROOM = 256  # context kept for a question asked interactively (its length unknown up front)
 MAX_TOKENS = 256
 # a greedy answer that repeats 24 tokens verbatim loops on until --max-tokens (measured: README, "Chosen for you")
@@ -45,11 +43,8 @@ def add_parser(subparsers) -> None:
     run.add_argument("--n-ctx", type=int, default=None,
                      help="context size (default: what the document, question and --max-tokens need, "
                           "up to the model's training context)")
-    run.add_argument("--n-gpu-layers", type=int, default=None,
-                     help="layers offloaded to the GPU(s) or RPC servers (default: all, where there are any; 0: CPU)")
-    run.add_argument("--flash-attn", nargs="?", const="on", default="auto", choices=FLASH_ATTN,
-                     help="flash attention (default auto: on where layers run on a GPU)")
     run.add_argument("--threads", type=int, default=None, help=threads_help())
+    add_memory_arguments(run)
     add_device_arguments(run)
     cache = run.add_argument_group("KV cache on disk (a document opened again is loaded, not prefilled)")
     cache.add_argument("--cache-dir", metavar="DIR",
@@ -123,6 +118,7 @@ def check_run_options(args) -> None:
 
 def run_command(args) -> int:
     check_args(args)
+    memory = memory_options(args)
     text = read_documents(args.doc) if args.prompt is None else None  # unreadable files fail before loading
     if args.prompt is None and not args.doc and not args.question:
         args.question = [SAMPLE_QUESTION]
@@ -130,9 +126,11 @@ def run_command(args) -> int:
     cache = cache_spec(args)
     path = chosen_model(args)
     from ..api import Model  # heavy imports after argument parsing
-    model = Model(path, n_ctx=args.n_ctx, n_gpu_layers=args.n_gpu_layers, flash_attn=args.flash_attn,
-                  n_threads=args.threads, head_map=args.head_map, **device_options(args))
+    model = Model(path, n_ctx=args.n_ctx, n_threads=args.threads, head_map=args.head_map, **memory,
+                  **device_options(args))
     print(f"running on {model.where()}", file=sys.stderr)
+    if model.placement:
+        print(model.placement.describe(), file=sys.stderr)
     dysco = choose_dysco(model, args)
     options = dict(max_new_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed,
                    stop_on_repeat=args.stop_on_repeat)

@@ -16,7 +16,7 @@ from typing import Any
 
 from ..errors import GGUFMetaError, ModelFileError
 
-__all__ = ["GGUFMetaError", "check_gguf_file", "read_gguf_metadata", "gguf_index_end"]
+__all__ = ["GGUFMetaError", "check_gguf_file", "read_gguf_metadata", "gguf_index_end", "read_tensor_index"]
 
 _STRING, _ARRAY = 8, 9
 # GGUF value type -> struct format of one value (strings and arrays handled apart)
@@ -51,6 +51,24 @@ def read_gguf_metadata(path: str | Path, want: Callable[[str], bool] = lambda ke
             return _Walker(data, path).read(want)
         except struct.error:
             raise GGUFMetaError(f"{path}: truncated GGUF metadata") from None
+
+
+def read_tensor_index(path: str | Path) -> list[tuple[str, int, tuple[int, ...]]]:
+    """(name, ggml type id, dimensions) of every tensor, in file order: what the weights weigh
+    without reading them (placement.py sizes the layers from it)."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        try:
+            data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except ValueError:
+            raise GGUFMetaError(f"{path}: not a GGUF file (empty)") from None
+    with data:
+        try:
+            walker = _Walker(data, path)
+            walker.read(lambda key: False)
+            return walker.tensor_index()
+        except struct.error:
+            raise GGUFMetaError(f"{path}: truncated GGUF tensor index") from None
 
 
 def gguf_index_end(path: str | Path) -> int:
@@ -107,6 +125,19 @@ class _Walker:
             self.pos += 8 * n_dims + 4 + 8
         if self.pos > len(self.data):
             raise struct.error("tensor index past the end")
+
+    def tensor_index(self) -> list[tuple[str, int, tuple[int, ...]]]:
+        out = []
+        for _ in range(self.n_tensors):
+            name = self.string()
+            n_dims = self.take("I")
+            if n_dims > 4:  # ggml tensors have at most 4 dimensions
+                raise GGUFMetaError(f"{self.path}: tensor {name} has {n_dims} dimensions: a damaged file")
+            dims = tuple(self.take("Q") for _ in range(n_dims))
+            ggml_type = self.take("I")
+            self.pos += 8  # data offset
+            out.append((name, ggml_type, dims))
+        return out
 
     def take(self, fmt: str) -> Any:
         value = struct.unpack_from(self.order + fmt, self.data, self.pos)[0]

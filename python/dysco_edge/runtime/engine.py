@@ -107,6 +107,7 @@ class EngineOptions:
     flash_attn: bool = False
     type_k: Optional[int] = None  # a ggml type id (llama_cpp.GGML_TYPE_*); None = F16
     type_v: Optional[int] = None
+    offload_kqv: bool = True  # False: the KV cache (and attention) stays in host memory
     n_threads: Optional[int] = None  # None: one per physical core (cores.py), as llama.cpp's tools
     n_seq_max: int = 1  # > 1: a unified KV cache shared by that many sequences
     split: SplitOptions = field(default_factory=SplitOptions)
@@ -124,6 +125,8 @@ class EngineOptions:
 
 
 FLASH_ATTN_CHOICES = ("auto", "on", "off")
+# placement.CACHE_TYPES by ggml type id
+CACHE_TYPE_IDS = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0, "q4_0": llama_cpp.GGML_TYPE_Q4_0}
 _DEVICE_KINDS = {0: "CPU", 1: "GPU", 2: "iGPU", 3: "accelerator"}
 _c = ctypes
 _GGML_SIGNATURES = {  # the parts of ggml's backend registry used here: (argument types, result type)
@@ -416,7 +419,7 @@ class Engine:
                 split_mode=_SPLIT_MODE_IDS[split.mode], main_gpu=split.main_gpu,
                 tensor_split=list(split.tensor_split) or None,
                 flash_attn=options.flash_attn, type_k=options.type_k, type_v=options.type_v,
-                n_threads=self.n_threads, n_threads_batch=self.n_threads, verbose=False)
+                offload_kqv=options.offload_kqv, n_threads=self.n_threads, n_threads_batch=self.n_threads, verbose=False)
         except ValueError as err:  # llama-cpp-python's word for "llama.cpp refused it"
             raise EngineError(f"llama.cpp could not load {self.path}: {err}") from None
         self._closed = False
@@ -522,16 +525,25 @@ class Engine:
         threads = self.n_threads
         if o.n_gpu_layers == 0 or not used:
             cpu = next((d.description for d in devices() if d.kind == "CPU"), "")
-            return f"CPU{': ' + cpu if cpu else ''} ({threads} thread{'s' if threads != 1 else ''})"
-        layers = self.n_layer if o.n_gpu_layers < 0 else min(o.n_gpu_layers, self.n_layer)
+            return f"CPU{': ' + cpu if cpu else ''} ({threads} thread{'s' if threads != 1 else ''}{self._kv_where(False)})"
+        # llama.cpp's count takes the output head first, then the blocks from the last one back
+        layers = self.n_layer if o.n_gpu_layers < 0 else max(0, min(o.n_gpu_layers, self.n_layer + 1) - 1)
         if len(used) == 1 and used[0].backend != "RPC":
             names = used[0].description or used[0].name
         else:  # several, or on another machine: which device is which
             names = ", ".join(d.label() for d in used)
         shares = ":".join(f"{x:g}" for x in o.split.tensor_split[:len(used)])
         split = f", split by {o.split.mode}{' ' + shares if shares else ''}" if len(used) > 1 else ""
-        return (f"{names} ({layers}/{self.n_layer} layers offloaded{split}, flash attention "
+        return (f"{names} ({layers}/{self.n_layer} layers offloaded{split}{self._kv_where()}, flash attention "
                 f"{'on' if o.flash_attn else 'off'})")
+
+    def _kv_where(self, offloaded: bool = True) -> str:
+        """The KV cache's types and place where they are not the defaults."""
+        o, names = self.options, {v: k for k, v in CACHE_TYPE_IDS.items()}
+        k, v = (names.get(t, str(t)) if t is not None else "f16" for t in (o.type_k, o.type_v))
+        types = "" if (k, v) == ("f16", "f16") else f" {k}/{v}"
+        where = " in host memory" if offloaded and not o.offload_kqv else ""
+        return f", KV cache{types}{where}" if types or where else ""
 
     # ---- the model's vocabulary and metadata ----
 

@@ -7,8 +7,8 @@ import os
 import sys
 
 from ..cli.models import add_model_arguments, chosen_model
-from ..cli.devices import add_device_arguments, device_options
-from ..cli.run import FLASH_ATTN, threads_help
+from ..cli.devices import add_device_arguments, add_memory_arguments, device_options, memory_options
+from ..cli.run import threads_help
 from ..errors import DyscoEdgeError, InputError
 from ..config import MODES, OFF
 
@@ -36,11 +36,8 @@ def add_parser(subparsers) -> None:
                             "requests sending dysco true or options get DySCO in this mode, fast when it is off")
     serve.add_argument("--n-ctx", type=int, default=8192,
                        help="context size, fixed so that the server's memory is known up front (default 8192)")
-    serve.add_argument("--n-gpu-layers", type=int, default=None,
-                       help="layers offloaded to the GPU(s) or RPC servers (default: all, where there are any; 0: CPU)")
-    serve.add_argument("--flash-attn", nargs="?", const="on", default="auto", choices=FLASH_ATTN,
-                       help="flash attention (default auto: on where layers run on a GPU)")
     serve.add_argument("--threads", type=int, default=None, help=threads_help())
+    add_memory_arguments(serve)
     add_device_arguments(serve)
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     serve.set_defaults(handler=serve_command)
@@ -59,8 +56,9 @@ def serve_command(args) -> int:
         raise InputError(f"--port must be in 1..65535, got {args.port}")
     if args.n_ctx < 1:
         raise InputError(f"--n-ctx must be >= 1, got {args.n_ctx}")
-    model = Model(chosen_model(args), n_ctx=args.n_ctx, n_gpu_layers=args.n_gpu_layers, flash_attn=args.flash_attn,
-                  n_threads=args.threads, head_map=args.head_map, **device_options(args))
+    memory = memory_options(args)
+    model = Model(chosen_model(args), n_ctx=args.n_ctx, n_threads=args.threads, head_map=args.head_map, **memory,
+                  **device_options(args))
     try:
         settings = ServerSettings(model_id=args.alias or args.model_name or model.path.name, api_key=args.api_key,
                                   cors_origins=tuple(args.cors), max_queue=args.queue, max_tokens=args.max_tokens,
@@ -89,6 +87,8 @@ def _announce(model, args) -> None:
     print(f"dysco-edge: serving {model.path.name} (n_ctx {model.n_ctx}; {heads}) on "
           f"http://{args.host}:{args.port}/v1 (the document page: http://{args.host}:{args.port}/); "
           f"running on {model.where()}", file=sys.stderr, flush=True)
+    if model.placement:
+        print(f"dysco-edge: {model.placement.describe()}", file=sys.stderr, flush=True)
     if not _is_loopback(args.host) and not args.api_key:
         print(f"dysco-edge: warning: {args.host} is reachable from other machines and no --api-key is set",
               file=sys.stderr, flush=True)
