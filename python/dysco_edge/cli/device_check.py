@@ -60,7 +60,8 @@ def _check(path, args: argparse.Namespace) -> int:
             raise InputError(f"no head map fits {path.name}: pass one with --head-map")
         prompt = np.random.default_rng(0).integers(100, min(eng.n_vocab, 20000), size=PROMPT_TOKENS).tolist()
         placed = summarize(record_placement(eng, found.head_map.to_config(), prompt))
-    print(f"\nDySCO nodes of {path.name} ({layers} layers offloaded, flash attention {'on' if flash else 'off'}, "
+    offloaded = "all" if layers < 0 else str(layers)
+    print(f"\nDySCO nodes of {path.name} ({offloaded} layers offloaded, flash attention {'on' if flash else 'off'}, "
           f"K cache {args.cache_type_k}):")
     print(f"{'part':<19} {'op':<15} {'runs on':<10} {'its layer on':<13} layers")
     for p in placed:
