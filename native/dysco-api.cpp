@@ -502,6 +502,32 @@ int32_t dysco_set_attn_scale(llama_context * ctx, float scale) {
     return dysco_ok();
 }
 
+int32_t dysco_set_placement_log(llama_context * ctx, bool on) {
+    if (!ctx) {
+        return dysco_fail(DYSCO_ERR_ARGUMENT, "dysco_set_placement_log: null context");
+    }
+    auto & pl = dysco_state_of(ctx).placement;
+    pl.on = on;
+    if (on) {
+        pl.seen.clear();
+    }
+    return dysco_ok();
+}
+
+int32_t dysco_get_placement(llama_context * ctx, char * out, int32_t n_max) {
+    if (!ctx || n_max < 0) {
+        return dysco_fail(DYSCO_ERR_ARGUMENT, "dysco_get_placement: null context or n_max = %d", n_max);
+    }
+    const std::string text = dysco_placement_text(dysco_state_of(ctx));
+    if (out && n_max > 0) {
+        const size_t n = std::min(text.size(), (size_t) n_max - 1);
+        memcpy(out, text.data(), n);
+        out[n] = '\0';
+    }
+    g_last_error.clear();
+    return (int32_t) text.size();
+}
+
 int32_t dysco_set_slot_layout(llama_context * ctx, bool on, const int32_t * hidden, int32_t n_hidden, int32_t view_seq) {
     if (!ctx || n_hidden < 0 || (n_hidden > 0 && !hidden)) {
         return dysco_fail(DYSCO_ERR_ARGUMENT, "dysco_set_slot_layout: null context or hidden slots, n_hidden = %d", n_hidden);

@@ -76,6 +76,13 @@ static ggml_tensor * dysco_kq_softcap(const llm_graph_context & g, ggml_tensor *
     return kq;
 }
 
+// A quantized K cache view as F32, for the score mat-muls that read it permuted: Vulkan multiplies a
+// quantized src0 only when contiguous (the view would run on the CPU, K copied to the host every step);
+// every backend dequantizes a strided view (docs/backends.md). F16/F32 K is read as it is.
+static ggml_tensor * dysco_k_dequant(const llm_graph_context & g, ggml_tensor * k) {
+    return ggml_is_quantized(k->type) ? ggml_cast(g.ctx0, k, GGML_TYPE_F32) : k;
+}
+
 // softmax(scale * k.q + mask) of the last token for the query heads of KV heads
 // [kv_first, kv_first + n_groups): [n_kv, 1, n_groups * n_gqa], query heads in order.
 // One mat-mul and one softmax per layer for all its QR heads: a batch of rows costs hardly more
@@ -87,7 +94,7 @@ static ggml_tensor * dysco_range_probs(const llm_graph_context & g, ggml_tensor 
                                      kv_first * n_gqa * q_tok->nb[1]);                        // [d, n_gqa, n_groups]
     ggml_tensor * k_r = ggml_view_3d(g.ctx0, k, k->ne[0], n_groups, k->ne[2], k->nb[1], k->nb[2],
                                      kv_first * k->nb[1]);                                    // [d, n_groups, n_kv]
-    ggml_tensor * kq  = ggml_mul_mat(g.ctx0, ggml_permute(g.ctx0, k_r, 0, 2, 1, 3), q_r);   // [n_kv, n_gqa, n_groups]
+    ggml_tensor * kq  = ggml_mul_mat(g.ctx0, ggml_permute(g.ctx0, dysco_k_dequant(g, k_r), 0, 2, 1, 3), q_r);   // [n_kv, n_gqa, n_groups]
     ggml_prec_set_acc(kq, GGML_PREC_F32);
     ggml_set_name(kq, "dysco_kq_range");
     kq = dysco_kq_softcap(g, kq, kq_scale);
@@ -157,8 +164,12 @@ static void dysco_graph_qr_scores(const llm_graph_context & g, dysco_state * st,
     ggml_set_name(acc, DYSCO_SCORE_NAME[kind]);
     ggml_set_output(acc);
     ggml_build_forward_expand(g.gf, acc);
+    dysco_name_nodes(acc, "score", il, st->build[DYSCO_CACHE_BASE].inputs);
     if (il == st->heads.l_max && kind == DYSCO_CACHE_BASE) {
         dysco_track_fold(g, *st, acc, mask);
+        if (ggml_tensor * fold = ggml_graph_get_tensor(g.gf, "dysco_importance_fold")) {
+            dysco_name_nodes(fold, "fold", il, st->build[DYSCO_CACHE_BASE].inputs);
+        }
     }
 }
 
@@ -178,7 +189,7 @@ static void dysco_graph_capture_heads(const llm_graph_context & g, dysco_state *
     ggml_tensor * mask  = dysco_mask_input(g, st->build[kind].head_mask, cap.rows[kind].mask, k->ne[2], n_sel,
                                            DYSCO_HEAD_MASK_NAME[kind], false);
     ggml_tensor * q_sel = ggml_view_3d(g.ctx0, q, q->ne[0], q->ne[1], n_sel, q->nb[1], q->nb[2], i0 * q->nb[2]); // [d, n_head, n_sel]
-    ggml_tensor * kq    = ggml_mul_mat(g.ctx0, ggml_permute(g.ctx0, k, 0, 2, 1, 3),
+    ggml_tensor * kq    = ggml_mul_mat(g.ctx0, ggml_permute(g.ctx0, dysco_k_dequant(g, k), 0, 2, 1, 3),
                                        ggml_permute(g.ctx0, q_sel, 0, 2, 1, 3)); // [n_kv, n_sel, n_head]
     ggml_prec_set_acc(kq, GGML_PREC_F32);
     kq = dysco_kq_softcap(g, kq, kq_scale);
@@ -188,6 +199,7 @@ static void dysco_graph_capture_heads(const llm_graph_context & g, dysco_state *
     ggml_format_name(sum, "dysco_heads_l%d", il);
     ggml_set_output(sum);
     ggml_build_forward_expand(g.gf, sum);
+    dysco_name_nodes(sum, "capture", il, st->build[DYSCO_CACHE_BASE].inputs);
 }
 
 float dysco_graph_attn(const llm_graph_context & g, ggml_tensor * q, ggml_tensor * k, ggml_tensor *& kq_mask, float kq_scale,
@@ -197,8 +209,13 @@ float dysco_graph_attn(const llm_graph_context & g, ggml_tensor * q, ggml_tensor
         return kq_scale;
     }
     kq_scale *= st->attn_scale;
+    // the names of the nodes DySCO adds stop at these (dysco_name_nodes)
+    st->build[DYSCO_CACHE_BASE].inputs.insert(st->build[DYSCO_CACHE_BASE].inputs.end(), { q, k, kq_mask });
     // the bias first: its selection must read the importance before this graph's fold writes it
     ggml_tensor * biased = is_swa ? kq_mask : dysco_track_bias(g, *st, kq_mask);
+    if (biased != kq_mask) {
+        dysco_name_nodes(biased, "select", il, st->build[DYSCO_CACHE_BASE].inputs);
+    }
     // scores follow one sequence: a ubatch spread over several KV streams is not scored
     if (k->ne[3] == 1) {
         const int kind = is_swa ? DYSCO_CACHE_SWA : DYSCO_CACHE_BASE;

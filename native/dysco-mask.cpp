@@ -17,7 +17,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <algorithm>
-#include <map>
 #include <string>
 #include <type_traits>
 
@@ -298,21 +297,6 @@ static bool scores_gather(dysco_scores & sc, ggml_tensor * t, ggml_backend_sched
     return true;
 }
 
-// DYSCO_SCHED_REPORT=1: which backend runs each DySCO node (to check nothing falls back to the CPU).
-static void sched_report(ggml_cgraph * gf, ggml_backend_sched_t sched) {
-    std::map<std::string, int> count;
-    for (int i = 0; i < ggml_graph_n_nodes(gf); ++i) {
-        ggml_tensor * node = ggml_graph_node(gf, i);
-        if (strncmp(node->name, "dysco", 5) == 0) {
-            ggml_backend_t backend = ggml_backend_sched_get_tensor_backend(sched, node);
-            count[backend ? ggml_backend_name(backend) : "none"]++;
-        }
-    }
-    for (const auto & [name, n] : count) {
-        fprintf(stderr, "dysco sched: %d DySCO nodes on %s\n", n, name.c_str());
-    }
-}
-
 // Adds one layer's [1, n_kv, n_head] row sums into the all-heads capture, cells mapped to positions.
 static void head_layer_gather(dysco_head_capture & cap, ggml_tensor * t, ggml_backend_sched_t sched, int il, int kind) {
     const auto & rows = cap.rows[kind];
@@ -360,6 +344,7 @@ void dysco_ubatch_done(const llama_cparams & cparams, const llm_graph_result * r
     }
     st->timeline.mark(st->probe.layers > 0 ? DYSCO_MARK_PROBE_LAUNCHED : DYSCO_MARK_PASS_LAUNCHED, ubatch.n_tokens == 1);
     ggml_cgraph * gf = res->get_gf();
+    dysco_placement_record(*st, gf, sched);
     if (st->heads_cap.on) {
         heads_capture_done(*st, ubatch, gf, sched);
     }
@@ -368,10 +353,6 @@ void dysco_ubatch_done(const llama_cparams & cparams, const llm_graph_result * r
     st->scores.pending = {};
     if (!st->scoring()) {
         return;
-    }
-    static const bool report = getenv("DYSCO_SCHED_REPORT") != nullptr;
-    if (report) {
-        sched_report(gf, sched);
     }
     // read when asked (dysco_scores_sync): the importance folds them in the graph, so a decode step
     // waits for nothing here

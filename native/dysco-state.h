@@ -50,6 +50,7 @@ struct dysco_build_nodes {
     ggml_tensor * head_mask = nullptr; // [n_kv, n_sel]  unbiased mask rows of the head-captured tokens
     ggml_tensor * biased    = nullptr; // [n_kv, n_tokens, 1, 1] the KQ mask plus the selection's bias
     ggml_tensor * cells     = nullptr; // [n_tokens] I64 the cell of each ubatch token
+    std::vector<const ggml_tensor *> inputs; // what llama.cpp handed the DySCO hooks (q, k, kq_mask of each layer)
 };
 
 // The mask rows of the ubatch tokens whose heads are captured (positions in the capture range).
@@ -173,6 +174,12 @@ struct dysco_probe_graph {
     llm_graph_result *     active = nullptr;
 };
 
+// The placement log (dysco_set_placement_log; dysco-placement.cpp).
+struct dysco_placement {
+    bool on = false;
+    std::map<std::string, int> seen; // "name\top\tlayer\tbackend\tattention backend" -> graphs computed
+};
+
 struct dysco_state {
     explicit dysco_state(const llama_model * model);
     ~dysco_state();
@@ -189,6 +196,7 @@ struct dysco_state {
     dysco_slot_layout  slots;
     float              attn_scale = 1.0f; // multiplies every attention logit (AttnTS baseline); 1 = off
     dysco_timeline     timeline;
+    dysco_placement    placement;
 
     bool scoring() const { return heads.n > 0 && (scores.capture || probe.layers > 0); }
     // a probe's scores read the last row of the attention's KQ mask [n_kv, n_tokens, 1, 1] in the
@@ -212,3 +220,11 @@ bool dysco_track_alloc(dysco_state & st, const llama_kv_cache & kv);
 // Whether this graph build folds / selects (also part of the graph key).
 bool dysco_track_folds(const dysco_state & st);
 bool dysco_track_selects(const dysco_state & st, const llm_graph_context & g);
+
+// dysco-placement.cpp. Names dysco_<group>_<op>-<il> every node of the subgraph ending in `out` that DySCO
+// added (down to the leaves and to `stop`, the tensors it reads from llama.cpp's graph; dysco* names stay).
+void dysco_name_nodes(ggml_tensor * out, const char * group, int il, const std::vector<const ggml_tensor *> & stop);
+// After a graph ran: its DySCO nodes' backends, printed (DYSCO_SCHED_REPORT) and/or logged (placement.on).
+void dysco_placement_record(dysco_state & st, ggml_cgraph * gf, ggml_backend_sched_t sched);
+// The log, one line per distinct row: "name\top\tlayer\tbackend\tattention backend\tgraphs\n".
+std::string dysco_placement_text(const dysco_state & st);

@@ -78,6 +78,16 @@ int32_t dysco_get_head_scores(struct llama_context * ctx, float * out, int64_t n
 // 1 turns it off.
 int32_t dysco_set_attn_scale(struct llama_context * ctx, float scale);
 
+// Placement of the nodes DySCO adds to a graph (every one is named dysco*): with `on`, every later
+// decode records, for each such node that computes, the backend ggml's scheduler runs it on and the
+// backend running its layer's attention. Turning it on starts a new record.
+int32_t dysco_set_placement_log(struct llama_context * ctx, bool on);
+// The record, one line per distinct node and placement:
+// "name\top\tlayer\tbackend\tattention backend\tcount\n" (layer -1 and attention backend "" when not
+// known; count: times a node of that name was computed so placed). Writes at most n_max bytes,
+// NUL-terminated, to out (NULL: none) and returns the text's length.
+int32_t dysco_get_placement(struct llama_context * ctx, char * out, int32_t n_max);
+
 // Importance, selection and bias inside the decode graph (native/dysco-track.cpp), for a plain KV
 // cache: the importance lives on the backend, one value per KV cell. Scoring passes (probes, and full
 // passes with capture on) fold their scores into it (DYSCO_SPEC.md "update"); an armed full pass

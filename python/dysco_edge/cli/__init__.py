@@ -1,5 +1,5 @@
 """The `dysco-edge` command: a dispatcher; each verb lives in its own module (`cli/run.py`,
-`cli/models.py`, `cli/rpc_server.py`, `server/cli.py`, `heads/cli.py`, `eval/cli.py`) with an
+`cli/models.py`, `cli/rpc_server.py`, `cli/device_check.py`, `server/cli.py`, `heads/cli.py`, `eval/cli.py`) with an
 `add_parser` and a handler."""
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from ..errors import DyscoEdgeError
 from ..eval import cli as eval_cli
 from ..heads import cli as heads_cli
 from ..server import cli as serve_cli
+from . import device_check as devices_cli
 from . import models as models_cli
 from . import rpc_server as rpc_cli
 from . import run as run_cli
@@ -22,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="dysco-edge", description=DESCRIPTION)
     ap.add_argument("--debug", action="store_true", help="show the full traceback of any error")
     sub = ap.add_subparsers(dest="command", required=True)
-    for verb in (run_cli, serve_cli, rpc_cli, heads_cli, eval_cli, models_cli):
+    for verb in (run_cli, serve_cli, rpc_cli, heads_cli, eval_cli, models_cli, devices_cli):
         verb.add_parser(sub)
     return ap
 

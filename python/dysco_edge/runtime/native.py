@@ -6,6 +6,7 @@ obtained there is passed here as an integer address.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,8 @@ int32_t dysco_clear_head_capture(void * ctx);
 int32_t dysco_head_scores_shape(void * ctx, int32_t * n_layer, int32_t * n_head, int32_t * n_pos);
 int32_t dysco_get_head_scores(void * ctx, float * out, int64_t n_max);
 int32_t dysco_set_attn_scale(void * ctx, float scale);
+int32_t dysco_set_placement_log(void * ctx, bool on);
+int32_t dysco_get_placement(void * ctx, char * out, int32_t n_max);
 int32_t dysco_set_slot_layout(void * ctx, bool on, const int32_t * hidden, int32_t n_hidden, int32_t view_seq);
 int32_t dysco_track_supported(void * ctx);
 int32_t dysco_importance_reset(void * ctx, int32_t seq_id, int32_t n_positions, double decay, double top_p, int32_t top_k,
@@ -80,6 +83,28 @@ def _selection_args(decay, top_p, top_k, strength, template) -> tuple:
     # a from_buffer cdata keeps `mask` alive until the call is made (a cast of it would not)
     return (float(decay), -1.0 if top_p is None else float(top_p), -1 if top_k is None else int(top_k),
             float(strength), HARD_MASK_STRENGTH, _ffi.from_buffer("uint8_t[]", mask), mask.size)
+
+
+@dataclass(frozen=True)
+class NodePlacement:
+    """Where ggml's scheduler ran one node DySCO added to a graph (native/dysco-placement.cpp), beside the
+    backend running the attention of the node's layer ("" when not known)."""
+    name: str
+    op: str
+    layer: int
+    backend: str
+    attention_backend: str
+    count: int  # times a node of this name was computed so placed (over nodes and graphs)
+
+    @property
+    def cpu_fallback(self) -> bool:
+        """On the CPU while its layer's attention runs on another backend (a copy to the host per step)."""
+        return self.backend == "CPU" and self.attention_backend not in ("", "CPU")
+
+    @classmethod
+    def parse(cls, line: str) -> "NodePlacement":
+        name, op, layer, backend, attention, count = line.split("\t")
+        return cls(name, op, int(layer), backend, attention, int(count))
 
 
 def _check(rc: int, what: str) -> int:
@@ -161,6 +186,17 @@ class NativeContext:
     def set_attn_scale(self, factor: float) -> None:
         """Multiply every attention logit by `factor` in later decodes (1.0 = off)."""
         _check(self._lib.dysco_set_attn_scale(self._ctx, float(factor)), "dysco_set_attn_scale")
+
+    def set_placement_log(self, on: bool) -> None:
+        """Record where every DySCO node of later decodes runs (on: a new record)."""
+        _check(self._lib.dysco_set_placement_log(self._ctx, bool(on)), "dysco_set_placement_log")
+
+    def placement(self) -> list[NodePlacement]:
+        """The record since set_placement_log(True): one entry per distinct node and placement."""
+        n = _check(self._lib.dysco_get_placement(self._ctx, _ffi.NULL, 0), "dysco_get_placement")
+        buf = _ffi.new("char[]", n + 1)
+        _check(self._lib.dysco_get_placement(self._ctx, buf, n + 1), "dysco_get_placement")
+        return [NodePlacement.parse(line) for line in _ffi.string(buf).decode().splitlines()]
 
     def set_slot_layout(self, hidden=(), view_seq: int = -1) -> None:
         """Address cells by slot instead of position (a reference-harness replay, see
