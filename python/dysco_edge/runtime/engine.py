@@ -108,7 +108,7 @@ class EngineOptions:
     type_k: Optional[int] = None  # a ggml type id (llama_cpp.GGML_TYPE_*); None = F16
     type_v: Optional[int] = None
     n_threads: Optional[int] = None  # None: one per physical core (cores.py), as llama.cpp's tools
-    n_seq_max: int = 1  # > 1: a unified KV cache shared by that many sequences
+    n_seq_max: int = 1  # > 1: that many sequences, each with n_ctx cells of its own (a KV stream each)
     split: SplitOptions = field(default_factory=SplitOptions)
 
     def __post_init__(self):
@@ -463,7 +463,7 @@ class Engine:
     def _bind(self, ctx) -> None:
         """Make ctx the context every call uses (its batch and DySCO controls with it)."""
         self._ctx = ctx
-        self.n_ctx = llama_cpp.llama_n_ctx(ctx)
+        self.n_ctx = llama_cpp.llama_n_ctx_seq(ctx)  # one sequence's positions
         # llama.cpp caps a batch at the requested n_ctx (it pads n_ctx itself): feed what it takes
         self.n_batch = llama_cpp.llama_n_batch(ctx)
         self._native = NativeContext(ctypes.cast(ctx, ctypes.c_void_p).value)
@@ -475,12 +475,14 @@ class Engine:
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
 
     def _new_context(self, n_ctx: int):
-        """A context like Llama's on the same weights; with several sequences, on one unified KV
-        cache (llama-cpp-python offers no such option for its own context)."""
+        """A context like Llama's on the same weights; with several sequences, n_ctx cells for each in
+        a KV stream of its own (llama-cpp-python offers no such option for its own context): a
+        sequence's cells then lie as they would alone, so its attention sums run in the same order
+        and its answer equals the one it gets alone."""
         params = llama_cpp.llama_context_params.from_buffer_copy(self._llm.context_params)
-        params.n_ctx, params.n_batch, params.n_ubatch = n_ctx, self.options.n_batch, self.options.n_ubatch
-        params.n_seq_max = self.options.n_seq_max
-        params.kv_unified = self.options.n_seq_max > 1
+        n_seq = self.options.n_seq_max
+        params.n_ctx, params.n_batch, params.n_ubatch = n_ctx * n_seq, self.options.n_batch, self.options.n_ubatch
+        params.n_seq_max, params.kv_unified = n_seq, False
         ctx = llama_cpp.llama_init_from_model(self.model, params)
         if not ctx:
             raise EngineError(f"could not create a context of {n_ctx} tokens with {self.options.n_seq_max} "
@@ -659,6 +661,31 @@ class Engine:
             b.logits[i] = 0
         b.logits[len(chunk) - 1] = 1 if last_logits else 0
 
+    def decode_batch(self, items: Sequence[tuple[Sequence[int], int, int, bool]]) -> int:
+        """One llama_decode of several sequences' tokens: items of (tokens, first position, seq_id,
+        whether the last token gets logits), at most n_batch tokens in all. Returns llama.cpp's code
+        (0 done, 1 no room in the KV cache; others raise); an item's logits are at the batch index of
+        its last token (the tokens of the items before it, plus its own, minus one)."""
+        b, n = self._batch, 0
+        for tokens, pos0, seq_id, want in items:
+            for i, tok in enumerate(tokens):
+                b.token[n], b.pos[n], b.n_seq_id[n], b.logits[n] = int(tok), pos0 + i, 1, 0
+                b.seq_id[n][0] = seq_id
+                n += 1
+            b.logits[n - 1] = 1 if want else 0
+        if n == 0 or n > self.n_batch:
+            raise InputError(f"a batch holds 1..{self.n_batch} tokens, got {n}")
+        b.n_tokens = n
+        rc = llama_cpp.llama_decode(self.ctx, b)
+        if rc not in (0, 1):
+            raise EngineError(f"llama_decode failed with {rc} on a batch of {len(items)} sequence(s)")
+        return rc
+
+    def copy_seq(self, src: int, dst: int, end: int) -> None:
+        """Make dst hold src's cells of positions 0..end-1 (llama.cpp copies a whole KV stream)."""
+        llama_cpp.llama_memory_seq_cp(self.memory, src, dst, -1, -1)
+        self.truncate(end, dst)
+
     def logits(self) -> np.ndarray:
         """Logits of the last token decoded with want_logits (a copy, float32)."""
         ptr = llama_cpp.llama_get_logits_ith(self.ctx, -1)
@@ -691,8 +718,9 @@ class Sampler:
         stages.append(llama_cpp.llama_sampler_init_dist(seed & 0xFFFFFFFF))
         return stages
 
-    def sample(self, engine: Engine) -> int:
-        return int(llama_cpp.llama_sampler_sample(self._chain, engine.ctx, -1))
+    def sample(self, engine: Engine, index: int = -1) -> int:
+        """A token from the logits at batch index `index` of the last decode (-1: the last ones)."""
+        return int(llama_cpp.llama_sampler_sample(self._chain, engine.ctx, index))
 
     def close(self) -> None:
         if self._chain is not None:

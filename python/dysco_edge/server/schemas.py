@@ -18,6 +18,7 @@ from .focus import FocusOptions
 
 # when dysco is "auto" and the model has no QR heads: answered plainly, and said so
 NO_HEADS_NOTE = "off; reason=no QR heads for this model"
+PARALLEL_NOTE = "off; reason=--parallel decodes plainly"
 
 
 class _Body(BaseModel):
@@ -158,9 +159,15 @@ def choose_dysco(model, value: Any, mode: str = EXACT) -> DyscoChoice:
     """The body's `dysco`: "auto" (DySCO when the model has QR heads, else plain, said so),
     true (DySCO, an error without heads), false/null/"off" (plain), or an object of
     DyscoConfig knobs over the model's head map (validated by DyscoConfig itself). `mode` is
-    the server's DySCO mode, for requests whose knobs do not name one."""
+    the server's DySCO mode, for requests whose knobs do not name one. A model with parallel
+    slots decodes plainly: "auto" is plain (said so), DySCO asked for is an error."""
     if value is False or value is None or value == "off":
         return DyscoChoice(None, "off")
+    if model.parallel > 1:  # a batch of sequences decodes plainly: DySCO's state is one sequence's
+        if value == "auto":
+            return DyscoChoice(None, PARALLEL_NOTE)
+        raise InputError(f"dysco: this server decodes up to {model.parallel} requests in one batch, plainly "
+                         f"(--parallel {model.parallel}); DySCO needs --parallel 1 (or send dysco false or \"auto\")")
     if value == "auto" or value is True:
         found = model.head_map()
         if found is not None:
