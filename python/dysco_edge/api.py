@@ -1,7 +1,8 @@
 """Public objects: `Model` (generate with or without DySCO) and `DocumentSession`
 (a long document prefilled once, many questions). Thin facades over runtime/ and heads/.
 
-A Model is safe to share between threads: generations take turns on its context.
+A Model is safe to share between threads: generations take turns on its context, or, with
+`parallel=N`, up to N plain generations advance together in one batch.
 """
 from __future__ import annotations
 
@@ -21,9 +22,10 @@ from .errors import ConfigError, ContextOverflow, InputError, NoHeadMap
 from .heads.gguf_meta import check_gguf_file
 from .heads.lookup import FoundHeadMap, locate_head_map, no_head_map_message
 from .heads.maps import HeadMap, ModelShape, heads_outside, load_head_map
-from .limits import int_in
+from .limits import MAX_SEQUENCES, int_in
 from .models import resolve as resolve_model
 from .placement import Fit, MemoryOptions, fit_model
+from .runtime.batch import Batcher
 from .runtime.engine import (CACHE_TYPE_IDS, Engine, EngineOptions, ProgressFn, SplitOptions, choose_offload,
                              connect_rpc, offload_free_bytes)
 from .runtime.focus_trace import FocusTrace
@@ -64,14 +66,20 @@ class Model:
     cache_type_v "f16", "q8_0" or "q4_0" (a quantized V needs flash attention, which "auto" then
     turns on); gpu_memory (bytes, or a size such as "8G", with n_ctx) offloads the most layers whose
     weights, KV cells and compute buffers fit in that much device memory (`placement` says what it
-    chose and why; placement.py)."""
+    chose and why; placement.py).
+
+    parallel N > 1: up to N generations called from different threads decode together, one batch
+    per step, each in a sequence with n_ctx cells of its own (N times the KV memory; n_ctx must then
+    be given). Plain generations only (DySCO's state is one sequence's): a parallel model refuses
+    DySCO, "auto" included; pass dysco=None."""
 
     def __init__(self, path: Optional[Union[str, Path]] = None, *, n_ctx: Optional[int] = None,
                  n_gpu_layers: Optional[int] = None, flash_attn: Union[bool, str] = "auto", n_batch: int = 512,
                  n_threads: Optional[int] = None, head_map: Optional[Union[str, Path, HeadMap]] = None,
                  split_mode: str = "layer", main_gpu: int = 0, tensor_split: Union[Sequence[float], str, None] = None,
                  rpc: Union[str, Sequence[str], None] = None, kv_offload: bool = True, cache_type_k: str = "f16",
-                 cache_type_v: str = "f16", gpu_memory: Union[int, str, None] = None):
+                 cache_type_v: str = "f16", gpu_memory: Union[int, str, None] = None, parallel: int = 1):
+        parallel = _checked_parallel(parallel, n_ctx)
         self.path = check_gguf_file(resolve_model(path or None))
         split = SplitOptions(split_mode, main_gpu, tensor_split or (), rpc or ())
         memory = MemoryOptions(kv_offload, cache_type_k, cache_type_v, gpu_memory)
@@ -86,10 +94,13 @@ class Model:
         self._device_free = offload_free_bytes() if layers != 0 else 0
         if n_ctx is not None:
             n_ctx = check_n_ctx(n_ctx, self._kv_shape, available=available_bytes(self._device_free))
+            if parallel > 1:  # a KV stream of n_ctx cells per sequence
+                check_n_ctx(n_ctx * parallel, self._kv_shape, available=available_bytes(self._device_free),
+                            name=f"n_ctx x parallel {parallel} =")
         self._auto_ctx = n_ctx is None
         self.engine = Engine(self.path, EngineOptions(n_ctx=n_ctx or AUTO_CTX_START, n_batch=n_batch,
                                                       n_ubatch=n_batch, n_gpu_layers=layers, flash_attn=flash,
-                                                      n_threads=n_threads, split=split,
+                                                      n_threads=n_threads, n_seq_max=parallel, split=split,
                                                       type_k=CACHE_TYPE_IDS[memory.cache_type_k],
                                                       type_v=CACHE_TYPE_IDS[memory.cache_type_v],
                                                       offload_kqv=memory.kv_offload))
@@ -100,7 +111,8 @@ class Model:
         self._user_head_map_path = str(head_map) if isinstance(head_map, (str, Path)) else ""
         self._found_heads: Optional[tuple[Optional[FoundHeadMap]]] = None  # looked up once, on first use
         self._cache = PrefixCache(self.engine)
-        self._lock = ContextLock()
+        self._batcher = Batcher(self.engine, self._cache, parallel) if parallel > 1 else None
+        self._lock = self._batcher.solo() if self._batcher else ContextLock()
 
     def _fit(self, memory: MemoryOptions, n_ctx: Optional[int], flash: bool, n_batch: int) -> Optional[Fit]:
         """What the gpu_memory budget chose (None without a budget)."""
@@ -110,7 +122,25 @@ class Model:
 
     def close(self) -> None:
         with self._lock:
+            if self._batcher is not None:
+                self._batcher.close()
             self.engine.close()
+        if self._batcher is not None:  # its thread needs the context back to see that it is closed
+            self._batcher.join()
+
+    @property
+    def parallel(self) -> int:
+        """How many generations may decode together (Model's `parallel`)."""
+        return len(self._batcher.slots) if self._batcher else 1
+
+    def slots(self) -> list[dict]:
+        """What each slot runs now: id, state (idle, prefill, decode; "solo" on slot 0 while a job that
+        needs the whole context holds the model: a prefill, a generation of a parallel=1 model) and its
+        cached prompt tokens."""
+        if self._batcher is not None:
+            return self._batcher.describe()
+        state = "idle" if self._lock.owner is None else "solo"
+        return [{"id": 0, "state": state, "cached_tokens": len(self._cache.tokens)}]
 
     def __enter__(self):
         return self
@@ -215,12 +245,21 @@ class Model:
                           SamplingOptions(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed),
                           max_new_tokens, tuple(stop), FocusTrace(len(ids)) if trace else None, progress, stop_event,
                           warmup_auto, stop_on_repeat=stop_on_repeat)
-        pieces = TextStream(self.engine, self._cache, self._lock, request)
+        pieces = self._text_stream(request)
         if stream:
             return pieces
         for _ in pieces:
             pass
         return pieces.result
+
+    def _text_stream(self, request: Request) -> TextStream:
+        """A generation alone on the context, or, for a parallel model, in its batch (plain only)."""
+        if self._batcher is None:
+            return TextStream(self.engine, self._cache, self._lock, request)
+        if request.config is not None:
+            raise InputError(f"Model(parallel={self.parallel}) decodes plain generations only (DySCO's state is "
+                             f"one sequence's): pass dysco=None, or load the model with parallel=1 for DySCO")
+        return TextStream(self.engine, self._cache, self._lock, request, tokens=self._batcher.tokens(request))
 
     def fit(self, n_prompt: int, room: int = 1) -> None:
         """Check that a prompt of n_prompt tokens fits; when n_ctx follows the inputs, grow the
@@ -326,6 +365,14 @@ class Model:
         free for a question and its answer when n_ctx follows the input."""
         return DocumentSession(self, text, system=system, progress=progress, template=template,
                                cache=cache, reserve=reserve)
+
+
+def _checked_parallel(parallel: int, n_ctx: Optional[int]) -> int:
+    parallel = int_in(parallel, "parallel", 1, MAX_SEQUENCES, what="a number of sequences")
+    if parallel > 1 and n_ctx is None:
+        raise InputError(f"parallel={parallel} needs a fixed n_ctx (each of the {parallel} sequences gets that "
+                         f"many KV cells), e.g. n_ctx=8192")
+    return parallel
 
 
 class DocumentSession:

@@ -16,6 +16,7 @@ from .errors import InputError
 
 INT32_MAX = 2**31 - 1       # llama_pos, llama_token, int32_t counts of the C APIs
 MAX_THREADS = 512           # ggml's GGML_MAX_N_THREADS
+MAX_SEQUENCES = 256         # llama.cpp's LLAMA_MAX_SEQ: sequences of one context
 
 
 def is_int(value: Any) -> bool:

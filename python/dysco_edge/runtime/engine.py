@@ -109,7 +109,7 @@ class EngineOptions:
     type_v: Optional[int] = None
     offload_kqv: bool = True  # False: the KV cache (and attention) stays in host memory
     n_threads: Optional[int] = None  # None: one per physical core (cores.py), as llama.cpp's tools
-    n_seq_max: int = 1  # > 1: a unified KV cache shared by that many sequences
+    n_seq_max: int = 1  # > 1: that many sequences, each with n_ctx cells of its own (a KV stream each)
     split: SplitOptions = field(default_factory=SplitOptions)
 
     def __post_init__(self):
@@ -470,7 +470,7 @@ class Engine:
     def _bind(self, ctx) -> None:
         """Make ctx the context every call uses (its batch and DySCO controls with it)."""
         self._ctx = ctx
-        self.n_ctx = llama_cpp.llama_n_ctx(ctx)
+        self.n_ctx = llama_cpp.llama_n_ctx_seq(ctx)  # one sequence's positions
         # llama.cpp caps a batch at the requested n_ctx (it pads n_ctx itself): feed what it takes
         self.n_batch = llama_cpp.llama_n_batch(ctx)
         self._native = NativeContext(ctypes.cast(ctx, ctypes.c_void_p).value)
@@ -480,12 +480,14 @@ class Engine:
         self._batch = TokenBatch(self.n_batch)
 
     def _new_context(self, n_ctx: int):
-        """A context like Llama's on the same weights; with several sequences, on one unified KV
-        cache (llama-cpp-python offers no such option for its own context)."""
+        """A context like Llama's on the same weights; with several sequences, n_ctx cells for each in
+        a KV stream of its own (llama-cpp-python offers no such option for its own context): a
+        sequence's cells then lie as they would alone, so its attention sums run in the same order
+        and its answer equals the one it gets alone."""
         params = llama_cpp.llama_context_params.from_buffer_copy(self._llm.context_params)
-        params.n_ctx, params.n_batch, params.n_ubatch = n_ctx, self.options.n_batch, self.options.n_ubatch
-        params.n_seq_max = self.options.n_seq_max
-        params.kv_unified = self.options.n_seq_max > 1
+        n_seq = self.options.n_seq_max
+        params.n_ctx, params.n_batch, params.n_ubatch = n_ctx * n_seq, self.options.n_batch, self.options.n_ubatch
+        params.n_seq_max, params.kv_unified = n_seq, False
         ctx = llama_cpp.llama_init_from_model(self.model, params)
         if not ctx:
             raise EngineError(f"could not create a context of {n_ctx} tokens with {self.options.n_seq_max} "
@@ -672,14 +674,34 @@ class Engine:
     def _fill_batch(self, chunk: Sequence[int], pos0: int, seq_id: int, last_logits: bool) -> None:
         self._batch.fill(chunk, pos0, seq_id, last_logits)
 
+    def decode_batch(self, items: Sequence[tuple[Sequence[int], int, int, bool]]) -> int:
+        """One llama_decode of several sequences' tokens: items of (tokens, first position, seq_id,
+        whether the last token gets logits), at most n_batch tokens in all. Returns llama.cpp's code
+        (0 done, 1 no room in the KV cache; others raise); an item's logits are at the batch index of
+        its last token (the tokens of the items before it, plus its own, minus one)."""
+        n = sum(len(tokens) for tokens, *_ in items)
+        if n == 0 or n > self.n_batch or any(len(tokens) == 0 for tokens, *_ in items):
+            raise InputError(f"a batch holds 1..{self.n_batch} tokens, at least one a sequence, got {n}")
+        self._batch.fill_items(items)
+        rc = llama_cpp.llama_decode(self.ctx, self._batch.c)
+        if rc not in (0, 1):
+            raise EngineError(f"llama_decode failed with {rc} on a batch of {len(items)} sequence(s)")
+        return rc
+
+    def copy_seq(self, src: int, dst: int, end: int) -> None:
+        """Make dst hold src's cells of positions 0..end-1 (llama.cpp copies a whole KV stream)."""
+        llama_cpp.llama_memory_seq_cp(self.memory, src, dst, -1, -1)
+        self.truncate(end, dst)
+
     def logits(self) -> np.ndarray:
         """Logits of the last token decoded with want_logits (a copy, float32)."""
         return self._logits_view().copy()
 
-    def _logits_view(self) -> np.ndarray:
-        """The last logits where llama.cpp keeps them (valid until the next decode). Its buffer
-        stays put from step to step, so the view is made again only when the address moves."""
-        address = _logits_address()(self.ctx, -1)
+    def _logits_view(self, index: int = -1) -> np.ndarray:
+        """The logits at batch index `index` of the last decode (-1: the last ones) where llama.cpp
+        keeps them (valid until the next decode). Its buffer stays put from step to step, so the view
+        is made again only when the address moves."""
+        address = _logits_address()(self.ctx, index)
         if not address:
             raise EngineError("no logits to sample from: the last decode asked for none")
         if address != self._logits_at:
@@ -687,10 +709,11 @@ class Engine:
             self._logits_at = address
         return self._logits
 
-    def greedy_token(self) -> Optional[int]:
-        """The first largest of the last logits, read in place: llama.cpp's greedy sampler's choice
-        without its copy of every logit into candidates. None when that is NaN (where the two differ)."""
-        logits = self._logits_view()
+    def greedy_token(self, index: int = -1) -> Optional[int]:
+        """The first largest of the logits at batch index `index` (-1: the last), read in place:
+        llama.cpp's greedy sampler's choice without its copy of every logit into candidates. None when
+        that is NaN (where the two differ)."""
+        logits = self._logits_view(index)
         token = int(logits.argmax())
         return None if math.isnan(logits[token]) else token
 
@@ -737,6 +760,19 @@ class TokenBatch:
             self.logits[n - 1] = last_logits
         self.c.n_tokens = n
 
+    def fill_items(self, items: Sequence[tuple[Sequence[int], int, int, bool]]) -> None:
+        """Several sequences' tokens: items of (tokens, first position, seq_id, logits for the last)."""
+        n = 0
+        for tokens, pos0, seq_id, want in items:
+            end = n + len(tokens)
+            self.token[n:end] = tokens
+            self.pos[n:end] = np.arange(pos0, pos0 + len(tokens), dtype=np.int32)
+            self.seq_id[n:end] = seq_id
+            self.logits[n:end] = 0
+            self.logits[end - 1] = want
+            n = end
+        self.c.n_tokens = n
+
 
 class Sampler:
     """A llama.cpp sampler chain; `sample(engine)` picks from the last decoded logits (of
@@ -765,12 +801,13 @@ class Sampler:
         stages.append(llama_cpp.llama_sampler_init_dist(seed & 0xFFFFFFFF))
         return stages
 
-    def sample(self, engine: Engine) -> int:
+    def sample(self, engine: Engine, index: int = -1) -> int:
+        """A token from the logits at batch index `index` of the last decode (-1: the last ones)."""
         # greedy: the chain only has greedy's argmax, whose state never changes; llama.cpp's copies
         # the whole vocabulary's logits into candidates first (most of a token's host time at 150K)
-        token = engine.greedy_token() if self.options.greedy else None
+        token = engine.greedy_token(index) if self.options.greedy else None
         if token is None:
-            token = int(llama_cpp.llama_sampler_sample(self._chain, engine.ctx, -1))
+            token = int(llama_cpp.llama_sampler_sample(self._chain, engine.ctx, index))
         return token
 
     def close(self) -> None:

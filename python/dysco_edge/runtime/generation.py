@@ -62,6 +62,11 @@ class ContextLock:
         self._owner = threading.get_ident()
         return self
 
+    @property
+    def owner(self) -> Optional[int]:
+        """The thread that holds it, or None."""
+        return self._owner
+
     def __exit__(self, *exc):
         self._owner = None
         self._lock.release()
@@ -110,9 +115,11 @@ class TextStream:
     half-read stream closes it at once (freeing the model) without waiting for the
     cycle collector."""
 
-    def __init__(self, engine: Engine, cache: PrefixCache, lock: ContextLock, req: Request):
+    def __init__(self, engine: Engine, cache: PrefixCache, lock: ContextLock, req: Request,
+                 tokens: Optional[Iterator[int]] = None):
+        """`tokens`: the token ids from elsewhere (a slot of a shared batch) instead of this context alone."""
         self.engine, self.req = engine, req
-        self._tokens = token_stream(engine, cache, lock, req)
+        self._tokens = tokens if tokens is not None else token_stream(engine, cache, lock, req)
         self._outcome: list[Generation] = []
         self._pieces = _text_pieces(engine, req, self._tokens, self._outcome)
 

@@ -1,5 +1,6 @@
-"""The FastAPI app: GET /health, GET /v1/models, POST /v1/chat/completions and
-POST /v1/completions over one Model, one request at a time through the worker's queue.
+"""The FastAPI app: GET /health, GET /slots, GET /v1/models, POST /v1/chat/completions and
+POST /v1/completions over one Model, through the worker's queue: one request at a time, or up to
+the model's `parallel` plain requests decoding together.
 
 Every answer says whether DySCO ran in its `X-DySCO` header: "on", "off", or
 "off; reason=..." when the request left it to "auto" and the model has no QR heads.
@@ -45,6 +46,7 @@ def create_app(model, settings: ServerSettings) -> FastAPI:
     app.add_exception_handler(HTTPException, http_error_response)  # 404, 405 in OpenAI's shape
     app.add_exception_handler(Exception, unexpected_error_response)  # a 500 in OpenAI's shape, no traceback
     app.add_api_route("/health", service.health, methods=["GET"])
+    app.add_api_route("/slots", service.slots, methods=["GET"])
     app.add_api_route("/v1/models", service.models, methods=["GET"])
     app.add_api_route("/v1/chat/completions", service.chat, methods=["POST"])
     app.add_api_route("/v1/completions", service.completions, methods=["POST"])
@@ -55,7 +57,7 @@ def create_app(model, settings: ServerSettings) -> FastAPI:
 class Service:
     def __init__(self, model, settings: ServerSettings):
         self.model, self.settings = model, settings
-        self.worker = Worker(settings.max_queue)
+        self.worker = Worker(settings.max_queue, model.parallel)
         self.documents = DocumentStore(model, allow_paths=settings.local_paths)
 
     @asynccontextmanager
@@ -67,7 +69,13 @@ class Service:
             await run_in_threadpool(self.worker.stop)
 
     async def health(self) -> dict:
-        return {"status": "ok"}
+        """Alive, and how many slots run a request (as llama-server's /health counts them)."""
+        busy = sum(s["state"] != "idle" for s in self.model.slots())
+        return {"status": "ok", "slots_idle": self.model.parallel - busy, "slots_processing": busy}
+
+    async def slots(self) -> list[dict]:
+        """What each slot runs now (Model.slots)."""
+        return self.model.slots()
 
     async def models(self) -> dict:
         found = self.model.find_heads()

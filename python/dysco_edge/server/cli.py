@@ -25,8 +25,12 @@ def add_parser(subparsers) -> None:
                        help=f"require 'Authorization: Bearer KEY' on /v1/* (default: ${API_KEY_ENV}, else none)")
     serve.add_argument("--cors", action="append", default=[], metavar="ORIGIN",
                        help="allow browser requests from ORIGIN (repeatable; CORS is off without it)")
-    serve.add_argument("--queue", type=int, default=16, help="requests that may wait behind the running one "
+    serve.add_argument("--queue", type=int, default=16, help="requests that may wait behind the running ones "
                        "(more get 503 with Retry-After; default 16)")
+    serve.add_argument("--parallel", type=int, default=1, metavar="N",
+                       help="requests decoded together in one batch, each with --n-ctx cells of its own (N times "
+                            "the KV memory; default 1); above 1, plainly: dysco \"auto\" answers without DySCO "
+                            "and a request that asks for DySCO is a 400")
     serve.add_argument("--max-tokens", type=int, default=None,
                        help="max_tokens of a request that gives none (default: until the context is full)")
     serve.add_argument("--head-map", metavar="FILE", help="QR heads for this model (JSON head map)")
@@ -57,8 +61,8 @@ def serve_command(args) -> int:
     if args.n_ctx < 1:
         raise InputError(f"--n-ctx must be >= 1, got {args.n_ctx}")
     memory = memory_options(args)
-    model = Model(chosen_model(args), n_ctx=args.n_ctx, n_threads=args.threads, head_map=args.head_map, **memory,
-                  **device_options(args))
+    model = Model(chosen_model(args), n_ctx=args.n_ctx, n_threads=args.threads, head_map=args.head_map,
+                  parallel=args.parallel, **memory, **device_options(args))
     try:
         settings = ServerSettings(model_id=args.alias or args.model_name or model.path.name, api_key=args.api_key,
                                   cors_origins=tuple(args.cors), max_queue=args.queue, max_tokens=args.max_tokens,
@@ -84,6 +88,8 @@ def _announce(model, args) -> None:
     found = model.find_heads()  # looked up now, not by the first request
     heads = (f"DySCO {args.dysco_mode} by default, with {found.describe()}" if found
              else "no QR heads: dysco \"auto\" answers plainly")
+    if model.parallel > 1:
+        heads = f"{model.parallel} parallel slots, plain decoding: DySCO needs --parallel 1"
     print(f"dysco-edge: serving {model.path.name} (n_ctx {model.n_ctx}; {heads}) on "
           f"http://{args.host}:{args.port}/v1 (the document page: http://{args.host}:{args.port}/); "
           f"running on {model.where()}", file=sys.stderr, flush=True)

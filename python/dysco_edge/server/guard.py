@@ -16,7 +16,7 @@ from .responses import ApiError
 
 log = logging.getLogger("dysco_edge.server")
 
-ROUTES = "GET /health, GET /v1/models, POST /v1/chat/completions and POST /v1/completions"
+ROUTES = "GET /health, GET /slots, GET /v1/models, POST /v1/chat/completions and POST /v1/completions"
 
 
 class RequireKey:

@@ -1,5 +1,6 @@
-"""One generation at a time on the model: a bounded queue of jobs and the worker thread
-that runs them in order, handing each one's events to the event loop that waits for them.
+"""Generations on the model, `parallel` at a time (one unless the model batches several): a
+bounded queue of jobs and the worker threads that run them in order, handing each one's events to
+the event loop that waits for them.
 
 A job's text stream is made (tokenized, checked against the context) before it is queued,
 so bad requests fail before they wait. Cancelling a job (its client went away) stops it
@@ -84,38 +85,50 @@ class Job:
 
 
 class Worker:
-    """Runs queued jobs one after another on a thread of its own."""
+    """Runs queued jobs in order on `n_threads` threads of its own (the model's parallel slots)."""
 
-    def __init__(self, max_waiting: int):
-        self._jobs: queue.Queue = queue.Queue(maxsize=max_waiting)
+    def __init__(self, max_waiting: int, n_threads: int = 1):
+        self._jobs: queue.Queue = queue.Queue()
+        # jobs queued or running: a job beyond the threads and max_waiting is refused (a job a thread is
+        # about to take does not count as waiting, so N requests at once never find the queue full)
+        self._admitted, self._capacity, self._count = 0, n_threads + max_waiting, threading.Lock()
         self._mean_s = 1.0  # running mean of a job's duration, for Retry-After
         self._ids = itertools.count(1)
-        self._thread = threading.Thread(target=self._loop, name="dysco-edge-worker", daemon=True)
+        self._threads = [threading.Thread(target=self._loop, name=f"dysco-edge-worker-{i}", daemon=True)
+                         for i in range(n_threads)]
 
     def start(self) -> None:
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Let the queued jobs finish, then end the thread."""
-        self._jobs.put(None)
-        self._thread.join(timeout)
+        """Let the queued jobs finish, then end the threads."""
+        for _ in self._threads:
+            self._jobs.put(None)
+        for thread in self._threads:
+            thread.join(timeout)
 
     def submit(self, job: Job) -> None:
         job.channel.name = f"request {next(self._ids)}"
-        ahead = self._jobs.qsize()
-        try:
-            self._jobs.put_nowait(job)
-            log.info("%s: %s; %d ahead in the queue", job.channel.name, job.describe(), ahead)
-        except queue.Full:
-            waiting = self._jobs.qsize()
+        with self._count:
+            waiting = max(0, self._admitted - len(self._threads))
+            full = self._admitted >= self._capacity
+            self._admitted += not full
+        if full:
             log.warning("%s refused (503): %d requests are waiting", job.channel.name, waiting)
             raise QueueFull(f"the server is busy: {waiting} requests are waiting; retry later",
-                            max(1, math.ceil(self._mean_s * (waiting + 1)))) from None
+                            max(1, math.ceil(self._mean_s * (waiting + 1) / len(self._threads))))
+        self._jobs.put(job)
+        log.info("%s: %s; %d ahead in the queue", job.channel.name, job.describe(), waiting)
 
     def _loop(self) -> None:
         while (job := self._jobs.get()) is not None:
             began = time.perf_counter()
-            self._serve(job)
+            try:
+                self._serve(job)
+            finally:
+                with self._count:
+                    self._admitted -= 1
             self._mean_s = 0.8 * self._mean_s + 0.2 * (time.perf_counter() - began)
 
     def _serve(self, job: Job) -> None:

@@ -1,0 +1,243 @@
+"""Several generations in one batch (`Model(parallel=N)`, `serve --parallel N`) on SmolLM2-135M.
+
+Oracle: the same requests answered one at a time by a Model with parallel=1 (greedy, so token for
+token): each sequence has a KV stream of its own, laid out as alone, so batching must not change a
+single token. The server is the real subprocess on 127.0.0.1, spoken to by real `openai` clients.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from dysco_edge import Model
+from dysco_edge.errors import InputError
+
+N_CTX = 1024
+QUESTIONS = ["What is the capital of France?", "Write a haiku about rain.", "Count from one to ten.",
+             "Name three colors.", "What do bees make?", "Describe a cat in one sentence."]
+NEW = 24
+
+
+def _messages(i: int) -> list[dict]:
+    return [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}]
+
+
+def test_parallel_is_checked_before_loading():
+    with pytest.raises(InputError, match="parallel: expected"):
+        Model("smollm2-135m", n_ctx=N_CTX, parallel=0)
+    with pytest.raises(InputError, match="parallel=2 needs a fixed n_ctx"):
+        Model("smollm2-135m", parallel=2)
+
+
+@pytest.fixture(scope="module")
+def single():
+    with Model("smollm2-135m", n_ctx=N_CTX) as m:
+        yield m
+
+
+@pytest.fixture(scope="module")
+def parallel():
+    with Model("smollm2-135m", n_ctx=N_CTX, parallel=4) as m:
+        yield m
+
+
+def _alone(model, i: int, dysco=None, new: int = NEW) -> list[int]:
+    model.prefill([])  # nothing cached: the answer may not depend on what ran before
+    return model.generate(messages=_messages(i), dysco=dysco, max_new_tokens=new).token_ids
+
+
+@pytest.mark.slow
+def test_concurrent_plain_generations_equal_each_alone(single, parallel):
+    expected = {i: _alone(single, i) for i in range(6)}
+    started = [threading.Barrier(6)]
+
+    def ask(i):
+        started[0].wait()
+        return parallel.generate(messages=_messages(i), dysco=None, max_new_tokens=NEW).token_ids
+    with ThreadPoolExecutor(6) as pool:  # 6 threads on 4 slots: two wait and join when a slot frees
+        got = dict(zip(range(6), pool.map(ask, range(6))))
+    assert got == expected
+    started[0] = threading.Barrier(4)
+    with ThreadPoolExecutor(4) as pool:  # again: now each slot reuses or shares a cached prefix
+        again = dict(zip(range(4), pool.map(ask, range(4))))
+    assert again == {i: expected[i] for i in range(4)}
+    assert all(s["state"] == "idle" for s in parallel.slots())
+
+
+@pytest.mark.slow
+def test_closing_one_stream_leaves_the_others_intact(single, parallel):
+    expected = {i: single.generate(messages=_messages(i), dysco=None, max_new_tokens=NEW).text for i in (1, 2)}
+    streams = {i: parallel.generate(messages=_messages(i), dysco=None, max_new_tokens=NEW, stream=True)
+               for i in (0, 1, 2)}
+    stop = threading.Event()
+    stopped = parallel.generate(messages=_messages(3), dysco=None, max_new_tokens=200, stream=True, stop_event=stop)
+    texts = {i: [] for i in streams}
+
+    def read(i):
+        for piece in streams[i]:
+            texts[i].append(piece)
+            if i == 0 and len(texts[i]) == 2:
+                streams[i].close()  # the reader goes away mid-answer
+                return
+    readers = [threading.Thread(target=read, args=(i,)) for i in streams]
+    for r in readers:
+        r.start()
+    first = next(iter(stopped))
+    stop.set()
+    rest = "".join(stopped)
+    for r in readers:
+        r.join(120)
+    assert streams[0].result is None and len(texts[0]) == 2
+    assert {i: "".join(texts[i]) for i in (1, 2)} == expected
+    assert stopped.result.finish_reason == "interrupted" and len(stopped.result.token_ids) < 200
+    assert (first + rest).startswith(single.generate(messages=_messages(3), dysco=None, max_new_tokens=1).text)
+
+
+def test_a_parallel_model_refuses_dysco_auto_included(parallel):
+    for dysco in ("auto", parallel.head_map().to_config(mode="fast")):
+        with pytest.raises(InputError, match=r"Model\(parallel=4\) decodes plain generations only"):
+            parallel.generate(messages=_messages(0), dysco=dysco, max_new_tokens=2)
+    assert all(s["state"] == "idle" for s in parallel.slots())
+
+
+@pytest.mark.slow
+def test_one_thread_cannot_hold_every_slot_and_wait_for_more():
+    with Model("smollm2-135m", n_ctx=N_CTX, parallel=2) as m:
+        streams = [m.generate(messages=_messages(i), dysco=None, max_new_tokens=50, stream=True) for i in range(3)]
+        next(iter(streams[0]))
+        next(iter(streams[1]))
+        with pytest.raises(InputError, match="hold every slot"):
+            next(iter(streams[2]))
+        with pytest.raises(InputError, match="holds a slot"):
+            m.prefill([])
+        for s in streams[:2]:
+            s.close()
+        assert [s["state"] for s in m.slots()] == ["idle", "idle"]
+        t0 = time.perf_counter()
+        m.prefill([])  # both slots free: the whole context is this thread's at once
+        assert time.perf_counter() - t0 < 30
+
+
+# ---- the server: `serve --parallel N` spoken to by real openai clients ----
+
+openai = pytest.importorskip("openai")
+from test_server import _free_port, _http, _vm_rss_kib, _wait_healthy  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    import os
+    import subprocess
+    import sys
+    log = tmp_path_factory.mktemp("parallel-srv") / "log"
+    port = _free_port()
+    cmd = [sys.executable, "-m", "dysco_edge.cli", "serve", "--model", "smollm2-135m", "--port", str(port),
+           "--n-ctx", str(N_CTX), "--parallel", "4", "--queue", "2", "--api-key", "k", "--log-level", "warning"]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ))
+    base = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(base, proc, log)
+        yield base, proc
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def _client(base: str):
+    return openai.OpenAI(base_url=f"{base}/v1", api_key="k", max_retries=0, timeout=300)
+
+
+def _ask(client, i: int, dysco, new: int = NEW) -> str:
+    if i % 2:  # streamed and whole answers alike
+        stream = client.chat.completions.create(model="any", messages=_messages(i), max_tokens=new, stream=True,
+                                                extra_body={"dysco": dysco})
+        return "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    answer = client.chat.completions.create(model="any", messages=_messages(i), max_tokens=new,
+                                            extra_body={"dysco": dysco})
+    return answer.choices[0].message.content
+
+
+@pytest.mark.slow
+def test_concurrent_clients_get_the_answers_each_gets_alone(server, single):
+    expected = {}
+    for i in range(4):
+        single.prefill([])
+        expected[i] = single.generate(messages=_messages(i), dysco=None, max_new_tokens=NEW).text
+    clients = [_client(server[0]) for _ in range(4)]
+    with ThreadPoolExecutor(4) as pool:
+        got = dict(zip(range(4), pool.map(lambda i: _ask(clients[i], i, False), range(4))))
+    assert got == expected
+
+
+def test_a_parallel_server_answers_auto_plainly_and_refuses_dysco_by_name(server, single):
+    client = _client(server[0])
+    raw = client.chat.completions.with_raw_response.create(model="any", messages=_messages(0), max_tokens=NEW)
+    assert raw.headers["x-dysco"] == "off; reason=--parallel decodes plainly"
+    assert raw.parse().choices[0].message.content == single.generate(messages=_messages(0), dysco=None,
+                                                                     max_new_tokens=NEW).text
+    for dysco in (True, {"mode": "exact"}):
+        with pytest.raises(openai.BadRequestError, match="DySCO needs --parallel 1"):
+            client.chat.completions.create(model="any", messages=_messages(0), max_tokens=2, extra_body={"dysco": dysco})
+
+
+@pytest.mark.slow
+def test_cancelled_stream_leaves_the_others_intact_and_slots_report_them(server, single):
+    base = server[0]
+    expected = {i: single.generate(messages=_messages(i), dysco=None, max_new_tokens=NEW).text for i in (1, 2)}
+    long = _client(base).chat.completions.create(model="any", max_tokens=600, stream=True, extra_body={"dysco": False},
+                                                 messages=[{"role": "user", "content": "Write a long story."}])
+    next(iter(long))
+    status, _, body = _http("GET", f"{base}/slots", {"Authorization": "Bearer k"})
+    import json
+    assert status == 200 and [s["state"] for s in json.loads(body)].count("decode") == 1
+    assert _http("GET", f"{base}/slots")[0] == 401  # behind the key, as every route but /health
+    health = json.loads(_http("GET", f"{base}/health")[2])
+    assert health == {"status": "ok", "slots_idle": 3, "slots_processing": 1}
+    with ThreadPoolExecutor(2) as pool:
+        others = [pool.submit(_ask, _client(base), i, False) for i in (1, 2)]
+        time.sleep(0.5)
+        long.close()  # the client goes away while the two others decode beside it
+        assert {i: f.result() for i, f in zip((1, 2), others)} == expected
+    deadline = time.time() + 30
+    while json.loads(_http("GET", f"{base}/health")[2])["slots_processing"] and time.time() < deadline:
+        time.sleep(0.2)
+    assert json.loads(_http("GET", f"{base}/health")[2])["slots_processing"] == 0
+
+
+@pytest.mark.slow
+def test_requests_beyond_the_slots_queue_then_503(server):
+    base = server[0]
+    busy = [_client(base).chat.completions.create(model="any", max_tokens=800, stream=True, extra_body={"dysco": False},
+                                                  messages=[{"role": "user", "content": f"Write story {i}."}])
+            for i in range(4)]
+    for s in busy:
+        next(iter(s))  # four slots decode
+    waiting = ThreadPoolExecutor(2)
+    queued = [waiting.submit(_ask, _client(base), i, False, 2) for i in range(2)]  # the queue's 2 places
+    time.sleep(1.0)
+    with pytest.raises(openai.APIStatusError) as err:
+        _ask(_client(base), 0, False, 2)
+    assert err.value.status_code == 503 and int(err.value.response.headers["retry-after"]) >= 1
+    for s in busy:
+        s.close()
+    assert all(isinstance(f.result(timeout=120), str) for f in queued)
+    waiting.shutdown()
+
+
+@pytest.mark.slow
+def test_rss_stays_flat_over_a_load_of_concurrent_clients(server, capsys):
+    base, proc = server
+    clients = [_client(base) for _ in range(4)]
+    expected = {i: _ask(clients[0], i, False, 6) for i in range(len(QUESTIONS))}
+    rss_start = _vm_rss_kib(proc.pid)
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda c: [(i, _ask(c, i, False, 6)) for i in range(30)], clients))
+    rss_end = _vm_rss_kib(proc.pid)
+    assert all(text == expected[i % len(QUESTIONS)] for per_client in answers for i, text in per_client)
+    with capsys.disabled():
+        print(f"\nparallel load: 120 requests, rss {rss_start / 1024:.1f} -> {rss_end / 1024:.1f} MiB")
+    assert rss_end - rss_start < 32 * 1024  # flat: 120 requests may not add 32 MiB
