@@ -10,6 +10,10 @@ tree=$(python3 native/fetch_llama.py)
 rm -rf "$dest" && mkdir -p "$dest/llama.cpp/ggml/src" "$dest/pylib" "$dest/wheels"
 cp -r "$tree"/{CMakeLists.txt,LICENSE,cmake,include,src,vendor,common} "$dest/llama.cpp/"
 mkdir -p "$dest/llama.cpp/tools" && cp -r "$tree"/tools/llama-bench "$dest/llama.cpp/tools/"
+# llama-server (bench/speed/bench_parallel.py's baseline) builds from the whole pristine tree with its own
+# CMake (run.sh build-server): every tool directory its tools/ CMakeLists names, and the UI script
+mkdir -p "$dest/llama-server" && cp -r "$tree"/{CMakeLists.txt,LICENSE,cmake,include,src,vendor,common,tools,scripts} \
+    "$dest/llama-server/" && rm -rf "$dest/llama-server/tools/ui/node_modules"
 cp -r "$tree"/ggml/{CMakeLists.txt,cmake,include,.gitignore} "$dest/llama.cpp/ggml/" 2>/dev/null || true
 ( cd "$tree/ggml/src" && cp -r $(ls | grep -vE '^ggml-(blas|cann|et|hexagon|hip|metal|musa|opencl|openvino|sycl|virtgpu|vulkan|webgpu|zdnn|zendnn)$') "$OLDPWD/$dest/llama.cpp/ggml/src/" )
 cp -r "$tree"/gguf-py/gguf "$dest/pylib/gguf"
@@ -18,6 +22,10 @@ site=$(python3 -c "import importlib.util, os; print(os.path.dirname(importlib.ut
 mkdir -p "$dest/pylib/llama_cpp" && cp "$site"/*.py "$dest/pylib/llama_cpp/"
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d "$dest/wheels" cffi==2.0.0 pycparser
+# the server extra and the openai client, for bench_parallel.py (serve --parallel against llama-server)
+python3 -m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d "$dest/wheels" \
+    fastapi uvicorn sse-starlette openai
 # llama-cpp-python's llama_cache imports diskcache (pure Python)
 python3 -m pip download -q --no-deps --only-binary=:all: -d "$dest/wheels" diskcache
 cp "${DYSCO_TEST_MODELS:-$HOME/.cache/dysco-edge/test-models}/tiny-qwen3-v1-f32.gguf" "$dest/"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On the lent GPU machine, from the repository root, after bench/device/prepare.sh ran here and
 # .dev was carried: build with CUDA, check against the CPU backend, then measure speed.
-#   bench/device/run.sh build|check|speed|doccache|native|profile|kernels|model|split-check|split-speed
+#   bench/device/run.sh build|build-server|check|speed|doccache|native|profile|kernels|model|split-check|split-speed
 # SHAPE=llama-3.1-8b (default), qwen3-8b, qwen2.5-1.5b or llama-3.1-70b picks the random-weight model and its
 # heads (published; for qwen2.5-1.5b bench/speed/qwen2.5-1.5b-bench-heads.json, L_max as its detected map).
 # split-check and split-speed need two GPUs (bench/device/split_session.sh runs both in the background).
@@ -36,6 +36,13 @@ build)
       && cmake --build build/cuda -j "$(nproc)" > "$out/build.log" 2>&1
     rc=$?; echo "build rc=$rc in $(( $(date +%s) - start )) s" | tee -a "$out/device.txt"; tail -5 "$out/build.log"
     exit $rc ;;
+build-server)
+    # llama.cpp's llama-server from the pristine tree (prepare.sh packs it), CUDA for sm_90, no web UI
+    start=$(date +%s)
+    DYSCO_LLAMA_SRC=$PWD/.dev/device/llama-server JOBS=$(nproc) bash bench/speed/build_llama_server.sh \
+        build/llama-server -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES="${CUDA_ARCHS:-90}" > "$out/build-server.log" 2>&1
+    rc=$?; echo "llama-server build rc=$rc in $(( $(date +%s) - start )) s" | tee -a "$out/device.txt"
+    tail -3 "$out/build-server.log"; exit $rc ;;
 diag)
     for args in "0 nofa" "99 nofa" "99 fa"; do
         echo "== diag $args"; python3 -X faulthandler bench/device/diag.py .dev/device/tiny-qwen3-v1-f32.gguf $args 2>&1 | tail -25

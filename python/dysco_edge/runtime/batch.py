@@ -58,7 +58,7 @@ class Slot:
     run: Optional[_Run] = None
     owner: Optional[int] = None    # the thread whose generation holds it
     busy: bool = False
-    released: float = 0.0          # when its last generation ended (the least recently used is evicted)
+    released: float = 0.0          # when its last generation ended (newcomers reuse the least recent first)
 
 
 class Batcher:

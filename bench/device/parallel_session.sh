@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Issue 26's table on the lent GPU machine (nvidia-h200): 1/2/4/8 concurrent streaming clients, each with an
+# 8K-token document of its own, against `dysco-edge serve --parallel N` (plain, fast, exact) and llama.cpp's
+# `llama-server --parallel N` (plain), same openai client code (bench/speed/bench_parallel.py), real
+# Qwen2.5-Coder-1.5B-Instruct Q4_K_M, all layers offloaded, flash attention on. Results in $OUT/parallel/.
+#   here, once:   bash bench/device/prepare.sh      (packs the pristine tree for llama-server, and the server's wheels)
+#   there, carry [".dev"]:   bash bench/device/parallel_session.sh
+# Builds (run.sh build, run.sh build-server) are skipped when their outputs exist (a warm machine of an
+# earlier call); the measurement itself takes about 5 minutes. MODEL, CLIENTS, DOC_TOKENS, GEN and
+# ROUNDS pass through.
+set -u
+OUT=${OUT:-/tmp/out}; res=$OUT/parallel; mkdir -p "$res"
+export OUT=$res
+model=${MODEL:-$HOME/.cache/dysco-edge/models/Qwen2.5-Coder-1.5B-Instruct-Q4_K_M.gguf}
+{
+    [ -f build/cuda/bin/libllama.so ] || bash bench/device/run.sh build || exit 1
+    [ -x build/llama-server/bin/llama-server ] || bash bench/device/run.sh build-server || exit 1
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .dev/device/wheels/*.whl > /dev/null 2>&1
+    export PYTHONPATH=/tmp/site:$PWD/python:$PWD/.dev/device/pylib DYSCO_EDGE_LIB_DIR=$PWD/build/cuda/bin PYTHONUNBUFFERED=1
+    nvidia-smi -L
+    start=$(date +%s)
+    timeout 480 python3 bench/speed/bench_parallel.py --model "$model" --clients ${CLIENTS:-1 2 4 8} \
+        --doc-tokens ${DOC_TOKENS:-8192} --gen ${GEN:-128} --rounds ${ROUNDS:-2} --n-gpu-layers 99 --flash-attn on \
+        --llama-server build/llama-server/bin/llama-server --log-dir "$res" --out "$res/parallel.md"
+    echo "bench rc=$? in $(( $(date +%s) - start )) s"
+    echo "parallel session done"
+} > "$res/session.log" 2>&1
+tail -30 "$res/session.log"

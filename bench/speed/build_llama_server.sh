@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Builds llama.cpp's llama-server (the baseline of bench/speed/bench_parallel.py) from the pristine pinned
+# tree (native/fetch_llama.py) with that tree's own CMake: the server as users would build it, on its
+# own unpatched libllama, no web UI, no HTTPS. Extra arguments go to CMake (e.g. -DGGML_CUDA=ON). JOBS
+# parallel jobs (default 2) at nice 19, through ccache when found. Run from the repository root:
+#   bench/speed/build_llama_server.sh [BUILD_DIR [cmake args...]]     # BUILD_DIR default build/llama-server
+set -euo pipefail
+build=${1:-build/llama-server}
+shift || true
+tree=${DYSCO_LLAMA_SRC:-$(python3 native/fetch_llama.py)}
+launcher=()
+if command -v ccache > /dev/null; then
+    launcher=(-DCMAKE_C_COMPILER_LAUNCHER=ccache -DCMAKE_CXX_COMPILER_LAUNCHER=ccache)
+fi
+cmake -S "$tree" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release "${launcher[@]}" \
+    -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+    -DLLAMA_BUILD_APP=OFF -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF "$@"
+nice -n 19 cmake --build "$build" --target llama-server -j "${JOBS:-2}"
+echo "$build/bin/llama-server"
