@@ -9,11 +9,11 @@ dest=.dev/device
 tree=$(python3 native/fetch_llama.py)
 rm -rf "$dest" && mkdir -p "$dest/llama.cpp/ggml/src" "$dest/pylib" "$dest/wheels"
 cp -r "$tree"/{CMakeLists.txt,LICENSE,cmake,include,src,vendor,common} "$dest/llama.cpp/"
-mkdir -p "$dest/llama.cpp/tools" && cp -r "$tree"/tools/llama-bench "$dest/llama.cpp/tools/"
-# llama-server (bench/speed/bench_parallel.py's baseline) builds from the whole pristine tree with its own
-# CMake (run.sh build-server): every tool directory its tools/ CMakeLists names, and the UI script
-mkdir -p "$dest/llama-server" && cp -r "$tree"/{CMakeLists.txt,LICENSE,cmake,include,src,vendor,common,tools,scripts} \
-    "$dest/llama-server/" && rm -rf "$dest/llama-server/tools/ui/node_modules"
+# llama-server (bench/speed/bench_parallel.py's baseline) builds from this same pristine tree with its own
+# CMake (run.sh build-server): every tool directory its tools/ CMakeLists names, and the UI script; the
+# UI's sources stay behind (built without the UI), so that .dev fits in one call
+cp -r "$tree"/{tools,scripts} "$dest/llama.cpp/"
+( cd "$dest/llama.cpp/tools/ui" && rm -rf node_modules src tests static package-lock.json )
 cp -r "$tree"/ggml/{CMakeLists.txt,cmake,include,.gitignore} "$dest/llama.cpp/ggml/" 2>/dev/null || true
 ( cd "$tree/ggml/src" && cp -r $(ls | grep -vE '^ggml-(blas|cann|et|hexagon|hip|metal|musa|opencl|openvino|sycl|virtgpu|vulkan|webgpu|zdnn|zendnn)$') "$OLDPWD/$dest/llama.cpp/ggml/src/" )
 cp -r "$tree"/gguf-py/gguf "$dest/pylib/gguf"

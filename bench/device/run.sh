@@ -39,7 +39,7 @@ build)
 build-server)
     # llama.cpp's llama-server from the pristine tree (prepare.sh packs it), CUDA for sm_90, no web UI
     start=$(date +%s)
-    DYSCO_LLAMA_SRC=$PWD/.dev/device/llama-server JOBS=$(nproc) bash bench/speed/build_llama_server.sh \
+    DYSCO_LLAMA_SRC=$PWD/.dev/device/llama.cpp JOBS=$(nproc) bash bench/speed/build_llama_server.sh \
         build/llama-server -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES="${CUDA_ARCHS:-90}" > "$out/build-server.log" 2>&1
     rc=$?; echo "llama-server build rc=$rc in $(( $(date +%s) - start )) s" | tee -a "$out/device.txt"
     tail -3 "$out/build-server.log"; exit $rc ;;
