@@ -76,9 +76,10 @@ static ggml_tensor * dysco_kq_softcap(const llm_graph_context & g, ggml_tensor *
     return kq;
 }
 
-// A quantized K cache view as F32, for the score mat-muls that read it permuted: Vulkan multiplies a
-// quantized src0 only when contiguous (the view would run on the CPU, K copied to the host every step);
-// every backend dequantizes a strided view (docs/backends.md). F16/F32 K is read as it is.
+// A quantized K cache view [d, n_head_kv, n_kv] (contiguous) as F32, for the score mat-muls that read it
+// permuted: Vulkan multiplies a quantized src0 only when contiguous (the view would run on the CPU, K
+// copied to the host every step). Dequantize the whole view, never a strided part of it: Vulkan's copy
+// from a quantized type reads its source as contiguous (docs/backends.md). F16/F32 K is read as it is.
 static ggml_tensor * dysco_k_dequant(const llm_graph_context & g, ggml_tensor * k) {
     return ggml_is_quantized(k->type) ? ggml_cast(g.ctx0, k, GGML_TYPE_F32) : k;
 }
@@ -92,9 +93,10 @@ static ggml_tensor * dysco_range_probs(const llm_graph_context & g, ggml_tensor 
     const int64_t n_gqa = q_tok->ne[1] / k->ne[1];
     ggml_tensor * q_r = ggml_view_3d(g.ctx0, q_tok, q_tok->ne[0], n_gqa, n_groups, q_tok->nb[1], n_gqa * q_tok->nb[1],
                                      kv_first * n_gqa * q_tok->nb[1]);                        // [d, n_gqa, n_groups]
+    k = dysco_k_dequant(g, k);
     ggml_tensor * k_r = ggml_view_3d(g.ctx0, k, k->ne[0], n_groups, k->ne[2], k->nb[1], k->nb[2],
                                      kv_first * k->nb[1]);                                    // [d, n_groups, n_kv]
-    ggml_tensor * kq  = ggml_mul_mat(g.ctx0, ggml_permute(g.ctx0, dysco_k_dequant(g, k_r), 0, 2, 1, 3), q_r);   // [n_kv, n_gqa, n_groups]
+    ggml_tensor * kq  = ggml_mul_mat(g.ctx0, ggml_permute(g.ctx0, k_r, 0, 2, 1, 3), q_r);   // [n_kv, n_gqa, n_groups]
     ggml_prec_set_acc(kq, GGML_PREC_F32);
     ggml_set_name(kq, "dysco_kq_range");
     kq = dysco_kq_softcap(g, kq, kq_scale);

@@ -4,8 +4,10 @@
 # logits, plain/exact/fast tokens and S), flash attention off and on, F16 and q8_0 K cache; (b)
 # `dysco-edge devices --check` (exit 1 on a DySCO node falling back to the CPU), F16 and q8_0 K; (c) the
 # speed table plain / fast / exact through the public API (bench/speed/bench_api.py, beside
-# llama-cpp-python's Llama on the same libllama), every layer on the GPU, flash attention on.
-# Results in $OUT/vk. About 6 minutes with the defaults.
+# llama-cpp-python's Llama on the same libllama), every layer on the GPU, flash attention on, decode only
+# (--no-prefill: the cold calls would take most of the time at 30K).
+# Results in $OUT/vk. Meant to take about 6 minutes there with the defaults (not yet timed there; locally on
+# lavapipe with SmolLM2 and the small settings below, (a) and (b) took 11 minutes).
 #   here:  bench/verify/build_vulkan.sh && bench/device/pack_vulkan.sh && bash bench/device/prepare.sh
 #   there, carry [".vk", ".dev"], from the repository root:  bash bench/device/vulkan_session.sh
 # MODEL (default qwen2.5-coder-1.5b: its file in ~/.cache/dysco-edge/models there), CONTEXTS
@@ -46,7 +48,7 @@ start=$(date +%s)
     done
     echo "== (c) speed, $(( $(date +%s) - start )) s in"
     python3 bench/speed/bench_api.py --model "$model" --contexts ${CONTEXTS:-4096 16384 30720} --gen "${GEN:-64}" \
-        --repeats "${REPEATS:-2}" --n-gpu-layers 99 --flash-attn on --out "$out/speed.md" 2> "$out/speed.err"
+        --repeats "${REPEATS:-2}" --n-gpu-layers 99 --flash-attn on --no-prefill --out "$out/speed.md" 2> "$out/speed.err"
     echo "speed rc=$?"; tail -n 3 "$out/speed.err"
     echo "vulkan session done in $(( $(date +%s) - start )) s"
 } 2>&1 | tee "$out/session.log"
