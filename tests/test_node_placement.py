@@ -10,7 +10,7 @@ import models
 from dysco_edge.cli import main as cli_main
 from dysco_edge.config import DyscoConfig
 from dysco_edge.runtime.engine import Engine, EngineOptions
-from dysco_edge.runtime.placement import node_part, record_placement, summarize
+from dysco_edge.runtime.node_placement import node_part, record_placement, summarize
 
 import llama_cpp
 

@@ -48,7 +48,7 @@ def _check(path, args: argparse.Namespace) -> int:
     from ..heads.lookup import locate_head_map
     from ..heads.maps import ModelShape, load_head_map
     from ..runtime.engine import Engine, EngineOptions, choose_offload
-    from ..runtime.placement import record_placement, summarize
+    from ..runtime.node_placement import record_placement, summarize
 
     layers, flash = choose_offload(args.n_gpu_layers, args.flash_attn)
     opts = EngineOptions(n_ctx=512, n_gpu_layers=layers, flash_attn=flash, type_k=K_CACHE_TYPES[args.cache_type_k])
