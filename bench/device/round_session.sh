@@ -2,15 +2,19 @@
 # One lease of the lent GPU machine (nvidia-h200) for issues 24-26, run in the background (setsid) so that it
 # outlives the call that starts it. In order: build libllama, llama-bench and llama-server with CUDA
 # (run.sh build); check CUDA against the CPU backend (run.sh check); the golden cases on CUDA with flash
-# attention off and on (once SmolLM2 arrives); then, once the real Qwen2.5-Coder-1.5B arrives, the Vulkan
-# session (vulkan_session.sh: CPU vs Vulkan, speed), the consumer-GPU configurations (consumer_session.sh)
-# and parallel sequences against llama-server (parallel_session.sh). Each writes under /tmp/res.
+# attention off and on (once SmolLM2 arrives) and, once the real Qwen2.5-Coder-1.5B arrives, Vulkan against
+# the CPU (vulkan_session.sh), all while llama-server builds; then the timed parts: Vulkan's speed, the
+# consumer-GPU configurations (consumer_session.sh),
+# issue 24's speed table again (run.sh speed) and parallel sequences against llama-server
+# (parallel_session.sh). Each writes under /tmp/res.
 #   here, once:  bash bench/device/prepare.sh; cp ../shared/golden/smollm2_reference.json .dev/device/
 #                bash bench/device/eval_gpu.sh ship QWEN.gguf qwen15; the same for SmolLM2 Q4_1 as smol
 #   there, call 1, carry [".dev"]:  setsid nohup bash bench/device/round_session.sh > /dev/null 2>&1 &
 #   there, a call per part:         bash bench/device/eval_gpu.sh take NAME K [SHA256 on the last]
 #   there, to collect:              tail /tmp/res/round-session.log; tar czf "$OUT"/res.tgz -C /tmp res
-# PARTS (default "golden vulkan consumer parallel") picks what runs after the build and check.
+# PARTS (default "golden vulkan-check vulkan-speed consumer speed parallel") picks what runs after the build and check (each
+# part under a time limit: VK_S, CONSUMER_S, SPEED_S, PARALLEL_S seconds); speed is
+# run.sh speed (issue 24's table) on the real model at SPEED_CONTEXTS (default "4096 30720").
 set -u
 export OUT=/tmp/res; mkdir -p $OUT
 export PYTHONPATH=/tmp/site:$PWD/python:$PWD/.dev/device/pylib PYTHONUNBUFFERED=1
@@ -41,14 +45,26 @@ dequantize_gguf(Path('/tmp/models/smol.gguf'), Path('/tmp/models/smol-f32.gguf')
 {
     start=$(date +%s)
     bash bench/device/run.sh build || exit 1
+    # llama-server (parallel_session.sh's baseline) builds while the correctness checks run
+    ( bash bench/device/run.sh build-server > $OUT/build-server.log 2>&1 ) &
+    server_build=$!
+    ( for s in ${SHAPES-qwen3-8b llama-3.1-8b}; do SHAPE=$s bash bench/device/run.sh model; done ) > $OUT/make-shapes.log 2>&1 &
     bash bench/device/run.sh check > $OUT/check.log 2>&1
     echo "check rc=$? at $(( $(date +%s) - start )) s"
-    ( for s in ${SHAPES-qwen3-8b llama-3.1-8b}; do SHAPE=$s bash bench/device/run.sh model; done ) > $OUT/make-shapes.log 2>&1 &
-    for part in ${PARTS:-golden vulkan consumer parallel}; do
+    for part in ${PARTS:-golden vulkan-check vulkan-speed consumer speed parallel}; do
         echo "== $part at $(( $(date +%s) - start )) s"
         case $part in
             golden) golden ;;
-            vulkan|consumer|parallel) place_qwen; bash bench/device/${part}_session.sh ;;
+            speed) place_qwen; wait $server_build
+                   MODEL=$QWEN HEADS=head_maps/qwen2.5-coder-1.5b-instruct.json CONTEXTS="${SPEED_CONTEXTS:-4096 30720}" \
+                       timeout ${SPEED_S:-300} bash bench/device/run.sh speed > $OUT/speed.log 2>&1 ;;
+            vulkan-check) place_qwen  # correctness only: it may share the machine with the llama-server build
+                    MODEL=$QWEN VK_PARTS="check devices" timeout ${VK_S:-330} bash bench/device/vulkan_session.sh > /dev/null ;;
+            vulkan-speed) place_qwen; wait $server_build
+                    MODEL=$QWEN VK_PARTS=speed CONTEXTS="${VK_CONTEXTS:-4096 16384}" timeout ${VK_S:-330} \
+                        bash bench/device/vulkan_session.sh > /dev/null ;;
+            consumer) place_qwen; wait $server_build; timeout ${CONSUMER_S:-420} bash bench/device/consumer_session.sh > /dev/null ;;
+            parallel) place_qwen; wait $server_build; MODEL=$QWEN ROUNDS=${ROUNDS:-1} timeout ${PARALLEL_S:-420} bash bench/device/parallel_session.sh > /dev/null ;;
         esac
         echo "== $part rc=$? at $(( $(date +%s) - start )) s"
     done

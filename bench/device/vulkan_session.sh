@@ -12,7 +12,7 @@
 #   there, carry [".vk", ".dev"], from the repository root:  bash bench/device/vulkan_session.sh
 # MODEL (default qwen2.5-coder-1.5b: its file in ~/.cache/dysco-edge/models there), CONTEXTS
 # ("4096 16384 30720"), GEN (64), REPEATS (2), PROMPT (400), TOKENS (16), FA ("off on") and KTYPES
-# ("f16 q8_0") pick the work.
+# ("f16 q8_0") pick the work; VK_PARTS (default "check devices speed") which of (a), (b), (c) run.
 # VK_LOCAL=1 tests the script on a machine with a Vulkan loader (lavapipe here: VK_LOCAL=1
 # GGML_VK_VISIBLE_DEVICES=0 MODEL=smollm2-135m CONTEXTS=512 ...): no packages unpacked into /.
 set -uo pipefail
@@ -34,21 +34,21 @@ lib=/tmp/vklib; rm -rf $lib; mkdir -p $lib && tar -xJf .vk/vulkan-libs.tar.xz -C
 export DYSCO_EDGE_LIB_DIR=$lib LD_LIBRARY_PATH=$lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} PYTHONUNBUFFERED=1
 model=${MODEL:-qwen2.5-coder-1.5b}
 start=$(date +%s)
+part() { case " ${VK_PARTS:-check devices speed} " in *" $1 "*) return 0 ;; esac; return 1; }
 {
     python3 -m dysco_edge.cli devices
-    echo "== (a) CPU vs Vulkan"
+    part check && echo "== (a) CPU vs Vulkan" && {
     python3 bench/device/check_vulkan.py --model "$model" --prompt "${PROMPT:-400}" --tokens "${TOKENS:-16}" \
         --flash-attn ${FA:-off on} --type-k ${KTYPES:-f16 q8_0} --json "$out/check.json" > "$out/check.md" 2> "$out/check.err"
-    echo "check rc=$?"; cat "$out/check.md"
-    echo "== (b) devices --check"
-    for k in ${KTYPES:-f16 q8_0}; do
+    echo "check rc=$?"; cat "$out/check.md"; }
+    part devices && echo "== (b) devices --check" && for k in ${KTYPES:-f16 q8_0}; do
         python3 -m dysco_edge.cli devices --check --model "$model" --flash-attn on --cache-type-k $k \
             > "$out/devices-$k.txt" 2> "$out/devices-$k.err"
         echo "devices --check K $k rc=$?"; tail -n 4 "$out/devices-$k.txt"
     done
-    echo "== (c) speed, $(( $(date +%s) - start )) s in"
+    part speed && echo "== (c) speed, $(( $(date +%s) - start )) s in" && {
     python3 bench/speed/bench_api.py --model "$model" --contexts ${CONTEXTS:-4096 16384 30720} --gen "${GEN:-64}" \
         --repeats "${REPEATS:-2}" --n-gpu-layers 99 --flash-attn on --no-prefill --out "$out/speed.md" 2> "$out/speed.err"
-    echo "speed rc=$?"; tail -n 3 "$out/speed.err"
-    echo "vulkan session done in $(( $(date +%s) - start )) s"
-} 2>&1 | tee "$out/session.log"
+    echo "speed rc=$?"; tail -n 3 "$out/speed.err"; }
+    echo "vulkan session (${VK_PARTS:-check devices speed}) done in $(( $(date +%s) - start )) s"
+} 2>&1 | tee -a "$out/session.log"
