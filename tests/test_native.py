@@ -254,7 +254,7 @@ def test_slot_layout_hides_cells_from_every_row():
     keys masked in every row agrees; a slot outside the context is refused by value."""
     path = models.tiny_llama_f32()
     model = oracle.load_hf(path)
-    with Engine(path, EngineOptions(n_ctx=256, type_k=F32, type_v=F32, n_seq_max=2)) as eng:
+    with Engine(path, EngineOptions(n_ctx=256, type_k=F32, type_v=F32, n_seq_max=2, kv_unified=True)) as eng:
         ids = _prompt(eng, 40, seed=11)
         heads = _heads(eng, 4, seed=11)
         hidden = [3, 10, 17]

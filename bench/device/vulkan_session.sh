@@ -42,7 +42,7 @@ part() { case " ${VK_PARTS:-check devices speed} " in *" $1 "*) return 0 ;; esac
         --flash-attn ${FA:-off on} --type-k ${KTYPES:-f16 q8_0} --json "$out/check.json" > "$out/check.md" 2> "$out/check.err"
     echo "check rc=$?"; cat "$out/check.md"; }
     part devices && echo "== (b) devices --check" && for k in ${KTYPES:-f16 q8_0}; do
-        python3 -m dysco_edge.cli devices --check --model "$model" --flash-attn on --cache-type-k $k \
+        python3 -m dysco_edge.cli devices --check "$model" --flash-attn on --cache-type-k $k \
             > "$out/devices-$k.txt" 2> "$out/devices-$k.err"
         echo "devices --check K $k rc=$?"; tail -n 4 "$out/devices-$k.txt"
     done

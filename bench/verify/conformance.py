@@ -40,7 +40,7 @@ def conformance_engine(model, flash_attn: bool = False, n_gpu_layers: int = 0) -
     """F32 KV cache; two sequences on a unified cache, as the reference harness replay needs."""
     f32 = llama_cpp.GGML_TYPE_F32
     return Engine(model, EngineOptions(n_ctx=4096, flash_attn=flash_attn, type_k=f32, type_v=f32,
-                                       n_gpu_layers=n_gpu_layers, n_seq_max=2))
+                                       n_gpu_layers=n_gpu_layers, n_seq_max=2, kv_unified=True))
 
 
 def run_case(engine: Engine, case: dict, harness: bool = True) -> dict:

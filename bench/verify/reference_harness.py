@@ -55,7 +55,7 @@ class _NativeByIndex:
 class ReferenceHarness:
     """Looks like an Engine to decode.dysco_tokens; feeds the model as the reference harness did.
 
-    `engine` needs two sequences on a unified cache (EngineOptions(n_seq_max=2)) and an empty
+    `engine` needs two sequences on a unified cache (EngineOptions(n_seq_max=2, kv_unified=True)) and an empty
     cache (slots are token indices only on a fresh one). `fed` is the number of prompt tokens the
     loop feeds one at a time (Wc + Wi).
     """

@@ -110,6 +110,9 @@ class EngineOptions:
     offload_kqv: bool = True  # False: the KV cache (and attention) stays in host memory
     n_threads: Optional[int] = None  # None: one per physical core (cores.py), as llama.cpp's tools
     n_seq_max: int = 1  # > 1: that many sequences, each with n_ctx cells of its own (a KV stream each)
+    # with n_seq_max > 1: one cache of n_ctx cells that every sequence shares (cells hold several
+    # sequences' ids: the reference harness and slot layouts need that), instead of a stream each
+    kv_unified: bool = False
     split: SplitOptions = field(default_factory=SplitOptions)
 
     def __post_init__(self):
@@ -485,9 +488,10 @@ class Engine:
         sequence's cells then lie as they would alone, so its attention sums run in the same order
         and its answer equals the one it gets alone."""
         params = llama_cpp.llama_context_params.from_buffer_copy(self._llm.context_params)
-        n_seq = self.options.n_seq_max
-        params.n_ctx, params.n_batch, params.n_ubatch = n_ctx * n_seq, self.options.n_batch, self.options.n_ubatch
-        params.n_seq_max, params.kv_unified = n_seq, False
+        n_seq, unified = self.options.n_seq_max, self.options.kv_unified
+        params.n_ctx = n_ctx if unified else n_ctx * n_seq
+        params.n_batch, params.n_ubatch = self.options.n_batch, self.options.n_ubatch
+        params.n_seq_max, params.kv_unified = n_seq, unified
         ctx = llama_cpp.llama_init_from_model(self.model, params)
         if not ctx:
             raise EngineError(f"could not create a context of {n_ctx} tokens with {self.options.n_seq_max} "
