@@ -209,9 +209,13 @@ def gpu_offload_supported() -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _ggml():
-    for name in ("libggml.so", "libggml.dylib", "ggml.dll"):  # the backend registry lives here
-        if (lib_dir() / name).exists():
-            lib = ctypes.CDLL(str(lib_dir() / name))  # already loaded by libllama: the same handle
+    # the backend registry lives in libggml: open the file libllama links (its soname, libggml.so.0),
+    # for a wheel holds copies, not links, and another copy would be a second registry that
+    # libllama never sees (RPC servers connected there would take no layers)
+    sonames = sorted(lib_dir().glob("libggml.so.[0-9]*"), key=lambda p: len(p.name))
+    for path in [*sonames[:1], *(lib_dir() / n for n in ("libggml.so", "libggml.dylib", "ggml.dll"))]:
+        if path.exists():
+            lib = ctypes.CDLL(str(path))  # already loaded by libllama: the same handle
             break
     else:
         raise EngineError(f"no libggml in {lib_dir()}")
