@@ -401,7 +401,8 @@ def test_cli_opens_a_pdf_then_loads_its_cells(tmp_path):
     assert "loaded from the KV cache" in second.stderr
     assert first.stdout == second.stdout and first.stdout.strip()
     assert "focus" in first.stderr
-    off = _run(*args[:-3], "--no-cache", "--cache-dir", str(tmp_path / "off"))
+    # --show-focus decodes with fast DySCO; without it, run's default is plain: ask for fast
+    off = _run(*args[:-3], "--dysco", "fast", "--no-cache", "--cache-dir", str(tmp_path / "off"))
     assert off.returncode == 0 and off.stdout == first.stdout and not (tmp_path / "off").exists()
 
 
