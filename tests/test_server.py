@@ -246,7 +246,7 @@ def test_disconnect_mid_stream_frees_the_model_for_the_next_request(client, mode
 @pytest.mark.slow
 def test_api_key_required_on_v1_but_not_health(server):
     base = server[0]
-    assert json.loads(_http("GET", f"{base}/health")[2]) == {"status": "ok"}
+    assert json.loads(_http("GET", f"{base}/health")[2]) == {"status": "ok", "slots_idle": 1, "slots_processing": 0}
     wrong = openai.OpenAI(base_url=f"{base}/v1", api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):  # 401 even before the (bad) body is looked at
         wrong.chat.completions.create(model="any", messages=QUESTION, max_tokens=2, extra_body={"dysco": {"x": 1}})
