@@ -45,7 +45,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    with running_server("--api-key", KEY, log=tmp_path_factory.mktemp("page-srv") / "log") as s:
+    with running_server("--api-key", KEY, "--dysco-mode", "fast", log=tmp_path_factory.mktemp("page-srv") / "log") as s:
         yield s[0]
 
 

@@ -26,7 +26,7 @@ def test_each_request_is_logged_with_its_prefill_and_decode_timing(tmp_path):
         usage = answer.usage
         time.sleep(0.5)  # the worker logs the end just after the answer went out
     text = log.read_text()
-    queued = re.search(r"^INFO: +request 1: (\d+) prompt tokens, at most 8 new, DySCO fast; 0 ahead in the queue$", text, re.M)
+    queued = re.search(r"^INFO: +request 1: (\d+) prompt tokens, at most 8 new, DySCO off; 0 ahead in the queue$", text, re.M)
     assert queued and int(queued.group(1)) == usage.prompt_tokens, text
     done = re.search(r"^INFO: +request 1: done in [\d.]+ s: prefill (\d+) tokens \(0 cached\) in [\d.]+ s "
                      r"\(\d+ tok/s\); (\d+) tokens generated, [\d.]+ tok/s after the first; finish (\w+)$", text, re.M)
