@@ -56,24 +56,20 @@ def read_gguf_metadata(path: str | Path, want: Callable[[str], bool] = lambda ke
 def read_tensor_index(path: str | Path) -> list[tuple[str, int, tuple[int, ...]]]:
     """(name, ggml type id, dimensions) of every tensor, in file order: what the weights weigh
     without reading them (placement.py sizes the layers from it)."""
-    path = Path(path)
-    with open(path, "rb") as f:
-        try:
-            data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        except ValueError:
-            raise GGUFMetaError(f"{path}: not a GGUF file (empty)") from None
-    with data:
-        try:
-            walker = _Walker(data, path)
-            walker.read(lambda key: False)
-            return walker.tensor_index()
-        except struct.error:
-            raise GGUFMetaError(f"{path}: truncated GGUF tensor index") from None
+    return _past_metadata(path, _Walker.tensor_index, "truncated GGUF tensor index")
 
 
 def gguf_index_end(path: str | Path) -> int:
     """Byte offset where the tensor index ends (metadata and every tensor's name, shape, type
     and offset lie before it): what identifies a model file without reading its weights."""
+    def end(walker: "_Walker") -> int:
+        walker.skip_tensor_index()
+        return walker.pos
+    return _past_metadata(path, end, "truncated GGUF header")
+
+
+def _past_metadata(path: str | Path, use, truncated: str):
+    """use(walker) on a walker that has read the file's metadata (none of it kept)."""
     path = Path(path)
     with open(path, "rb") as f:
         try:
@@ -84,10 +80,9 @@ def gguf_index_end(path: str | Path) -> int:
         try:
             walker = _Walker(data, path)
             walker.read(lambda key: False)
-            walker.skip_tensor_index()
-            return walker.pos
+            return use(walker)
         except struct.error:
-            raise GGUFMetaError(f"{path}: truncated GGUF header") from None
+            raise GGUFMetaError(f"{path}: {truncated}") from None
 
 
 class _Walker:
