@@ -37,10 +37,12 @@ build)
     rc=$?; echo "build rc=$rc in $(( $(date +%s) - start )) s" | tee -a "$out/device.txt"; tail -5 "$out/build.log"
     exit $rc ;;
 build-server)
-    # llama.cpp's llama-server from the pristine tree (prepare.sh packs it), CUDA for sm_90, no web UI
+    # llama.cpp's llama-server from the pristine tree (prepare.sh packs it), no web UI: its own libllama and
+    # server on the ggml of run.sh build (the pinned tree's, unpatched, CUDA for sm_90), installed to /tmp/ggml
     start=$(date +%s)
-    DYSCO_LLAMA_SRC=$PWD/.dev/device/llama.cpp JOBS=$(nproc) bash bench/speed/build_llama_server.sh \
-        build/llama-server -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES="${CUDA_ARCHS:-90}" > "$out/build-server.log" 2>&1
+    cmake --install build/cuda --prefix /tmp/ggml > "$out/build-server.log" 2>&1 || exit 1
+    GGML_PREFIX=/tmp/ggml DYSCO_LLAMA_SRC=$PWD/.dev/device/llama.cpp JOBS=$(nproc) bash bench/speed/build_llama_server.sh \
+        build/llama-server -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES="${CUDA_ARCHS:-90}" >> "$out/build-server.log" 2>&1
     rc=$?; echo "llama-server build rc=$rc in $(( $(date +%s) - start )) s" | tee -a "$out/device.txt"
     tail -3 "$out/build-server.log"; exit $rc ;;
 diag)

@@ -1,16 +1,23 @@
 """Several users at once (issue 26): N concurrent streaming clients, each with a document of its own,
-against `dysco-edge serve --parallel N` (plain; fast and exact DySCO with one client, since a server
-with --parallel N > 1 decodes plainly) and llama.cpp's `llama-server --parallel N` (plain), both
+against `dysco-edge serve --parallel N` (plain, fast and exact DySCO: a mode the server refuses with N
+slots is reported and left out) and llama.cpp's `llama-server --parallel N` (plain, its defaults), both
 driven by the same `openai` client code through their OpenAI endpoints (/v1/completions: the
 document and a cue as raw text, greedy).
 
-Per N and server: aggregate decode tok/s (all clients' tokens after their first, over the span from
-the first client's first token to the last client's last), per-stream decode tok/s (median over
-clients of (tokens - 1) / (last - first)), medians over rounds; and, where N >= 4, the time to first
-token of a request arriving while 3 others decode.
+Per N and server, medians over rounds:
+- steady aggregate decode tok/s: tokens that arrived while every client was decoding (from the last
+  client's first token to the first client's last one) over that window: the batch's decode rate,
+  without the prompts' prefill (8K-token documents prefill for longer than 128 tokens decode);
+- overall tok/s: all clients' tokens after their first, over the span from the first client's first
+  token to the last client's last (prefill of the late clients' documents included);
+- per-stream decode tok/s: median over clients of (tokens - 1) / (last - first);
+- where N >= 4, the time to first token of a request arriving while 3 others decode.
+`--in-process` adds the same rows for `Model(parallel=N)` driven by N threads in one process (no HTTP):
+what batching gives before the server's per-token work.
 
     python bench/speed/bench_parallel.py [--model smollm2-135m] [--clients 1 2 4 8] [--doc-tokens 1024]
-        [--gen 64] [--rounds 3] [--llama-server build/llama-server/bin/llama-server] [--out results.md]
+        [--gen 64] [--rounds 3] [--llama-server build/llama-server/bin/llama-server] [--in-process]
+        [--out results.md]
 """
 from __future__ import annotations
 
@@ -27,10 +34,12 @@ import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Optional
 
 import openai
 
 from dysco_edge import Model
+from dysco_edge.errors import InputError
 from dysco_edge.models import resolve
 
 MODES = {"plain": False, "fast": {"mode": "fast"}, "exact": {"mode": "exact"}}
@@ -84,7 +93,7 @@ def ours_cmd(args, n: int, port: int) -> list[str]:
 
 def llama_cmd(args, n: int, port: int) -> list[str]:
     return [args.llama_server, "-m", args.model_path, "--host", "127.0.0.1", "--port", str(port),
-            "-c", str(args.n_ctx * n), "-np", str(n), "-b", "512", "-ub", "512", "-fa", args.flash_attn,
+            "-c", str(args.n_ctx * n), "-np", str(n), "-fa", args.flash_attn,
             "-ngl", str(args.n_gpu_layers if args.n_gpu_layers is not None else 0),
             *(["-t", str(args.threads), "-tb", str(args.threads)] if args.threads else [])]
 
@@ -103,31 +112,53 @@ def stream_one(base: str, prompt: str, gen: int, dysco, gate: threading.Barrier 
             times.append(time.perf_counter())
         if chunk.usage:
             n = chunk.usage.completion_tokens
-    return {"sent": sent, "first": times[0], "last": times[-1], "tokens": n}
+    return {"sent": sent, "times": times, "tokens": n}
 
 
-def one_round(base: str, prompts: list[str], gen: int, dysco) -> dict:
-    """All clients at once: aggregate and per-stream decode tok/s."""
-    gate = threading.Barrier(len(prompts))
-    with ThreadPoolExecutor(len(prompts)) as pool:
-        runs = list(pool.map(lambda p: stream_one(base, p, gen, dysco, gate), prompts))
-    span = max(r["last"] for r in runs) - min(r["first"] for r in runs)
-    per = [(r["tokens"] - 1) / (r["last"] - r["first"]) for r in runs if r["last"] > r["first"]]
-    return {"aggregate": sum(r["tokens"] - 1 for r in runs) / span if span > 0 else float("nan"),
+def generate_one(model: Model, prompt: str, gen: int, mode: str, gate: threading.Barrier | None = None) -> dict:
+    """The same through the public API in this process (`Model.generate(stream=True)`, raw token ids)."""
+    ids = model.tokenize(prompt, add_bos=True)
+    if gate is not None:
+        gate.wait()
+    sent, times = time.perf_counter(), []
+    config = None if mode == "plain" else model.head_map().to_config(mode=mode)
+    pieces = model.generate(token_ids=ids, dysco=config, max_new_tokens=gen, stream=True)
+    for piece in pieces:
+        if piece:
+            times.append(time.perf_counter())
+    return {"sent": sent, "times": times, "tokens": len(pieces.result.token_ids)}
+
+
+def summarise(runs: list[dict]) -> dict:
+    """Steady aggregate (every client decoding), overall aggregate and per-stream decode tok/s."""
+    runs = [r for r in runs if len(r["times"]) > 1]
+    start, end = max(r["times"][0] for r in runs), min(r["times"][-1] for r in runs)
+    inside = sum(sum(1 for t in r["times"] if start < t <= end) for r in runs)
+    span = max(r["times"][-1] for r in runs) - min(r["times"][0] for r in runs)
+    per = [(r["tokens"] - 1) / (r["times"][-1] - r["times"][0]) for r in runs]
+    return {"aggregate": inside / (end - start) if end > start else float("nan"),
+            "overall": sum(r["tokens"] - 1 for r in runs) / span if span > 0 else float("nan"),
             "per_stream": statistics.median(per) if per else float("nan"),
             "tokens": statistics.median(r["tokens"] for r in runs)}
 
 
-def ttft_while_busy(base: str, prompts: list[str], gen: int, dysco) -> float:
+def one_round(one, prompts: list[str], gen: int, dysco) -> dict:
+    """All clients at once (`one(prompt, gen, dysco, gate)` runs a client)."""
+    gate = threading.Barrier(len(prompts))
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        return summarise(list(pool.map(lambda p: one(p, gen, dysco, gate), prompts)))
+
+
+def ttft_while_busy(one, prompts: list[str], gen: int, dysco, busy_now) -> float:
     """ms to the first token of a request sent once 3 others stream their answers."""
     with ThreadPoolExecutor(3) as pool:
-        busy = [pool.submit(stream_one, base, p, gen * 4, dysco) for p in prompts[:3]]
+        busy = [pool.submit(one, p, gen * 4, dysco) for p in prompts[:3]]
         time.sleep(0.5)
-        while not _all_decoding(base, 3) and not all(f.done() for f in busy):
+        while not busy_now(3) and not all(f.done() for f in busy):
             time.sleep(0.05)
-        late = stream_one(base, prompts[3], 4, dysco)
+        late = one(prompts[3], 4, dysco)
         [f.result() for f in busy]
-    return (late["first"] - late["sent"]) * 1000
+    return (late["times"][0] - late["sent"]) * 1000
 
 
 def _all_decoding(base: str, n: int) -> bool:
@@ -141,37 +172,65 @@ def _all_decoding(base: str, n: int) -> bool:
 
 
 def measure(args, server: str, n: int, prompts: list[str], modes: list[str]) -> list[dict]:
+    """Rows of one server process with --parallel n (its modes one after the other)."""
     port = _free_port()
     cmd = (ours_cmd if server == "dysco-edge" else llama_cmd)(args, n, port)
     proc = start(cmd, port, Path(args.log_dir) / f"{server}-{n}.log")
-    base, rows = f"http://127.0.0.1:{port}", []
+    base = f"http://127.0.0.1:{port}"
     try:
-        for mode in modes:
-            dysco = MODES[mode] if server == "dysco-edge" else None
-            stream_one(base, prompts[0], 4, dysco)  # warm
-            rounds = [one_round(base, prompts[:n], args.gen, dysco) for _ in range(args.rounds)]
-            row = {"server": server, "mode": mode, "clients": n,
-                   **{k: round(statistics.median(r[k] for r in rounds), 2) for k in rounds[0]}}
-            if n >= 4:
-                row["ttft_ms_3_busy"] = round(ttft_while_busy(base, prompts, args.gen, dysco), 1)
-            print(json.dumps(row), flush=True)
-            rows.append(row)
+        def one(prompt, gen, mode, gate=None):
+            return stream_one(base, prompt, gen, MODES[mode] if server == "dysco-edge" else None, gate)
+        rows = [measure_mode(args, server, n, prompts, mode, one, lambda k: _all_decoding(base, k)) for mode in modes]
+        return [r for r in rows if r]
     finally:
         proc.terminate()
         proc.wait(60)
-    return rows
+
+
+def measure_in_process(args, n: int, prompts: list[str], modes: list[str]) -> list[dict]:
+    """Rows of `Model(parallel=n)` in this process, n threads as the clients."""
+    with Model(args.model_path, n_ctx=args.n_ctx, parallel=n, flash_attn=args.flash_attn == "on",
+               n_gpu_layers=args.n_gpu_layers, n_threads=args.threads) as model:
+        def one(prompt, gen, mode, gate=None):
+            return generate_one(model, prompt, gen, mode, gate)
+
+        def busy_now(k):
+            return sum(s["state"] == "decode" for s in model.slots()) >= k
+        rows = [measure_mode(args, "dysco-edge in process", n, prompts, mode, one, busy_now) for mode in modes]
+        return [r for r in rows if r]
+
+
+def measure_mode(args, server: str, n: int, prompts: list[str], mode: str, one, busy_now) -> Optional[dict]:
+    """One mode's rounds; None where the server (or Model) refuses the mode with this many slots."""
+    try:
+        one(prompts[0], 4, mode)  # warm
+    except (openai.BadRequestError, InputError) as exc:
+        print(json.dumps({"server": server, "mode": mode, "clients": n, "refused": str(exc)[:300]}), flush=True)
+        return None
+    rounds = [one_round(one, prompts[:n], args.gen, mode) for _ in range(args.rounds)]
+    row = {"server": server, "mode": mode, "clients": n,
+           **{k: round(statistics.median(r[k] for r in rounds), 2) for k in rounds[0]}}
+    if n >= 4:
+        row["ttft_ms_3_busy"] = round(ttft_while_busy(one, prompts, args.gen, mode, busy_now), 1)
+    print(json.dumps(row), flush=True)
+    return row
 
 
 def table(rows: list[dict]) -> str:
     one = {(r["server"], r["mode"]): r["aggregate"] for r in rows if r["clients"] == 1}
-    out = ["| server | mode | clients | aggregate tok/s | x one client | per-stream tok/s | tokens/stream | "
-           "TTFT ms, 3 busy |", "|---|---|---|---|---|---|---|---|"]
+    ref = {r["clients"]: r["aggregate"] for r in rows if r["server"] == "llama-server"}
+    out = ["| server | mode | clients | steady aggregate tok/s | x one client | x llama-server | overall tok/s | "
+           "per-stream tok/s | tokens/stream | TTFT ms, 3 busy |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        base = one.get((r["server"], r["mode"]))
+        base, theirs = one.get((r["server"], r["mode"])), ref.get(r["clients"])
         out.append(f"| {r['server']} | {r['mode']} | {r['clients']} | {r['aggregate']} | "
-                   f"{r['aggregate'] / base:.2f}x | {r['per_stream']} | {r['tokens']} | "
-                   f"{r.get('ttft_ms_3_busy', '')} |" if base else "")
-    return "\n".join(line for line in out if line)
+                   f"{_ratio(r['aggregate'], base)} | {_ratio(r['aggregate'], theirs)} | {r['overall']} | "
+                   f"{r['per_stream']} | {r['tokens']} | {r.get('ttft_ms_3_busy', '')} |")
+    return "\n".join(out)
+
+
+def _ratio(a: float, b: float | None) -> str:
+    return f"{a / b:.2f}x" if b else ""
 
 
 def main() -> None:
@@ -187,6 +246,7 @@ def main() -> None:
     ap.add_argument("--n-gpu-layers", type=int, default=None)
     ap.add_argument("--flash-attn", default="off", choices=["on", "off"])
     ap.add_argument("--llama-server", default="", help="llama-server binary (none: ours only)")
+    ap.add_argument("--in-process", action="store_true", help="also Model(parallel=N) driven by N threads")
     ap.add_argument("--log-dir", default="/tmp")
     ap.add_argument("--out", default="", help="also write the table and rows here (.md; rows to .json beside)")
     args = ap.parse_args()
@@ -196,8 +256,10 @@ def main() -> None:
         prompts = [doc + CUE for doc in documents(m, max(max(args.clients), 4), args.doc_tokens)]
     rows = []
     for n in args.clients:
-        # a --parallel N > 1 server decodes plainly (DySCO's state is one sequence's): DySCO at N = 1 only
-        rows += measure(args, "dysco-edge", n, prompts, args.modes if n == 1 else ["plain"])
+        # every mode is asked for; one the server refuses with n slots is left out of the table
+        rows += measure(args, "dysco-edge", n, prompts, args.modes)
+        if args.in_process:
+            rows += measure_in_process(args, n, prompts, args.modes)
         if args.llama_server:
             rows += measure(args, "llama-server", n, prompts, ["plain"])
     text = table(sorted(rows, key=lambda r: (r["server"], r["mode"], r["clients"])))

@@ -204,6 +204,9 @@ class Batcher:
             if take > 0:
                 items.append((slot, slot.run.req.prompt[slot.run.pos:slot.run.pos + take]))
                 budget -= take
+        # llama.cpp's ubatches over KV streams hold consecutive ascending sequence ids only: in that
+        # order every slot's first token shares one ubatch
+        items.sort(key=lambda item: item[0].seq_id)
         items = self._decode(items)
         index = -1
         for slot, tokens in items:
