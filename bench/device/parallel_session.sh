@@ -6,7 +6,7 @@
 #   here, once:   bash bench/device/prepare.sh      (packs the pristine tree for llama-server, and the server's wheels)
 #   there, carry [".dev"]:   bash bench/device/parallel_session.sh
 # Builds (run.sh build, run.sh build-server) are skipped when their outputs exist (a warm machine of an
-# earlier call); the measurement itself takes about 6 minutes. MODEL, CLIENTS, DOC_TOKENS, GEN (512: the
+# earlier call); the measurement itself takes about 4 minutes. MODEL, CLIENTS, DOC_TOKENS, GEN (512: the
 # steady window needs every client decoding at once), ROUNDS and BENCH_S (seconds) pass through.
 set -u
 OUT=${OUT:-/tmp/out}; res=$OUT/parallel; mkdir -p "$res"

@@ -12,6 +12,7 @@
 #   there, call 1, carry [".dev"]:  setsid nohup bash bench/device/round_session.sh > /dev/null 2>&1 &
 #   there, a call per part:         bash bench/device/eval_gpu.sh take NAME K [SHA256 on the last]
 #   there, to collect:              tail /tmp/res/round-session.log; tar czf "$OUT"/res.tgz -C /tmp res
+# parallel-cpu (not in the default) runs issue 26's CPU table (SmolLM2, 2 cores pinned, no GPU) in the background.
 # PARTS (default "golden vulkan-check vulkan-speed consumer speed parallel") picks what runs after the build and check (each
 # part under a time limit: VK_S, CONSUMER_S, SPEED_S, PARALLEL_S seconds); speed is
 # run.sh speed (issue 24's table) on the real model at SPEED_CONTEXTS (default "4096 30720").
@@ -64,7 +65,14 @@ dequantize_gguf(Path('/tmp/models/smol.gguf'), Path('/tmp/models/smol-f32.gguf')
                     MODEL=$QWEN VK_PARTS=speed CONTEXTS="${VK_CONTEXTS:-4096 16384}" timeout ${VK_S:-330} \
                         bash bench/device/vulkan_session.sh > /dev/null ;;
             consumer) place_qwen; wait $server_build; timeout ${CONSUMER_S:-420} bash bench/device/consumer_session.sh > /dev/null ;;
-            parallel) place_qwen; wait $server_build; MODEL=$QWEN ROUNDS=${ROUNDS:-1} timeout ${PARALLEL_S:-420} bash bench/device/parallel_session.sh > /dev/null ;;
+            parallel) place_qwen; wait $server_build; MODEL=$QWEN ROUNDS=${ROUNDS:-1} timeout ${PARALLEL_S:-420} \
+                          taskset -c 0-13 bash bench/device/parallel_session.sh > /dev/null ;;
+            parallel-cpu) wait_model smol; wait $server_build  # issue 26's CPU row: 2 cores of 16, no GPU, beside the GPU run
+                mkdir -p $OUT/parallel-cpu
+                ( CUDA_VISIBLE_DEVICES= DYSCO_EDGE_LIB_DIR=$PWD/build/cuda/bin timeout ${PARALLEL_CPU_S:-600} taskset -c 14,15 \
+                    python3 bench/speed/bench_parallel.py --model /tmp/models/smol.gguf --clients 1 2 4 --doc-tokens 1024 \
+                    --gen 128 --rounds 2 --threads 2 --n-gpu-layers 0 --in-process --llama-server build/llama-server/bin/llama-server \
+                    --log-dir $OUT/parallel-cpu --out $OUT/parallel-cpu/parallel.md > $OUT/parallel-cpu/session.log 2>&1 ) & ;;
         esac
         echo "== $part rc=$? at $(( $(date +%s) - start )) s"
     done

@@ -156,7 +156,7 @@ def ttft_while_busy(one, prompts: list[str], gen: int, dysco, busy_now) -> float
         time.sleep(0.5)
         while not busy_now(3) and not all(f.done() for f in busy):
             time.sleep(0.05)
-        late = one(prompts[3], 4, dysco)
+        late = one(prompts[-1], 4, dysco)  # a document no slot has seen: no server reuses its prefix
         [f.result() for f in busy]
     return (late["times"][0] - late["sent"]) * 1000
 
@@ -209,7 +209,7 @@ def measure_mode(args, server: str, n: int, prompts: list[str], mode: str, one, 
         return None
     rounds = [one_round(one, prompts[:n], args.gen, mode) for _ in range(args.rounds)]
     row = {"server": server, "mode": mode, "clients": n,
-           **{k: round(statistics.median(r[k] for r in rounds), 2) for k in rounds[0]}}
+           **{k: round(_median(r[k] for r in rounds), 2) for k in rounds[0]}}
     if n >= 4:
         row["ttft_ms_3_busy"] = round(ttft_while_busy(one, prompts, args.gen, mode, busy_now), 1)
     print(json.dumps(row), flush=True)
@@ -227,6 +227,12 @@ def table(rows: list[dict]) -> str:
                    f"{_ratio(r['aggregate'], base)} | {_ratio(r['aggregate'], theirs)} | {r['overall']} | "
                    f"{r['per_stream']} | {r['tokens']} | {r.get('ttft_ms_3_busy', '')} |")
     return "\n".join(out)
+
+
+def _median(values) -> float:
+    """Median of the rounds that have the value (a round whose clients never all decoded at once has none)."""
+    kept = [v for v in values if v == v]
+    return statistics.median(kept) if kept else float("nan")
 
 
 def _ratio(a: float, b: float | None) -> str:
@@ -253,7 +259,8 @@ def main() -> None:
     args.model_path = str(resolve(args.model))
     args.n_ctx = args.n_ctx or -(-(args.doc_tokens + 64 + 5 * args.gen) // 256) * 256
     with Model(args.model_path, n_ctx=512, n_gpu_layers=0) as m:
-        prompts = [doc + CUE for doc in documents(m, max(max(args.clients), 4), args.doc_tokens)]
+        # one more than the most clients: the late request of the time-to-first-token check
+        prompts = [doc + CUE for doc in documents(m, max(max(args.clients), 4) + 1, args.doc_tokens)]
     rows = []
     for n in args.clients:
         # every mode is asked for; one the server refuses with n slots is left out of the table
