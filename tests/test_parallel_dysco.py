@@ -1,0 +1,96 @@
+"""Fast-mode DySCO per sequence in one decode batch (native/dysco-track.cpp on a context whose
+sequences have a KV stream each), on SmolLM2-135M with its shipped QR heads.
+
+Oracle: the same sequence decoded alone on a context of one sequence (importance, selected set and
+logits step by step), while another sequence, with a document of a different length (so the batch's
+KV window is wider than its own), decodes in the same ubatches: tracked in fast mode too, or plain.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import models
+from dysco_edge.heads.maps import shipped_head_map_file
+from dysco_edge.runtime.engine import Engine, EngineOptions
+
+CONFIG = shipped_head_map_file("smollm2-135m-instruct").to_config(mode="fast")
+N_CTX = 768
+WARM = 3      # context warmup passes
+STEPS = 12    # fast steps, teacher-forced
+
+
+def _doc(seed: int, n: int) -> list[int]:
+    return [int(t) for t in np.random.default_rng(seed).integers(200, 40000, size=n)]
+
+
+DOCS = {0: _doc(1, 100 + WARM + STEPS), 1: _doc(2, 300 + WARM + STEPS)}  # prefixes of 100 and 300 tokens
+
+
+def _reset(native, prefix: int, seq_id: int) -> None:
+    cfg = CONFIG
+    template = np.zeros(prefix, dtype=bool)
+    template[3:6] = True  # a few template positions: the soft bias must leave them alone in each row
+    native.importance_reset(prefix, cfg.decay, cfg.top_p, cfg.top_k, cfg.strength, template, seq_id=seq_id)
+
+
+def _alone(doc: list[int], tracked: bool) -> list[tuple]:
+    """(S, importance, logits) of each fast step of `doc` decoded alone; plain: (None, None, logits)."""
+    prefix = len(doc) - WARM - STEPS
+    with Engine(models.smollm2_q4_1(), EngineOptions(n_ctx=N_CTX)) as eng:
+        eng.decode(doc[:prefix], 0, want_logits=False)
+        eng.native.set_heads(CONFIG.qr_heads)
+        if tracked:
+            _reset(eng.native, prefix, 0)
+            eng.native.set_capture(True)
+        for pos in range(prefix, prefix + WARM):
+            eng.decode([doc[pos]], pos, want_logits=False)
+        eng.native.set_capture(False)
+        out = []
+        for pos in range(prefix + WARM, len(doc)):
+            assert not tracked or eng.native.fast_select(pos)
+            eng.decode([doc[pos]], pos)
+            out.append((eng.native.pass_selection(want_selected=True), eng.native.importance(), eng.logits())
+                       if tracked else (None, None, eng.logits()))
+        return out
+
+
+def _together(tracked: dict[int, bool]) -> dict[int, list[tuple]]:
+    """The same steps of both documents, each step one decode_batch of both sequences."""
+    with Engine(models.smollm2_q4_1(), EngineOptions(n_ctx=N_CTX, n_seq_max=2)) as eng:
+        prefix = {s: len(d) - WARM - STEPS for s, d in DOCS.items()}
+        assert eng.decode_batch([(DOCS[s][:prefix[s]], 0, s, False) for s in DOCS]) == 0
+        eng.native.set_heads(CONFIG.qr_heads)
+        for s in (s for s in DOCS if tracked[s]):
+            _reset(eng.native, prefix[s], s)
+            eng.native.set_seq_capture(s, True)
+        for k in range(WARM):
+            assert eng.decode_batch([([DOCS[s][prefix[s] + k]], prefix[s] + k, s, False) for s in DOCS]) == 0
+        out = {s: [] for s in DOCS}
+        for k in range(WARM, WARM + STEPS):
+            for s in (s for s in DOCS if tracked[s]):
+                eng.native.set_seq_capture(s, False)  # fast_select turns it on for its own pass
+                assert eng.native.fast_select(prefix[s] + k, s)
+            assert eng.decode_batch([([DOCS[s][prefix[s] + k]], prefix[s] + k, s, True) for s in DOCS]) == 0
+            for i, s in enumerate(DOCS):
+                logits = eng.logits(i)
+                out[s].append((eng.native.pass_selection(want_selected=True, seq_id=s), eng.native.importance(s), logits)
+                              if tracked[s] else (None, None, logits))
+        return out
+
+
+def _assert_same(got: list[tuple], want: list[tuple]) -> None:
+    assert len(got) == len(want) == STEPS
+    for (s1, imp1, lg1), (s2, imp2, lg2) in zip(got, want):
+        if s2 is not None:
+            np.testing.assert_array_equal(s1, s2)
+            np.testing.assert_allclose(imp1, imp2, rtol=1e-6, atol=1e-12)
+        np.testing.assert_array_equal(lg1, lg2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tracked", [{0: True, 1: True}, {0: True, 1: False}, {0: False, 1: True}])
+def test_each_sequence_tracks_as_alone_while_the_other_shares_its_ubatches(tracked):
+    together = _together(tracked)
+    for s, doc in DOCS.items():
+        _assert_same(together[s], _alone(doc, tracked[s]))
