@@ -36,7 +36,8 @@ static int32_t dysco_ok() {
 
 dysco_state::dysco_state(const llama_model * model) : model(model) {
     heads.by_layer.resize(llama_model_n_layer(model));
-    probe.batch = llama_batch_init(1, 0, 1);
+    probe.batch    = llama_batch_init(1, 0, 1);
+    probe.capacity = 1;
     timeline.on = getenv("DYSCO_HOST_TIMELINE") != nullptr;
 }
 
@@ -314,32 +315,46 @@ int32_t dysco_set_capture(llama_context * ctx, bool on) {
     return dysco_ok();
 }
 
-static int32_t dysco_probe_decode(llama_context * ctx, dysco_state & st, int32_t token, int32_t pos, int32_t seq_id) {
+// Tokens probed in one decode: one per sequence (several only on a context with a KV stream per sequence).
+struct dysco_probe_item {
+    int32_t token, pos, seq_id;
+};
+
+static int32_t dysco_probe_decode(llama_context * ctx, dysco_state & st, const dysco_probe_item * items, int32_t n) {
+    if (n > st.probe.capacity) {
+        llama_batch_free(st.probe.batch);
+        st.probe.batch    = llama_batch_init(n, 0, 1);
+        st.probe.capacity = n;
+    }
     llama_batch & b = st.probe.batch;
-    b.n_tokens     = 1;
-    b.token[0]     = token;
-    b.pos[0]       = pos;
-    b.n_seq_id[0]  = 1;
-    b.seq_id[0][0] = seq_id;
-    b.logits[0]    = 0; // the probe's logits are never used: skip the output head
+    b.n_tokens = n;
+    for (int32_t i = 0; i < n; ++i) {
+        b.token[i]     = items[i].token;
+        b.pos[i]       = items[i].pos;
+        b.n_seq_id[i]  = 1;
+        b.seq_id[i][0] = items[i].seq_id;
+        b.logits[i]    = 0; // the probe's logits are never used: skip the output head
+    }
     return llama_decode(ctx, b);
 }
 
 // The probe itself: its scores stay in its graph until read (dysco_scores_sync); a tracked
-// importance folds them in the graph.
-static int32_t dysco_probe_run(llama_context * ctx, dysco_state & st, int32_t token, int32_t pos, int32_t seq_id) {
+// importance folds them in the graph (each sequence's into its own on a context of several streams).
+static int32_t dysco_probe_run(llama_context * ctx, dysco_state & st, const dysco_probe_item * items, int32_t n) {
     st.timeline.mark(DYSCO_MARK_PROBE_START);
     st.probe.layers = st.heads.l_max + 1;
     dysco_key_refresh(ctx);
     const bool own_graph = dysco_graph_swap::swap(*ctx, st);
-    const int32_t rc = dysco_probe_decode(ctx, st, token, pos, seq_id);
+    const int32_t rc = dysco_probe_decode(ctx, st, items, n);
     if (own_graph) {
         dysco_graph_swap::swap(*ctx, st);
     }
     st.probe.layers = 0;
     dysco_key_refresh(ctx);
     // the probe must leave no trace: the full pass writes this position's KV cell for real
-    llama_memory_seq_rm(llama_get_memory(ctx), seq_id, pos, -1);
+    for (int32_t i = 0; i < n; ++i) {
+        llama_memory_seq_rm(llama_get_memory(ctx), items[i].seq_id, items[i].pos, -1);
+    }
     st.timeline.mark(DYSCO_MARK_PROBE_END);
     if (rc != 0) {
         st.scores.valid   = false;
@@ -348,7 +363,8 @@ static int32_t dysco_probe_run(llama_context * ctx, dysco_state & st, int32_t to
             row.src.data        = nullptr;
             row.positions_ready = false;
         }
-        return dysco_fail(DYSCO_ERR_DECODE, "probe decode of token %d at position %d failed (llama_decode returned %d)", token, pos, rc);
+        return dysco_fail(DYSCO_ERR_DECODE, "probe decode of token %d at position %d (and %d more) failed "
+                          "(llama_decode returned %d)", items[0].token, items[0].pos, n - 1, rc);
     }
     return dysco_ok();
 }
@@ -364,7 +380,8 @@ int32_t dysco_probe(llama_context * ctx, int32_t token, int32_t pos, int32_t seq
     if (dysco_seq_track * t = track_of(st.track, seq_id)) {
         t->armed = false;
     }
-    return dysco_probe_run(ctx, st, token, pos, seq_id);
+    const dysco_probe_item item = { token, pos, seq_id };
+    return dysco_probe_run(ctx, st, &item, 1);
 }
 
 // Whether a bias of n_bias entries fits sequence seq_id: at most the next token's positions (or
@@ -724,16 +741,37 @@ static int32_t track_error(llama_context * ctx, int32_t seq_id) {
     return t && t->on ? DYSCO_ERR_RANGE : DYSCO_ERR_ARGUMENT;
 }
 
-int32_t dysco_probe_select(llama_context * ctx, int32_t token, int32_t pos, int32_t seq_id) {
-    dysco_seq_track * t = track_arm(ctx, "dysco_probe_select", pos, seq_id);
-    if (!t) {
-        return track_error(ctx, seq_id);
+int32_t dysco_probe_select_batch(llama_context * ctx, const int32_t * tokens, const int32_t * pos, const int32_t * seq_ids,
+                                 int32_t n) {
+    if (!ctx || n < 1 || !tokens || !pos || !seq_ids || n > (int32_t) llama_n_seq_max(ctx)) {
+        return dysco_fail(DYSCO_ERR_ARGUMENT, "dysco_probe_select: null context or arrays, or n = %d (1..sequences)", n);
+    }
+    std::vector<dysco_probe_item> items(n);
+    std::vector<dysco_seq_track *> armed;
+    for (int32_t i = 0; i < n; ++i) {
+        dysco_seq_track * t = track_arm(ctx, "dysco_probe_select", pos[i], seq_ids[i]);
+        if (!t || (i > 0 && dysco_state_of(ctx).track.kv->get_n_stream() == 1)) {
+            const int32_t rc = t ? dysco_fail(DYSCO_ERR_ARGUMENT, "dysco_probe_select: several sequences probe "
+                                              "together only when each has a KV stream of its own") : track_error(ctx, seq_ids[i]);
+            for (dysco_seq_track * a : armed) {
+                a->armed = false;
+            }
+            return rc;
+        }
+        armed.push_back(t);
+        items[i] = { tokens[i], pos[i], seq_ids[i] };
     }
     auto & st = dysco_state_of(ctx);
-    const int32_t probe_rc = dysco_probe_run(ctx, st, token, pos, seq_id);
-    t->armed = probe_rc == DYSCO_OK;
+    const int32_t probe_rc = dysco_probe_run(ctx, st, items.data(), n);
+    for (dysco_seq_track * t : armed) {
+        t->armed = probe_rc == DYSCO_OK;
+    }
     dysco_key_refresh(ctx);
     return probe_rc;
+}
+
+int32_t dysco_probe_select(llama_context * ctx, int32_t token, int32_t pos, int32_t seq_id) {
+    return dysco_probe_select_batch(ctx, &token, &pos, &seq_id, 1);
 }
 
 int32_t dysco_fast_select(llama_context * ctx, int32_t pos, int32_t seq_id) {

@@ -182,7 +182,8 @@ struct dysco_track {
 // context while a probe decodes), so that alternating probe and full passes rebuilds neither graph.
 struct dysco_probe_graph {
     int32_t                layers = 0;       // > 0 while a probe pass is being decoded: L_max + 1
-    llama_batch            batch  = {};      // [1] token
+    llama_batch            batch  = {};      // [capacity] tokens: one per sequence probed together
+    int32_t                capacity = 0;
     ggml_backend_sched_ptr sched;
     llm_graph_result_ptr   res;
     llm_graph_result *     active = nullptr;

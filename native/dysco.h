@@ -136,6 +136,11 @@ int32_t dysco_pass_selection_seq(struct llama_context * ctx, int32_t seq_id, int
 // Whether seq_id's full passes score and fold their last token (its context warmup), whatever the
 // context-wide capture says; dysco_fast_select turns it on for its sequence on a parallel context.
 int32_t dysco_set_seq_capture(struct llama_context * ctx, int32_t seq_id, bool on);
+// Exact DySCO for several sequences at once: dysco_probe_select of tokens[i] at pos[i] of seq_ids[i]
+// (distinct sequences, each with a KV stream of its own) in one probe decode, each probe folding into
+// its own sequence's importance; the next full pass of each then selects and biases itself.
+int32_t dysco_probe_select_batch(struct llama_context * ctx, const int32_t * tokens, const int32_t * pos,
+                                 const int32_t * seq_ids, int32_t n);
 // Stops tracking seq_id (its generation ended): its passes neither fold nor select afterwards.
 int32_t dysco_track_end(struct llama_context * ctx, int32_t seq_id);
 

@@ -1,9 +1,10 @@
-"""Fast-mode DySCO per sequence in one decode batch (native/dysco-track.cpp on a context whose
-sequences have a KV stream each), on SmolLM2-135M with its shipped QR heads.
+"""DySCO per sequence in one decode batch (native/dysco-track.cpp on a context whose sequences have a
+KV stream each), on SmolLM2-135M with its shipped QR heads: fast mode, and exact mode with the probes
+of both sequences in one probe decode (dysco_probe_select_batch).
 
 Oracle: the same sequence decoded alone on a context of one sequence (importance, selected set and
 logits step by step), while another sequence, with a document of a different length (so the batch's
-KV window is wider than its own), decodes in the same ubatches: tracked in fast mode too, or plain.
+KV window is wider than its own), decodes in the same ubatches: tracked too, or plain.
 """
 from __future__ import annotations
 
@@ -34,8 +35,16 @@ def _reset(native, prefix: int, seq_id: int) -> None:
     native.importance_reset(prefix, cfg.decay, cfg.top_p, cfg.top_k, cfg.strength, template, seq_id=seq_id)
 
 
-def _alone(doc: list[int], tracked: bool) -> list[tuple]:
-    """(S, importance, logits) of each fast step of `doc` decoded alone; plain: (None, None, logits)."""
+def _arm_alone(native, token: int, pos: int, mode: str) -> None:
+    if mode == "fast":
+        assert native.fast_select(pos)
+    else:
+        native.probe_select(token, pos)
+
+
+def _alone(doc: list[int], mode) -> list[tuple]:
+    """(S, importance, logits) of each DySCO step of `doc` decoded alone; plain: (None, None, logits)."""
+    tracked = mode is not None
     prefix = len(doc) - WARM - STEPS
     with Engine(models.smollm2_q4_1(), EngineOptions(n_ctx=N_CTX)) as eng:
         eng.decode(doc[:prefix], 0, want_logits=False)
@@ -48,15 +57,29 @@ def _alone(doc: list[int], tracked: bool) -> list[tuple]:
         eng.native.set_capture(False)
         out = []
         for pos in range(prefix + WARM, len(doc)):
-            assert not tracked or eng.native.fast_select(pos)
+            if tracked:
+                _arm_alone(eng.native, doc[pos], pos, mode)
             eng.decode([doc[pos]], pos)
             out.append((eng.native.pass_selection(want_selected=True), eng.native.importance(), eng.logits())
                        if tracked else (None, None, eng.logits()))
         return out
 
 
-def _together(tracked: dict[int, bool]) -> dict[int, list[tuple]]:
+def _arm_together(native, mode: dict, step: dict) -> None:
+    """Fast sequences arm their pass; exact ones probe, all in one probe decode."""
+    probes = []
+    for s, (token, pos) in step.items():
+        if mode[s] == "fast":
+            assert native.fast_select(pos, s)
+        elif mode[s] == "exact":
+            probes.append((token, pos, s))
+    if probes:
+        native.probe_select_batch(probes)
+
+
+def _together(mode: dict) -> dict[int, list[tuple]]:
     """The same steps of both documents, each step one decode_batch of both sequences."""
+    tracked = {s: m is not None for s, m in mode.items()}
     with Engine(models.smollm2_q4_1(), EngineOptions(n_ctx=N_CTX, n_seq_max=2)) as eng:
         prefix = {s: len(d) - WARM - STEPS for s, d in DOCS.items()}
         assert eng.decode_batch([(DOCS[s][:prefix[s]], 0, s, False) for s in DOCS]) == 0
@@ -70,7 +93,7 @@ def _together(tracked: dict[int, bool]) -> dict[int, list[tuple]]:
         for k in range(WARM, WARM + STEPS):
             for s in (s for s in DOCS if tracked[s]):
                 eng.native.set_seq_capture(s, False)  # fast_select turns it on for its own pass
-                assert eng.native.fast_select(prefix[s] + k, s)
+            _arm_together(eng.native, mode, {s: (DOCS[s][prefix[s] + k], prefix[s] + k) for s in DOCS})
             assert eng.decode_batch([([DOCS[s][prefix[s] + k]], prefix[s] + k, s, True) for s in DOCS]) == 0
             for i, s in enumerate(DOCS):
                 logits = eng.logits(i)
@@ -89,8 +112,9 @@ def _assert_same(got: list[tuple], want: list[tuple]) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("tracked", [{0: True, 1: True}, {0: True, 1: False}, {0: False, 1: True}])
-def test_each_sequence_tracks_as_alone_while_the_other_shares_its_ubatches(tracked):
-    together = _together(tracked)
+@pytest.mark.parametrize("mode", [{0: "fast", 1: "fast"}, {0: "fast", 1: None}, {0: None, 1: "fast"},
+                                  {0: "exact", 1: "exact"}, {0: "exact", 1: "fast"}, {0: None, 1: "exact"}])
+def test_each_sequence_tracks_as_alone_while_the_other_shares_its_ubatches(mode):
+    together = _together(mode)
     for s, doc in DOCS.items():
-        _assert_same(together[s], _alone(doc, tracked[s]))
+        _assert_same(together[s], _alone(doc, mode[s]))

@@ -46,6 +46,8 @@ int32_t dysco_importance_get_seq(void * ctx, int32_t seq_id, double * out, int32
 int32_t dysco_pass_selection_seq(void * ctx, int32_t seq_id, int32_t * selected, int32_t n_max);
 int32_t dysco_set_seq_capture(void * ctx, int32_t seq_id, bool on);
 int32_t dysco_track_end(void * ctx, int32_t seq_id);
+int32_t dysco_probe_select_batch(void * ctx, const int32_t * tokens, const int32_t * pos, const int32_t * seq_ids,
+                                 int32_t n);
 """
 
 ERR_ARGUMENT, ERR_HEAD, ERR_NO_HEADS, ERR_RANGE, ERR_DECODE, ERR_NO_SCORES, ERR_UNSUPPORTED = range(-1, -8, -1)
@@ -244,6 +246,12 @@ class NativeContext:
         """Probe `token` at `pos` (its scores fold into the importance in the graph) and have the next
         full pass select S and bias itself in its graph."""
         _check(self._lib.dysco_probe_select(self._ctx, int(token), int(pos), int(seq_id)), "dysco_probe_select")
+
+    def probe_select_batch(self, items) -> None:
+        """probe_select for several sequences at once, items of (token, pos, seq_id): one probe decode,
+        each probe folding into its own sequence's importance (a context with a KV stream per sequence)."""
+        cols = [_ffi.new("int32_t[]", [int(item[k]) for item in items]) for k in range(3)]
+        _check(self._lib.dysco_probe_select_batch(self._ctx, *cols, len(items)), "dysco_probe_select_batch")
 
     def fast_select(self, pos: int, seq_id: int = 0) -> bool:
         """Fast mode: have the next full pass at `pos` select S from the importance over 0..pos-1, bias
