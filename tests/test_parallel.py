@@ -96,12 +96,11 @@ def test_closing_one_stream_leaves_the_others_intact(single, parallel):
     assert (first + rest).startswith(single.generate(messages=_messages(3), dysco=None, max_new_tokens=1).text)
 
 
-def test_a_parallel_model_refuses_exact_dysco_and_runs_auto_fast(parallel):
-    heads = parallel.head_map()
-    for dysco in (heads.to_config(mode="exact"), heads.to_config(dynamic=False)):
-        with pytest.raises(InputError, match=r"Model\(parallel=4\) runs DySCO in fast mode only.*parallel=1 for exact"):
-            parallel.generate(messages=_messages(0), dysco=dysco, max_new_tokens=2)
-    assert parallel.generate(messages=_messages(0), max_new_tokens=2).dysco.mode == "fast"  # dysco "auto"
+def test_a_parallel_model_refuses_static_dysco_and_runs_auto(parallel):
+    with pytest.raises(InputError, match=r"Model\(parallel=4\) runs dynamic DySCO only.*parallel=1 for static"):
+        parallel.generate(messages=_messages(0), dysco=parallel.head_map().to_config(dynamic=False), max_new_tokens=2)
+    auto = parallel.generate(messages=_messages(0), max_new_tokens=2).dysco  # the head map's, template markers added
+    assert (auto.mode, auto.qr_heads) == ("exact", parallel.head_map().qr_heads)
     assert all(s["state"] == "idle" for s in parallel.slots())
 
 
@@ -116,14 +115,15 @@ def test_dysco_generations_running_together_share_one_set_of_qr_heads(parallel):
     assert parallel.generate(messages=_messages(2), dysco=other, max_new_tokens=2).dysco.qr_heads == ((0, 0), (1, 1))
 
 
-# which generations run fast DySCO (one of them without context warmup: its first step probes) and which plainly
-KINDS = {0: "fast", 1: None, 2: "fast, no warmup", 3: None, 4: "fast"}
+# which generations run fast DySCO (one without context warmup: its first step probes), exact DySCO (a probe
+# of its own before every batch step) or plainly
+KINDS = {0: "fast", 1: None, 2: "fast, no warmup", 3: None, 4: "exact", 5: "fast"}
 
 
 def _dysco(model, kind):
     if kind is None:
         return None
-    return model.head_map().to_config(mode="fast", **({"context_warmup": 0} if "no warmup" in kind else {}))
+    return model.head_map().to_config(mode=kind.split(",")[0], **({"context_warmup": 0} if "no warmup" in kind else {}))
 
 
 def _traced(model, i: int, new: int = 32) -> tuple[list[int], list[list[int]]]:
@@ -134,7 +134,7 @@ def _traced(model, i: int, new: int = 32) -> tuple[list[int], list[list[int]]]:
 
 
 @pytest.mark.slow
-def test_fast_dysco_and_plain_generations_share_the_batch_each_as_alone(single, parallel):
+def test_dysco_and_plain_generations_share_the_batch_each_as_alone(single, parallel):
     expected = {}
     for i in KINDS:
         single.prefill([])
@@ -142,7 +142,7 @@ def test_fast_dysco_and_plain_generations_share_the_batch_each_as_alone(single, 
     decoding = []  # how many slots decoded at once, sampled while they run
 
     def ask(i):
-        time.sleep(0.4 * i)  # staggered: each joins the running batch; 5 threads on 4 slots
+        time.sleep(0.4 * i)  # staggered: each joins the running batch; 6 threads on 4 slots
         return _traced(parallel, i)
     with ThreadPoolExecutor(len(KINDS)) as pool:
         futures = {i: pool.submit(ask, i) for i in KINDS}
@@ -152,8 +152,17 @@ def test_fast_dysco_and_plain_generations_share_the_batch_each_as_alone(single, 
         got = {i: f.result() for i, f in futures.items()}
     assert got == expected
     assert all(len(expected[i][1]) > 3 for i in KINDS if KINDS[i])  # S of every step was compared
-    assert max(decoding) >= 3  # any three of them decoding together hold a fast one beside others
+    assert max(decoding) >= 3  # any three of them decoding together hold a DySCO one beside others
     assert all(s["state"] == "idle" for s in parallel.slots())
+
+
+@pytest.mark.slow
+def test_a_plain_request_after_a_dysco_one_on_its_prompt_answers_as_alone(single, parallel):
+    # the DySCO run keeps only its prefilled cells: its context warmup's, fed one at a time, round
+    # otherwise than a prefill, and the plain answer reusing them differed from the one it gets alone
+    expected = _alone(single, 1)
+    parallel.generate(messages=_messages(1), dysco=parallel.head_map().to_config(mode="fast"), max_new_tokens=4)
+    assert parallel.generate(messages=_messages(1), dysco=None, max_new_tokens=NEW).token_ids == expected
 
 
 @pytest.mark.slow
@@ -226,38 +235,32 @@ def test_concurrent_clients_get_the_answers_each_gets_alone(server, single):
     assert got == expected
 
 
-def test_a_parallel_server_answers_auto_as_its_mode_says_and_refuses_exact_by_name(server, single):
+def test_a_parallel_server_answers_auto_as_its_mode_says_and_refuses_static_by_name(server, single):
     client = _client(server[0])
     raw = client.chat.completions.with_raw_response.create(model="any", messages=_messages(0), max_tokens=NEW)
     single.prefill([])  # cells a DySCO run kept (its warmup's, fed one at a time) round differently from a prefill
     assert raw.headers["x-dysco"].startswith("off; reason=the server's default (--dysco-mode off)")
     assert raw.parse().choices[0].message.content == single.generate(messages=_messages(0), dysco=None,
                                                                      max_new_tokens=NEW).text
-    for dysco in ({"mode": "exact"}, {"dynamic": False}):
-        with pytest.raises(openai.BadRequestError, match="exact or static DySCO needs --parallel 1"):
-            client.chat.completions.create(model="any", messages=_messages(0), max_tokens=2, extra_body={"dysco": dysco})
+    with pytest.raises(openai.BadRequestError, match="static DySCO .dynamic false. needs --parallel 1"):
+        client.chat.completions.create(model="any", messages=_messages(0), max_tokens=2,
+                                       extra_body={"dysco": {"dynamic": False}})
 
 
 @pytest.mark.slow
-def test_fast_and_plain_clients_share_the_batch_each_as_alone(server, single):
-    fast = single.head_map().to_config(mode="fast")  # what dysco true is on a server whose --dysco-mode is off
-    dysco = {i: (True if i % 2 == 0 else False) for i in range(4)}
+def test_dysco_and_plain_clients_share_the_batch_each_as_alone(server, single):
+    # dysco true is fast on a server whose --dysco-mode is off; 6 clients on 4 slots and a queue of 2
+    dysco = {0: True, 1: False, 2: True, 3: False, 4: {"mode": "exact"}, 5: {"mode": "exact"}}
+    heads = single.head_map()
     expected = {}
-    for i in range(4):
+    for i, d in dysco.items():
         single.prefill([])
-        expected[i] = single.generate(messages=_messages(i), dysco=fast if dysco[i] else None, max_new_tokens=NEW).text
-    clients = [_client(server[0]) for _ in range(4)]
-    with ThreadPoolExecutor(4) as pool:  # two fast and two plain, one of each streamed
-        got = dict(zip(range(4), pool.map(lambda i: _ask(clients[i], i, dysco[i]), range(4))))
+        config = None if d is False else heads.to_config(mode="fast" if d is True else "exact")
+        expected[i] = single.generate(messages=_messages(i), dysco=config, max_new_tokens=NEW).text
+    clients = [_client(server[0]) for _ in dysco]
+    with ThreadPoolExecutor(len(dysco)) as pool:  # odd ones streamed
+        got = dict(zip(dysco, pool.map(lambda i: _ask(clients[i], i, dysco[i]), dysco)))
     assert got == expected
-
-
-def test_serve_refuses_exact_mode_with_parallel_slots_before_loading():
-    import subprocess
-    import sys
-    done = subprocess.run([sys.executable, "-m", "dysco_edge.cli", "serve", "--model", "smollm2-135m", "--parallel", "2",
-                           "--dysco-mode", "exact"], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2 and "--dysco-mode exact needs --parallel 1" in done.stderr
 
 
 @pytest.mark.slow

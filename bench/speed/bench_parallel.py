@@ -1,6 +1,6 @@
 """Several users at once (issue 26): N concurrent streaming clients, each with a document of its own,
-against `dysco-edge serve --parallel N` (plain and fast DySCO at every N; exact with one client, since
-a server with --parallel N > 1 batches fast DySCO only) and llama.cpp's `llama-server --parallel N` (plain), both
+against `dysco-edge serve --parallel N` (plain, fast and exact DySCO at every N: the batch runs each
+sequence's DySCO on its own) and llama.cpp's `llama-server --parallel N` (plain), both
 driven by the same `openai` client code through their OpenAI endpoints (/v1/completions: the
 document and a cue as raw text, greedy).
 
@@ -196,8 +196,7 @@ def main() -> None:
         prompts = [doc + CUE for doc in documents(m, max(max(args.clients), 4), args.doc_tokens)]
     rows = []
     for n in args.clients:
-        # a --parallel N > 1 server batches plain and fast DySCO; exact probes every step: N = 1 only
-        rows += measure(args, "dysco-edge", n, prompts, [m for m in args.modes if n == 1 or m != "exact"])
+        rows += measure(args, "dysco-edge", n, prompts, args.modes)
         if args.llama_server:
             rows += measure(args, "llama-server", n, prompts, ["plain"])
     text = table(sorted(rows, key=lambda r: (r["server"], r["mode"], r["clients"])))

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional, Sequence, Union
 
-from .config import FAST, DyscoConfig
+from .config import DyscoConfig
 from .context_memory import available_bytes, check_n_ctx, kv_shape
 from .documents.kv_cache import model_identity
 from .documents.markers import token_span
@@ -70,9 +70,10 @@ class Model:
 
     parallel N > 1: up to N generations called from different threads decode together, one batch
     per step, each in a sequence with n_ctx cells of its own (N times the KV memory; n_ctx must then
-    be given). Plain and fast-mode DySCO generations share the batch, each DySCO sequence with its own
-    importance and selection, its answer the one it gets alone; "auto" runs the head map in fast mode.
-    Exact DySCO (a probe every step) is refused: load the model with parallel=1 for it."""
+    be given). Plain and dynamic DySCO generations (fast or exact) share the batch, each DySCO sequence
+    with its own importance and selection, its answer the one it gets alone; an exact sequence's probe
+    is a decode of its own before each batch step. Static DySCO is refused: load the model with
+    parallel=1 for it."""
 
     def __init__(self, path: Optional[Union[str, Path]] = None, *, n_ctx: Optional[int] = None,
                  n_gpu_layers: Optional[int] = None, flash_attn: Union[bool, str] = "auto", n_batch: int = 512,
@@ -202,8 +203,7 @@ class Model:
             found = self.head_map()
             if found is None:
                 raise NoHeadMap(no_head_map_message(self.shape, self.path))
-            # a parallel model's batch runs fast mode only (_check_batched)
-            config = found.to_config(**({"mode": FAST} if self._batcher is not None else {}))
+            config = found.to_config()
         else:
             raise InputError(f"dysco must be a DyscoConfig, a HeadMap, 'auto' or None, got {dysco!r}")
         self._check_fits(config)
@@ -262,14 +262,14 @@ class Model:
         return TextStream(self.engine, self._cache, self._lock, request, tokens=self._batcher.tokens(request))
 
     def _check_batched(self, config: Optional[DyscoConfig]) -> None:
-        """A parallel model's batch runs plain and fast-DySCO generations (each sequence's importance in its
-        own KV stream); exact DySCO probes every step, which the batch does not do."""
+        """A parallel model's batch runs plain and dynamic DySCO generations (each sequence's importance in
+        its own KV stream); static DySCO sets its bias from the host, for the whole context."""
         if config is None:
             return
-        if config.mode != FAST:
-            raise InputError(f"Model(parallel={self.parallel}) runs DySCO in fast mode only (exact mode probes every "
-                             f"step, which the shared batch does not do): pass a config with mode='fast', "
-                             f"dysco=None, or load the model with parallel=1 for exact DySCO")
+        if not config.dynamic:
+            raise InputError(f"Model(parallel={self.parallel}) runs dynamic DySCO only (static DySCO sets one "
+                             f"bias from the host for the whole batch): pass a config with dynamic=True, "
+                             f"dysco=None, or load the model with parallel=1 for static DySCO")
         if not self.engine.native.track_supported:
             raise InputError(f"Model(parallel={self.parallel}): this model's KV cache (sliding-window layers) keeps "
                              f"DySCO's state on the host, for one sequence: load it with parallel=1 for DySCO, "

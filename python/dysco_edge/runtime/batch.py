@@ -9,14 +9,14 @@ token, its limit, its stop event, or its reader closing it). Each slot keeps its
 prompt prefix for the next request it serves (a newcomer takes the free slot sharing the longest
 prefix with its prompt, and may share another free slot's cells).
 
-A generation with fast-mode DySCO runs its steps as items of the same batch (`_DyscoFeed`): its
+A generation with dynamic DySCO runs its steps as items of the same batch (`_DyscoFeed`): its
 prompt up to the warmups in chunks, then one token per step (context warmup passes that fold their
 QR-head scores, intervention steps the bookkeeping strategy arms before the batch's llama_decode and
 checks after it), then each sampled token as an intervention step. Its importance, selection and bias
 are its own KV stream's (native/dysco-track.cpp), so its answer is the one it gets alone, and plain
-generations share the batch untouched. A step that no scored pass precedes probes that one sequence
-alone before the batch (as the single-sequence loop does). Exact mode (a probe every step) is not
-batched: Model refuses it on a parallel model.
+generations share the batch untouched. The probes a step asks for (every step of exact mode; fast
+mode's step that no scored pass precedes) go in one probe decode before the batch's, each folding into
+its own sequence's importance. Static DySCO (a bias set from the host) is not batched: Model refuses it.
 Whatever needs the whole context (a prefill to keep, restoring cells, closing) holds it alone
 (`solo`): it waits for the running slots to finish and holds newcomers back until it is done.
 """
@@ -29,10 +29,11 @@ from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
 from ..errors import DyscoEdgeError, EngineError, InputError
-from .bookkeeping import FastBookkeeping
+from .bookkeeping import default_bookkeeping
 from .decode import plan_warmups
 from .engine import Engine, Sampler
 from .generation import ContextLock, Request
+from .native import SequenceControls
 from .prefix_cache import PrefixCache
 from .prompter import Prompter
 from .selection import template_mask
@@ -51,7 +52,8 @@ class _PlainFeed:
         return self.n - 1
 
     def clean_end(self) -> int:
-        """Prompt tokens whose cells stay unbiased, kept for the next request."""
+        """Prompt tokens whose cells are kept for the next request: unbiased, and computed by a prefill
+        (cells fed one token at a time round differently, and the next answer would depend on them)."""
         return self.n - 1
 
     def single(self, run: "_Run") -> bool:
@@ -72,23 +74,26 @@ class _PlainFeed:
 
 
 class _DyscoFeed(_PlainFeed):
-    """Fast DySCO's steps (decode.dysco_tokens) as batch items of one sequence: the prompt in chunks up
-    to the warmups, then one token a step; the bookkeeping strategy (FastBookkeeping) keeps its
-    importance in its stream's row and arms each intervention pass before the batch."""
+    """Dynamic DySCO's steps (decode.dysco_tokens) as batch items of one sequence: the prompt in chunks
+    up to the warmups, then one token a step; the in-graph bookkeeping strategy of its config
+    (default_bookkeeping: FastBookkeeping, or InPassBookkeeping for exact) keeps its importance in its
+    stream's row and arms (probing first, where it probes) each intervention pass before the batch."""
 
-    def __init__(self, req: Request, heads: "_Heads"):
+    def __init__(self, req: Request, heads: "_Heads", probes: "_Probes"):
         super().__init__(req)
         cfg = req.config
         warm = plan_warmups(self.n, cfg.context_warmup, Prompter.intervention_warmup(cfg, req.warmup_auto))
         self.start, self.first_iv = self.n - warm.fed, warm.first_intervention(self.n)
-        self.req, self.heads, self.books, self.seq = req, heads, None, None
+        self.req, self.heads, self.probes, self.books, self.seq = req, heads, probes, None, None
 
     def claim_end(self) -> int:
         # at least the last prompt token is decoded again: its logits give the first token
         return min(self.start, self.n - 1)
 
     def clean_end(self) -> int:
-        return self.first_iv
+        # the context warmup's cells are unbiased but fed one at a time: a request reusing them would
+        # answer otherwise than alone
+        return self.start
 
     def single(self, run: "_Run") -> bool:
         return run.pos >= self.start
@@ -113,9 +118,10 @@ class _DyscoFeed(_PlainFeed):
     def _begin(self, native, seq_id: int) -> None:
         cfg = self.req.config
         self.heads.use(native, cfg.qr_heads, seq_id)
-        self.seq = native.for_sequence(seq_id)
-        self.books = FastBookkeeping(cfg, template_mask(self.req.prompt, cfg.template_sequences), self.start,
-                                     capacity=self.n + self.req.max_new_tokens + 1, trace=self.req.trace)
+        self.seq = _ProbesTogether(native, seq_id, self.probes)
+        strategy = default_bookkeeping(cfg, in_graph=True)
+        self.books = strategy(cfg, template_mask(self.req.prompt, cfg.template_sequences), self.start,
+                              capacity=self.n + self.req.max_new_tokens + 1, trace=self.req.trace)
         self.books.begin(self.seq)
         self.seq.set_capture(self.first_iv > self.start)
 
@@ -127,6 +133,28 @@ class _DyscoFeed(_PlainFeed):
         if self.books is not None:
             native.track_end(seq_id)
             self.heads.release(seq_id)
+
+
+class _Probes:
+    """The probes a step's DySCO sequences ask for, decoded together before the step's batch."""
+
+    def __init__(self):
+        self.asked: list[tuple[int, int, int]] = []  # (token, pos, seq_id)
+
+    def take(self) -> list[tuple[int, int, int]]:
+        asked, self.asked = self.asked, []
+        return asked
+
+
+class _ProbesTogether(SequenceControls):
+    """A sequence's controls whose probe waits for the step's other probes (_Probes)."""
+
+    def __init__(self, native, seq_id: int, probes: _Probes):
+        super().__init__(native, seq_id)
+        self.probes = probes
+
+    def probe_select(self, token: int, pos: int) -> None:
+        self.probes.asked.append((token, pos, self.seq_id))
 
 
 class _Heads:
@@ -159,7 +187,7 @@ class _Run:
     reuse: int                     # prompt tokens whose cells the slot held already
     limit: int                     # tokens it may generate
     pos: int                       # the next position to write
-    feed: _PlainFeed               # what it feeds each step (plain, or fast DySCO's steps)
+    feed: _PlainFeed               # what it feeds each step (plain, or DySCO's steps)
     out: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
     pending: Optional[int] = None  # the last sampled token, fed at the next step
     n_generated: int = 0
@@ -201,7 +229,7 @@ class Batcher:
         self._solo = ContextLock()
         self._solo_waiting = 0
         self._closed = False
-        self._heads = _Heads()
+        self._heads, self._probes = _Heads(), _Probes()
         self._thread = threading.Thread(target=self._loop, name="dysco-edge-batch", daemon=True)
         self._thread.start()
 
@@ -260,7 +288,7 @@ class Batcher:
 
     def _claim(self, slot: Slot, req: Request) -> _Run:
         n = len(req.prompt)
-        feed = _DyscoFeed(req, self._heads) if req.config is not None else _PlainFeed(req)
+        feed = _DyscoFeed(req, self._heads, self._probes) if req.config is not None else _PlainFeed(req)
         end = feed.claim_end()
         reuse = slot.cache.claim(req.prompt, end)
         donor = max((s for s in self.slots if not s.busy), default=None,
@@ -328,6 +356,7 @@ class Batcher:
         """One step: the one-token items (decoding, DySCO's prompt steps), then prompt chunks in the room
         left; DySCO's calls before and after the llama_decode; sample."""
         slots = [s for s in slots if not self._stopped(s.run)]
+        self._probes.take()  # none left over from a step that failed
         single = [s for s in slots if not s.run.in_chunks]
         items, budget = [], self.engine.n_batch - len(single)
         for slot in single:
@@ -337,12 +366,27 @@ class Batcher:
             if tokens:
                 items.append((slot, tokens))
                 budget -= len(tokens)
-        items = self._decode([it for it in items if self._hook(it[0], it[0].run.feed.before, it[0].seq_id)])
+        items = [it for it in items if self._hook(it[0], it[0].run.feed.before, it[0].seq_id)]
+        items = self._decode(self._probe(items))
         index = -1
         for slot, tokens in items:
             index += len(tokens)
             if self._hook(slot, slot.run.feed.after, slot.run.pos + len(tokens) - 1):
                 self._after(slot.run, len(tokens), index)
+
+    def _probe(self, items: list) -> list:
+        """The probes the items' DySCO sequences asked for, in one decode; if it fails, those runs end."""
+        asked = self._probes.take()
+        if not asked:
+            return items
+        try:
+            self.engine.native.probe_select_batch(asked)
+        except DyscoEdgeError as exc:
+            failed = {seq for _, _, seq in asked}
+            for slot in (it[0] for it in items if it[0].seq_id in failed):
+                slot.run.finish(exc)
+            return [it for it in items if it[0].seq_id not in failed]
+        return items
 
     def _hook(self, slot: Slot, call, arg: int) -> bool:
         """A feed's DySCO call for the slot's run; a failure (a selection that did not happen, heads

@@ -10,7 +10,7 @@ from ..cli.models import add_model_arguments, chosen_model
 from ..cli.devices import add_device_arguments, add_memory_arguments, device_options, memory_options
 from ..cli.run import threads_help
 from ..errors import DyscoEdgeError, InputError
-from ..config import EXACT, MODES, OFF
+from ..config import MODES, OFF
 
 API_KEY_ENV = "DYSCO_EDGE_API_KEY"
 
@@ -29,9 +29,9 @@ def add_parser(subparsers) -> None:
                        "(more get 503 with Retry-After; default 16)")
     serve.add_argument("--parallel", type=int, default=1, metavar="N",
                        help="requests decoded together in one batch, each with --n-ctx cells of its own (N times "
-                            "the KV memory; default 1); above 1, plain and fast-DySCO requests share the batch "
-                            "(each answer the one it gets alone) and exact DySCO is refused (--dysco-mode exact "
-                            "at startup, a request asking for it with a 400)")
+                            "the KV memory; default 1); plain and DySCO requests share the batch, each answer the "
+                            "one it gets alone (an exact request's probe is a decode of its own before each "
+                            "step); above 1, static DySCO is a 400")
     serve.add_argument("--max-tokens", type=int, default=None,
                        help="max_tokens of a request that gives none (default: until the context is full)")
     serve.add_argument("--head-map", metavar="FILE", help="QR heads for this model (JSON head map)")
@@ -61,9 +61,6 @@ def serve_command(args) -> int:
         raise InputError(f"--port must be in 1..65535, got {args.port}")
     if args.n_ctx < 1:
         raise InputError(f"--n-ctx must be >= 1, got {args.n_ctx}")
-    if args.parallel > 1 and args.dysco_mode == EXACT:
-        raise InputError(f"--dysco-mode exact needs --parallel 1: a batch of {args.parallel} sequences runs DySCO "
-                         f"in fast mode only (use --dysco-mode fast, or --parallel 1 for exact DySCO)")
     memory = memory_options(args)
     model = Model(chosen_model(args), n_ctx=args.n_ctx, n_threads=args.threads, head_map=args.head_map,
                   parallel=args.parallel, **memory, **device_options(args))
@@ -93,7 +90,7 @@ def _announce(model, args) -> None:
     heads = (f"DySCO {args.dysco_mode} by default, with {found.describe()}" if found
              else "no QR heads: dysco \"auto\" answers plainly")
     if model.parallel > 1:
-        heads = f"{model.parallel} parallel slots, plain and fast DySCO; {heads}"
+        heads = f"{model.parallel} parallel slots; {heads}"
     print(f"dysco-edge: serving {model.path.name} (n_ctx {model.n_ctx}; {heads}) on "
           f"http://{args.host}:{args.port}/v1 (the document page: http://{args.host}:{args.port}/); "
           f"running on {model.where()}", file=sys.stderr, flush=True)

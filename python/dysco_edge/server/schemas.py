@@ -160,12 +160,12 @@ def choose_dysco(model, value: Any, mode: str = OFF) -> DyscoChoice:
     model has QR heads, else plain, said so), true (DySCO, an error without heads), false/null/"off"
     (plain), or an object of DyscoConfig knobs over the model's head map (validated by DyscoConfig
     itself). `mode` is the server's --dysco-mode; true and knobs naming no mode run fast when it is off.
-    A model with parallel slots batches fast DySCO only: exact (or static) DySCO asked for is an error."""
+    A model with parallel slots batches dynamic DySCO (fast or exact): static DySCO asked for is an error."""
     choice = _choose(model, value, mode)
-    if model.parallel > 1 and choice.applied and choice.config.mode != FAST:
+    if model.parallel > 1 and choice.applied and not choice.config.dynamic:
         raise InputError(f"dysco: this server decodes up to {model.parallel} requests in one batch "
-                         f"(--parallel {model.parallel}), where DySCO runs in fast mode only; exact or static "
-                         f"DySCO needs --parallel 1 (or send dysco {{\"mode\": \"fast\"}}, true or false)")
+                         f"(--parallel {model.parallel}), where DySCO runs dynamic only; static DySCO (dynamic "
+                         f"false) needs --parallel 1")
     return choice
 
 
