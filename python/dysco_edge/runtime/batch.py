@@ -93,7 +93,7 @@ class _DyscoFeed(_PlainFeed):
     def clean_end(self) -> int:
         # the context warmup's cells are unbiased but fed one at a time: a request reusing them would
         # answer otherwise than alone
-        return self.start
+        return self.claim_end()
 
     def single(self, run: "_Run") -> bool:
         return run.pos >= self.start
