@@ -184,6 +184,23 @@ def test_one_thread_cannot_hold_every_slot_and_wait_for_more():
         assert time.perf_counter() - t0 < 30
 
 
+@pytest.mark.slow
+def test_closing_a_dysco_stream_leaves_the_others_and_its_slot_intact(single, parallel):
+    expected = {}
+    for i in (0, 4):
+        single.prefill([])
+        expected[i] = _traced(single, i)
+    closed = parallel.generate(messages=_messages(2), dysco=_dysco(parallel, "fast"), max_new_tokens=200, stream=True)
+    with ThreadPoolExecutor(1) as pool:
+        other = pool.submit(_traced, parallel, 4)  # exact, beside the stream closed mid-answer
+        pieces = iter(closed)
+        next(pieces), next(pieces)
+        closed.close()
+        assert other.result() == expected[4]
+    assert closed.result is None
+    assert _traced(parallel, 0) == expected[0]  # a slot freed mid-DySCO serves the next one as alone
+
+
 # ---- the server: `serve --parallel N` spoken to by real openai clients ----
 
 openai = pytest.importorskip("openai")
