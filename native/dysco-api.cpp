@@ -36,7 +36,8 @@ static int32_t dysco_ok() {
 
 dysco_state::dysco_state(const llama_model * model) : model(model) {
     heads.by_layer.resize(llama_model_n_layer(model));
-    probe.batch = llama_batch_init(1, 0, 1);
+    probe.batch    = llama_batch_init(1, 0, 1);
+    probe.capacity = 1;
     timeline.on = getenv("DYSCO_HOST_TIMELINE") != nullptr;
 }
 
@@ -82,13 +83,16 @@ uint64_t dysco_state::graph_key() const {
     uint64_t key = 0;
     if (scoring()) {
         key = key_mix(key_mix(key_mix(1, heads.version), (uint64_t) probe.layers), scores.capture);
-        key = key_mix(key_mix(key, bias.by_seq.empty()), track.on);
+        key = key_mix(key_mix(key, bias.by_seq.empty()), track.any_on());
     }
-    // the fold's decay and the selection's parameters are constants of their ops
-    const bool folds = track.on && scoring(), selects = track.on && track.armed && probe.layers == 0;
-    if (folds || selects) {
-        const double params[] = { track.decay, track.top_p, track.strength, track.hard_strength, (double) track.top_k };
-        key = key_mix(key_mix(key, 4), selects);
+    // which sequences fold and select; the fold's decay and the selection's parameters are constants of their ops
+    for (const auto & [seq, t] : track.seqs) {
+        const bool folds = dysco_seq_folds(*this, t), selects = t.on && t.armed && probe.layers == 0;
+        if (!folds && !selects) {
+            continue;
+        }
+        const double params[] = { t.decay, t.top_p, t.strength, t.hard_strength, (double) t.top_k };
+        key = key_mix(key_mix(key_mix(key_mix(key, 4), (uint64_t) seq), selects * 2 + folds), heads.version);
         for (double v : params) {
             uint64_t bits;
             memcpy(&bits, &v, sizeof(bits));
@@ -143,8 +147,10 @@ struct dysco_graph_swap {
         const int32_t layers = st.probe.layers;
         st.probe.layers = 0;
         const auto mctx = ctx.memory->init_full();
+        // a full memory context spans every KV stream: one token per stream (as the context's own reserve)
+        const uint32_t n_seqs = ctx.cparams.kv_unified ? 1 : ctx.cparams.n_seq_max;
         if (mctx) {
-            ctx.graph_reserve(1, 1, 1, mctx.get());
+            ctx.graph_reserve(n_seqs, n_seqs, n_seqs, mctx.get());
         }
         st.probe.layers = layers;
     }
@@ -185,30 +191,46 @@ static void track_sync(llama_context * ctx) {
     llama_synchronize(ctx);
 }
 
-// Zeros the importance and S; keep = 0 on the cells holding template positions of the tracked sequence.
-static void track_upload_reset(dysco_track & tr) {
-    ggml_backend_buffer_clear(tr.buf.get(), 0);
+// The state of seq_id as the calls with a seq_id see it: on a cache of one stream only the last reset's
+// sequence is tracked (null for another), on a parallel cache each sequence's own.
+static dysco_seq_track * track_of(dysco_track & tr, int32_t seq_id) {
+    const bool streams = tr.kv && tr.kv->get_n_stream() > 1;
+    return !streams && seq_id != tr.seq_id ? nullptr : tr.find(seq_id);
+}
+
+// Zeros the importance and S of the sequence's stream; keep = 0 on its cells holding template positions.
+static void track_upload_reset(dysco_track & tr, int32_t seq_id, const dysco_seq_track & t) {
     const int64_t n_cells = tr.keep->ne[0];
-    const llama_kv_cells & cells = tr.kv->get_cells(tr.seq_id);
+    const size_t  offs    = tr.kv->get_stream(seq_id) * tr.keep->nb[1];
+    const llama_kv_cells & cells = tr.kv->get_cells(seq_id);
+    tr.scratch.assign(n_cells, 0.0f);
+    ggml_backend_tensor_set(tr.imp, tr.scratch.data(), offs, n_cells * sizeof(float));
+    ggml_backend_tensor_set(tr.sel, tr.scratch.data(), offs, n_cells * sizeof(float));
     tr.scratch.assign(n_cells, 1.0f);
     for (int64_t j = 0; j < n_cells; ++j) {
-        if (cells.is_empty(j) || !cells.seq_has(j, tr.seq_id)) {
+        if (cells.is_empty(j) || !cells.seq_has(j, seq_id)) {
             continue;
         }
         const llama_pos p = cells.pos_get(j);
-        if (p < (llama_pos) tr.template_mask.size() && tr.template_mask[p]) {
+        if (p < (llama_pos) t.template_mask.size() && t.template_mask[p]) {
             tr.scratch[j] = 0.0f;
         }
     }
-    ggml_backend_tensor_set(tr.keep, tr.scratch.data(), 0, ggml_nbytes(tr.keep));
+    ggml_backend_tensor_set(tr.keep, tr.scratch.data(), offs, n_cells * sizeof(float));
 }
 
-// position -> value of every cell of the tracked sequence holding a position below n_pos, or back
+// One stream's row of a per-cell tensor, to the host (tr.scratch).
+static void track_read_row(dysco_track & tr, ggml_tensor * t, int32_t seq_id) {
+    tr.scratch.resize(t->ne[0]);
+    ggml_backend_tensor_get(t, tr.scratch.data(), tr.kv->get_stream(seq_id) * t->nb[1], t->ne[0] * sizeof(float));
+}
+
+// position -> cell of every cell of sequence seq_id holding a position below n_pos
 template <typename F>
-static void track_by_position(const dysco_track & tr, int32_t n_pos, F && f) {
-    const llama_kv_cells & cells = tr.kv->get_cells(tr.seq_id);
+static void track_by_position(const dysco_track & tr, int32_t seq_id, int32_t n_pos, F && f) {
+    const llama_kv_cells & cells = tr.kv->get_cells(seq_id);
     for (int64_t j = 0; j < tr.imp->ne[0]; ++j) {
-        if (!cells.is_empty(j) && cells.seq_has(j, tr.seq_id) && cells.pos_get(j) < n_pos) {
+        if (!cells.is_empty(j) && cells.seq_has(j, seq_id) && cells.pos_get(j) < n_pos) {
             f(cells.pos_get(j), j);
         }
     }
@@ -254,7 +276,9 @@ int32_t dysco_set_heads(llama_context * ctx, const int32_t * layers, const int32
     st.heads.l_max    = l_max;
     st.heads.version += 1;
     st.scores.valid   = false;
-    st.track.on       = false; // an importance follows one set of heads
+    for (auto & [seq, t] : st.track.seqs) {
+        t.on = false; // an importance follows one set of heads
+    }
     dysco_key_refresh(ctx);
     return dysco_ok();
 }
@@ -291,32 +315,46 @@ int32_t dysco_set_capture(llama_context * ctx, bool on) {
     return dysco_ok();
 }
 
-static int32_t dysco_probe_decode(llama_context * ctx, dysco_state & st, int32_t token, int32_t pos, int32_t seq_id) {
+// Tokens probed in one decode: one per sequence (several only on a context with a KV stream per sequence).
+struct dysco_probe_item {
+    int32_t token, pos, seq_id;
+};
+
+static int32_t dysco_probe_decode(llama_context * ctx, dysco_state & st, const dysco_probe_item * items, int32_t n) {
+    if (n > st.probe.capacity) {
+        llama_batch_free(st.probe.batch);
+        st.probe.batch    = llama_batch_init(n, 0, 1);
+        st.probe.capacity = n;
+    }
     llama_batch & b = st.probe.batch;
-    b.n_tokens     = 1;
-    b.token[0]     = token;
-    b.pos[0]       = pos;
-    b.n_seq_id[0]  = 1;
-    b.seq_id[0][0] = seq_id;
-    b.logits[0]    = 0; // the probe's logits are never used: skip the output head
+    b.n_tokens = n;
+    for (int32_t i = 0; i < n; ++i) {
+        b.token[i]     = items[i].token;
+        b.pos[i]       = items[i].pos;
+        b.n_seq_id[i]  = 1;
+        b.seq_id[i][0] = items[i].seq_id;
+        b.logits[i]    = 0; // the probe's logits are never used: skip the output head
+    }
     return llama_decode(ctx, b);
 }
 
 // The probe itself: its scores stay in its graph until read (dysco_scores_sync); a tracked
-// importance folds them in the graph.
-static int32_t dysco_probe_run(llama_context * ctx, dysco_state & st, int32_t token, int32_t pos, int32_t seq_id) {
+// importance folds them in the graph (each sequence's into its own on a context of several streams).
+static int32_t dysco_probe_run(llama_context * ctx, dysco_state & st, const dysco_probe_item * items, int32_t n) {
     st.timeline.mark(DYSCO_MARK_PROBE_START);
     st.probe.layers = st.heads.l_max + 1;
     dysco_key_refresh(ctx);
     const bool own_graph = dysco_graph_swap::swap(*ctx, st);
-    const int32_t rc = dysco_probe_decode(ctx, st, token, pos, seq_id);
+    const int32_t rc = dysco_probe_decode(ctx, st, items, n);
     if (own_graph) {
         dysco_graph_swap::swap(*ctx, st);
     }
     st.probe.layers = 0;
     dysco_key_refresh(ctx);
     // the probe must leave no trace: the full pass writes this position's KV cell for real
-    llama_memory_seq_rm(llama_get_memory(ctx), seq_id, pos, -1);
+    for (int32_t i = 0; i < n; ++i) {
+        llama_memory_seq_rm(llama_get_memory(ctx), items[i].seq_id, items[i].pos, -1);
+    }
     st.timeline.mark(DYSCO_MARK_PROBE_END);
     if (rc != 0) {
         st.scores.valid   = false;
@@ -325,7 +363,8 @@ static int32_t dysco_probe_run(llama_context * ctx, dysco_state & st, int32_t to
             row.src.data        = nullptr;
             row.positions_ready = false;
         }
-        return dysco_fail(DYSCO_ERR_DECODE, "probe decode of token %d at position %d failed (llama_decode returned %d)", token, pos, rc);
+        return dysco_fail(DYSCO_ERR_DECODE, "probe decode of token %d at position %d (and %d more) failed "
+                          "(llama_decode returned %d)", items[0].token, items[0].pos, n - 1, rc);
     }
     return dysco_ok();
 }
@@ -338,8 +377,11 @@ int32_t dysco_probe(llama_context * ctx, int32_t token, int32_t pos, int32_t seq
     if (st.heads.n == 0) {
         return dysco_fail(DYSCO_ERR_NO_HEADS, "a probe needs QR heads: set them first (dysco_set_heads)");
     }
-    st.track.armed = false;
-    return dysco_probe_run(ctx, st, token, pos, seq_id);
+    if (dysco_seq_track * t = track_of(st.track, seq_id)) {
+        t->armed = false;
+    }
+    const dysco_probe_item item = { token, pos, seq_id };
+    return dysco_probe_run(ctx, st, &item, 1);
 }
 
 // Whether a bias of n_bias entries fits sequence seq_id: at most the next token's positions (or
@@ -380,8 +422,8 @@ int32_t dysco_clear_bias(llama_context * ctx, int32_t seq_id) {
     } else {
         st.bias.by_seq.erase(seq_id);
     }
-    if (seq_id < 0 || st.track.seq_id == seq_id) {
-        st.track.armed = false;
+    for (auto & [seq, t] : st.track.seqs) {
+        t.armed = t.armed && seq_id >= 0 && seq != seq_id;
     }
     dysco_key_refresh(ctx);
     return dysco_ok();
@@ -574,53 +616,91 @@ int32_t dysco_importance_reset(llama_context * ctx, int32_t seq_id, int32_t n_po
         return dysco_fail(DYSCO_ERR_UNSUPPORTED, "the importance is kept in the graph for a plain KV cache only; "
                           "this model's memory is another kind (track it on the host: selection.py)");
     }
+    if (seq_id >= (int32_t) llama_n_seq_max(ctx)) {
+        return dysco_fail(DYSCO_ERR_ARGUMENT, "dysco_importance_reset: seq_id = %d but the context has %u sequences",
+                          seq_id, llama_n_seq_max(ctx));
+    }
     if (!dysco_track_alloc(st, *kv)) {
         return dysco_fail(DYSCO_ERR_UNSUPPORTED, "could not allocate the importance beside the KV cache");
     }
     auto & tr = st.track;
-    tr.on = true;
-    tr.scored = false;
-    tr.armed = tr.selected = false;
     tr.seq_id = seq_id;
-    tr.n_pos  = n_positions;
-    tr.decay = decay, tr.top_p = top_p, tr.top_k = top_k, tr.strength = strength, tr.hard_strength = hard_strength;
-    tr.template_mask.assign(template_mask, template_mask + n_template);
+    auto & t  = tr.seqs[seq_id];
+    t = dysco_seq_track();
+    t.on    = true;
+    t.n_pos = n_positions;
+    t.decay = decay, t.top_p = top_p, t.top_k = top_k, t.strength = strength, t.hard_strength = hard_strength;
+    t.template_mask.assign(template_mask, template_mask + n_template);
     track_sync(ctx);
-    track_upload_reset(tr);
+    track_upload_reset(tr, seq_id, t);
     dysco_key_refresh(ctx);
     return dysco_ok();
 }
 
-static int32_t track_check(llama_context * ctx, const char * fn) {
+// The tracked state of seq_id for `fn`, or null with the error set.
+static dysco_seq_track * track_check(llama_context * ctx, const char * fn, int32_t seq_id) {
     if (!ctx) {
-        return dysco_fail(DYSCO_ERR_ARGUMENT, "%s: null context", fn);
+        dysco_fail(DYSCO_ERR_ARGUMENT, "%s: null context", fn);
+        return nullptr;
     }
-    if (!dysco_state_of(ctx).track.on) {
-        return dysco_fail(DYSCO_ERR_ARGUMENT, "%s: no importance is tracked: call dysco_importance_reset first", fn);
+    dysco_seq_track * t = track_of(dysco_state_of(ctx).track, seq_id);
+    if (!t || !t->on) {
+        dysco_fail(DYSCO_ERR_ARGUMENT, "%s: no importance is tracked for sequence %d: call dysco_importance_reset first",
+                   fn, seq_id);
+        return nullptr;
     }
-    return DYSCO_OK;
+    return t;
 }
 
-int32_t dysco_importance_get(llama_context * ctx, double * out, int32_t n_max) {
-    const int32_t rc = track_check(ctx, "dysco_importance_get");
-    if (rc != DYSCO_OK || (out && n_max < 0)) {
-        return rc != DYSCO_OK ? rc : dysco_fail(DYSCO_ERR_ARGUMENT, "dysco_importance_get: n_max = %d", n_max);
+static int32_t current_seq(llama_context * ctx) {
+    return ctx ? dysco_state_of(ctx).track.seq_id : 0;
+}
+
+int32_t dysco_track_end(llama_context * ctx, int32_t seq_id) {
+    if (!ctx || seq_id < 0) {
+        return dysco_fail(DYSCO_ERR_ARGUMENT, "dysco_track_end: null context or seq_id = %d", seq_id);
+    }
+    auto & st = dysco_state_of(ctx);
+    st.track.seqs.erase(seq_id);
+    dysco_key_refresh(ctx);
+    return dysco_ok();
+}
+
+int32_t dysco_set_seq_capture(llama_context * ctx, int32_t seq_id, bool on) {
+    dysco_seq_track * t = track_check(ctx, "dysco_set_seq_capture", seq_id);
+    if (!t) {
+        return DYSCO_ERR_ARGUMENT;
+    }
+    t->capture = on;
+    dysco_key_refresh(ctx);
+    return dysco_ok();
+}
+
+int32_t dysco_importance_get_seq(llama_context * ctx, int32_t seq_id, double * out, int32_t n_max) {
+    seq_id = seq_id < 0 ? current_seq(ctx) : seq_id;
+    dysco_seq_track * t = track_check(ctx, "dysco_importance_get", seq_id);
+    if (!t || (out && n_max < 0)) {
+        return t ? dysco_fail(DYSCO_ERR_ARGUMENT, "dysco_importance_get: n_max = %d", n_max) : DYSCO_ERR_ARGUMENT;
     }
     auto & tr = dysco_state_of(ctx).track;
     if (out) {
         track_sync(ctx);
-        tr.scratch.resize(tr.imp->ne[0]);
-        ggml_backend_tensor_get(tr.imp, tr.scratch.data(), 0, ggml_nbytes(tr.imp));
-        std::fill(out, out + std::min(n_max, tr.n_pos), 0.0);
-        track_by_position(tr, std::min(n_max, tr.n_pos), [&](llama_pos p, int64_t j) { out[p] = tr.scratch[j]; });
+        track_read_row(tr, tr.imp, seq_id);
+        std::fill(out, out + std::min(n_max, t->n_pos), 0.0);
+        track_by_position(tr, seq_id, std::min(n_max, t->n_pos), [&](llama_pos p, int64_t j) { out[p] = tr.scratch[j]; });
     }
-    return tr.n_pos;
+    return t->n_pos;
+}
+
+int32_t dysco_importance_get(llama_context * ctx, double * out, int32_t n_max) {
+    return dysco_importance_get_seq(ctx, current_seq(ctx), out, n_max);
 }
 
 int32_t dysco_importance_set(llama_context * ctx, const double * values, int32_t n) {
-    const int32_t rc = track_check(ctx, "dysco_importance_set");
-    if (rc != DYSCO_OK || n < 0 || (n > 0 && !values)) {
-        return rc != DYSCO_OK ? rc : dysco_fail(DYSCO_ERR_ARGUMENT, "dysco_importance_set: null values, n = %d", n);
+    const int32_t seq_id = current_seq(ctx);
+    dysco_seq_track * t = track_check(ctx, "dysco_importance_set", seq_id);
+    if (!t || n < 0 || (n > 0 && !values)) {
+        return t ? dysco_fail(DYSCO_ERR_ARGUMENT, "dysco_importance_set: null values, n = %d", n) : DYSCO_ERR_ARGUMENT;
     }
     for (int32_t i = 0; i < n; ++i) {
         if (!(std::isfinite(values[i]) && values[i] >= 0.0)) {
@@ -631,83 +711,114 @@ int32_t dysco_importance_set(llama_context * ctx, const double * values, int32_t
     auto & tr = dysco_state_of(ctx).track;
     track_sync(ctx);
     tr.scratch.assign(tr.imp->ne[0], 0.0f);
-    track_by_position(tr, n, [&](llama_pos p, int64_t j) { tr.scratch[j] = (float) values[p]; });
-    ggml_backend_tensor_set(tr.imp, tr.scratch.data(), 0, ggml_nbytes(tr.imp));
-    tr.n_pos  = n;
-    tr.scored = true;
+    track_by_position(tr, seq_id, n, [&](llama_pos p, int64_t j) { tr.scratch[j] = (float) values[p]; });
+    ggml_backend_tensor_set(tr.imp, tr.scratch.data(), tr.kv->get_stream(seq_id) * tr.imp->nb[1], ggml_nbytes(tr.imp) / tr.imp->ne[1]);
+    t->n_pos  = n;
+    t->scored = true;
     return dysco_ok();
 }
 
 // Arms the next full pass of `seq_id` to select S from the importance and bias itself in its graph.
-static int32_t track_arm(llama_context * ctx, const char * fn, int32_t pos, int32_t seq_id) {
-    const int32_t rc = track_check(ctx, fn);
-    if (rc != DYSCO_OK) {
-        return rc;
+static dysco_seq_track * track_arm(llama_context * ctx, const char * fn, int32_t pos, int32_t seq_id) {
+    dysco_seq_track * t = track_check(ctx, fn, seq_id);
+    if (!t) {
+        return nullptr;
     }
-    auto & tr = dysco_state_of(ctx).track;
-    if (seq_id != tr.seq_id || pos != tr.n_pos) {
-        return dysco_fail(DYSCO_ERR_RANGE, "%s: pos = %d of sequence %d but the importance covers %d positions of "
-                          "sequence %d; the token must be the one after them", fn, pos, seq_id, tr.n_pos, tr.seq_id);
+    if (pos != t->n_pos) {
+        dysco_fail(DYSCO_ERR_RANGE, "%s: pos = %d of sequence %d but the importance covers %d positions of it; "
+                   "the token must be the one after them", fn, pos, seq_id, t->n_pos);
+        return nullptr;
     }
-    tr.armed     = true;
-    tr.armed_pos = pos;
-    tr.selected  = false;
-    return DYSCO_OK;
+    t->armed     = true;
+    t->armed_pos = pos;
+    t->selected  = false;
+    return t;
 }
 
-int32_t dysco_probe_select(llama_context * ctx, int32_t token, int32_t pos, int32_t seq_id) {
-    const int32_t rc = track_arm(ctx, "dysco_probe_select", pos, seq_id);
-    if (rc != DYSCO_OK) {
-        return rc;
+static int32_t track_error(llama_context * ctx, int32_t seq_id) {
+    // the reason is set; the code follows it (an untracked sequence is an argument error)
+    auto * t = ctx ? track_of(dysco_state_of(ctx).track, seq_id) : nullptr;
+    return t && t->on ? DYSCO_ERR_RANGE : DYSCO_ERR_ARGUMENT;
+}
+
+int32_t dysco_probe_select_batch(llama_context * ctx, const int32_t * tokens, const int32_t * pos, const int32_t * seq_ids,
+                                 int32_t n) {
+    if (!ctx || n < 1 || !tokens || !pos || !seq_ids || n > (int32_t) llama_n_seq_max(ctx)) {
+        return dysco_fail(DYSCO_ERR_ARGUMENT, "dysco_probe_select: null context or arrays, or n = %d (1..sequences)", n);
+    }
+    std::vector<dysco_probe_item> items(n);
+    std::vector<dysco_seq_track *> armed;
+    for (int32_t i = 0; i < n; ++i) {
+        dysco_seq_track * t = track_arm(ctx, "dysco_probe_select", pos[i], seq_ids[i]);
+        if (!t || (i > 0 && dysco_state_of(ctx).track.kv->get_n_stream() == 1)) {
+            const int32_t rc = t ? dysco_fail(DYSCO_ERR_ARGUMENT, "dysco_probe_select: several sequences probe "
+                                              "together only when each has a KV stream of its own") : track_error(ctx, seq_ids[i]);
+            for (dysco_seq_track * a : armed) {
+                a->armed = false;
+            }
+            return rc;
+        }
+        armed.push_back(t);
+        items[i] = { tokens[i], pos[i], seq_ids[i] };
     }
     auto & st = dysco_state_of(ctx);
-    const int32_t probe_rc = dysco_probe_run(ctx, st, token, pos, seq_id);
-    st.track.armed = probe_rc == DYSCO_OK;
+    const int32_t probe_rc = dysco_probe_run(ctx, st, items.data(), n);
+    for (dysco_seq_track * t : armed) {
+        t->armed = probe_rc == DYSCO_OK;
+    }
     dysco_key_refresh(ctx);
     return probe_rc;
 }
 
+int32_t dysco_probe_select(llama_context * ctx, int32_t token, int32_t pos, int32_t seq_id) {
+    return dysco_probe_select_batch(ctx, &token, &pos, &seq_id, 1);
+}
+
 int32_t dysco_fast_select(llama_context * ctx, int32_t pos, int32_t seq_id) {
-    const int32_t rc = track_check(ctx, "dysco_fast_select");
-    if (rc != DYSCO_OK) {
-        return rc;
+    dysco_seq_track * t = track_check(ctx, "dysco_fast_select", seq_id);
+    if (!t) {
+        return DYSCO_ERR_ARGUMENT;
     }
     auto & st = dysco_state_of(ctx);
-    if (!st.track.scored) {
+    if (!t->scored) {
         return dysco_ok(); // 0: nothing has scored the positions before pos yet; the caller probes this step
     }
-    const int32_t arm_rc = track_arm(ctx, "dysco_fast_select", pos, seq_id);
-    if (arm_rc != DYSCO_OK) {
-        return arm_rc;
+    if (!track_arm(ctx, "dysco_fast_select", pos, seq_id)) {
+        return DYSCO_ERR_RANGE;
     }
-    st.scores.capture = true; // the pass scores its token for the next selection
+    // the pass scores its token for the next selection: this sequence's passes alone on a parallel
+    // cache, every full pass (and the host's score readout) on a cache of one stream, as before streams
+    const bool streams = st.track.kv->get_n_stream() > 1;
+    t->capture = t->capture || streams;
+    st.scores.capture = st.scores.capture || !streams;
     dysco_key_refresh(ctx);
     return 1;
 }
 
-int32_t dysco_pass_selection(llama_context * ctx, int32_t * selected, int32_t n_max) {
+int32_t dysco_pass_selection_seq(llama_context * ctx, int32_t seq_id, int32_t * selected, int32_t n_max) {
     if (!ctx || (selected && n_max < 0)) {
         return dysco_fail(DYSCO_ERR_ARGUMENT, "dysco_pass_selection: null context or n_max = %d", n_max);
     }
     auto & tr = dysco_state_of(ctx).track;
-    if (!tr.armed) {
-        return dysco_fail(DYSCO_ERR_NO_SCORES, "no pass selection is pending: call dysco_probe_select or "
-                          "dysco_fast_select, then decode the token");
+    seq_id = seq_id < 0 ? current_seq(ctx) : seq_id;
+    dysco_seq_track * t = track_of(tr, seq_id);
+    if (!t || !t->armed) {
+        return dysco_fail(DYSCO_ERR_NO_SCORES, "no pass selection is pending for sequence %d: call dysco_probe_select "
+                          "or dysco_fast_select, then decode the token", seq_id);
     }
-    tr.armed = false;
+    t->armed = false;
     dysco_key_refresh(ctx);
-    if (!tr.selected || tr.selected_pos != tr.armed_pos) {
+    if (!t->selected || t->selected_pos != t->armed_pos) {
         return dysco_fail(DYSCO_ERR_NO_SCORES, "the full pass at position %d of sequence %d did not select (it has not "
-                          "run, or ran with several tokens)", tr.armed_pos, tr.seq_id);
+                          "run, or ran with several tokens)", t->armed_pos, seq_id);
     }
     if (!selected) {
         return dysco_ok(); // S stays on the device: reading it back would wait for the pass
     }
     track_sync(ctx);
-    tr.scratch.resize(tr.sel->ne[0]);
-    ggml_backend_tensor_get(tr.sel, tr.scratch.data(), 0, ggml_nbytes(tr.sel));
+    track_read_row(tr, tr.sel, seq_id);
     std::vector<int32_t> s;
-    track_by_position(tr, tr.selected_n, [&](llama_pos p, int64_t j) {
+    track_by_position(tr, seq_id, t->selected_n, [&](llama_pos p, int64_t j) {
         if (tr.scratch[j] > 0.5f) {
             s.push_back(p);
         }
@@ -718,18 +829,33 @@ int32_t dysco_pass_selection(llama_context * ctx, int32_t * selected, int32_t n_
     return (int32_t) s.size();
 }
 
+int32_t dysco_pass_selection(llama_context * ctx, int32_t * selected, int32_t n_max) {
+    return dysco_pass_selection_seq(ctx, current_seq(ctx), selected, n_max);
+}
+
 } // extern "C"
 
 void dysco_track_done(dysco_state & st, const llama_ubatch & ub) {
-    auto & tr = st.track;
-    const llama_pos pos = ub.pos[ub.n_tokens - 1];
-    if (tr.on && tr.armed && st.probe.layers == 0 && ub.n_tokens == 1) {
-        tr.selected     = true;
-        tr.selected_pos = pos;
-        tr.selected_n   = tr.n_pos; // before this pass's own fold (fast mode)
+    if (!st.track.kv || st.track.seqs.empty()) {
+        return;
     }
-    if (dysco_track_folds(st)) {
-        tr.n_pos  = pos + 1;
-        tr.scored = true;
+    const uint32_t ns = st.track.kv->get_n_stream() > 1 ? std::max<uint32_t>(1, ub.n_seqs_unq) : 1;
+    const uint32_t nt = ub.n_tokens / ns;
+    for (uint32_t c = 0; c < ns; ++c) {
+        dysco_seq_track * t = dysco_track_chunk(st, ub, ns, c);
+        if (!t) {
+            continue;
+        }
+        const llama_pos pos = ub.pos[c * nt + nt - 1];
+        if (t->on && t->armed && st.probe.layers == 0 && nt == 1) {
+            t->selected     = true;
+            t->selected_pos = pos;
+            t->selected_n   = t->n_pos; // before this pass's own fold (fast mode)
+        }
+        // the graph folded (dysco-graph.cpp): a host-biased pass scores only when the host reads scores
+        if (dysco_seq_folds(st, *t) && (st.scoring() || st.bias.by_seq.empty())) {
+            t->n_pos  = pos + 1;
+            t->scored = true;
+        }
     }
 }

@@ -141,36 +141,80 @@ static ggml_tensor * dysco_score_mask(const llm_graph_context & g, dysco_state *
     return dysco_mask_input(g, st->build[kind].mask, st->scores.row[kind].mask, n_kv, 1, DYSCO_MASK_NAME[kind], true);
 }
 
-static void dysco_graph_qr_scores(const llm_graph_context & g, dysco_state * st, ggml_tensor * q, ggml_tensor * k,
-                                  ggml_tensor * kq_mask, float kq_scale, int il, int kind) {
-    if (!st->scoring() || il >= (int) st->heads.by_layer.size() || st->heads.by_layer[il].empty()) {
-        return;
-    }
-    const int64_t n_kv = k->ne[2];
-    ggml_tensor * mask = dysco_score_mask(g, st, kq_mask, n_kv, kind);
-
+// Adds layer il's QR-head probabilities of one token (q_tok [d, n_head]) over k [d, n_head_kv, n_kv]
+// under `mask` [n_kv, 1] to `acc` [n_kv, 1].
+static void dysco_qr_layer_acc(const llm_graph_context & g, const dysco_state * st, ggml_tensor * q_tok, ggml_tensor * k,
+                               ggml_tensor * mask, float kq_scale, int il, ggml_tensor *& acc) {
     const auto & heads = st->heads.by_layer[il];
-    const int64_t n_gqa = q->ne[1] / k->ne[1];
-    // the last token of the ubatch, the one scored: [d, n_head]
-    ggml_tensor * q_tok = ggml_view_2d(g.ctx0, q, q->ne[0], q->ne[1], q->nb[1], (q->ne[2] - 1) * q->nb[2]);
+    const int64_t n_kv  = k->ne[2];
+    const int64_t n_gqa = q_tok->ne[1] / k->ne[1];
     // the KV heads from the first to the last one a QR head of this layer reads
     const auto [lo, hi] = std::minmax_element(heads.begin(), heads.end());
     const int64_t kv_first = *lo / n_gqa;
     const int64_t n_groups = *hi / n_gqa - kv_first + 1;
     ggml_tensor * probs = dysco_range_probs(g, q_tok, k, mask, kv_first, n_groups, kq_scale); // [n_kv, 1, n_groups * n_gqa]
-    auto & acc = st->build[kind].acc;
     for (int head : heads) { // in the map's order: the sum's rounding depends on it
         const size_t offs = (head - kv_first * n_gqa) * probs->nb[2];
         acc = dysco_acc_add(g, acc, ggml_view_2d(g.ctx0, probs, n_kv, 1, probs->nb[1], offs)); // [n_kv, 1]
     }
+}
+
+static bool dysco_layer_scored(const dysco_state * st, int il) {
+    return il < (int) st->heads.by_layer.size() && !st->heads.by_layer[il].empty();
+}
+
+// Scores of a ubatch on one KV stream: its last token's, read back by the host when it scores
+// (dysco_get_scores), folded into the importance of the tracked sequence when that one folds.
+static void dysco_graph_qr_scores(const llm_graph_context & g, dysco_state * st, ggml_tensor * q, ggml_tensor * k,
+                                  ggml_tensor * kq_mask, float kq_scale, int il, int kind) {
+    const dysco_seq_track * t = kind == DYSCO_CACHE_BASE ? dysco_track_chunk(*st, g.ubatch, 1, 0) : nullptr;
+    const bool folds = t && dysco_seq_folds(*st, *t) && st->bias.by_seq.empty();
+    if (!(st->scoring() || folds) || !dysco_layer_scored(st, il)) {
+        return;
+    }
+    const int64_t n_kv = k->ne[2];
+    ggml_tensor * mask = dysco_score_mask(g, st, kq_mask, n_kv, kind);
+    // the last token of the ubatch, the one scored: [d, n_head]
+    ggml_tensor * q_tok = ggml_view_2d(g.ctx0, q, q->ne[0], q->ne[1], q->nb[1], (q->ne[2] - 1) * q->nb[2]);
+    auto & acc = st->build[kind].acc;
+    dysco_qr_layer_acc(g, st, q_tok, k, mask, kq_scale, il, acc);
     ggml_set_name(acc, DYSCO_SCORE_NAME[kind]);
     ggml_set_output(acc);
     ggml_build_forward_expand(g.gf, acc);
     dysco_name_nodes(acc, "score", il, st->build[DYSCO_CACHE_BASE].inputs);
     if (il == st->heads.l_max && kind == DYSCO_CACHE_BASE) {
-        dysco_track_fold(g, *st, acc, mask);
+        dysco_track_fold(g, *st, 1, 0, acc, mask);
         if (ggml_tensor * fold = ggml_graph_get_tensor(g.gf, "dysco_importance_fold")) {
             dysco_name_nodes(fold, "fold", il, st->build[DYSCO_CACHE_BASE].inputs);
+        }
+    }
+}
+
+// A ubatch over several KV streams (a sequence each): every folding sequence's last token is scored
+// on its own stream, with the same ops as alone, and folded into its own importance row. The host
+// reads none of these scores. The bias is added to a copy of the mask, so kq_mask is unbiased.
+static void dysco_graph_stream_scores(const llm_graph_context & g, dysco_state * st, ggml_tensor * q, ggml_tensor * k,
+                                      ggml_tensor * kq_mask, float kq_scale, int il) {
+    if (!dysco_layer_scored(st, il) || il > st->heads.l_max || !st->bias.by_seq.empty()) {
+        return;
+    }
+    const uint32_t ns = (uint32_t) k->ne[3], nt = g.ubatch.n_tokens / ns;
+    auto & accs = st->build[DYSCO_CACHE_BASE].stream_acc;
+    accs.resize(ns, nullptr);
+    for (uint32_t c = 0; c < ns; ++c) {
+        const dysco_seq_track * t = dysco_track_chunk(*st, g.ubatch, ns, c);
+        if (!t || !dysco_seq_folds(*st, *t)) {
+            continue;
+        }
+        const uint32_t last = c * nt + nt - 1;
+        ggml_tensor * q_tok = ggml_view_2d(g.ctx0, q, q->ne[0], q->ne[1], q->nb[1], last * q->nb[2]);          // [d, n_head]
+        ggml_tensor * k_c   = ggml_view_3d(g.ctx0, k, k->ne[0], k->ne[1], k->ne[2], k->nb[1], k->nb[2], c * k->nb[3]);
+        ggml_tensor * mask  = ggml_view_2d(g.ctx0, kq_mask, kq_mask->ne[0], 1, kq_mask->nb[1],
+                                           c * kq_mask->nb[3] + (nt - 1) * kq_mask->nb[1]);                  // [n_kv, 1]
+        dysco_qr_layer_acc(g, st, q_tok, k_c, mask, kq_scale, il, accs[c]);
+        dysco_name_nodes(accs[c], "score", il, st->build[DYSCO_CACHE_BASE].inputs);
+        if (il == st->heads.l_max) {
+            dysco_track_fold(g, *st, ns, c, accs[c], mask);
         }
     }
 }
@@ -218,11 +262,14 @@ float dysco_graph_attn(const llm_graph_context & g, ggml_tensor * q, ggml_tensor
     if (biased != kq_mask) {
         dysco_name_nodes(biased, "select", il, st->build[DYSCO_CACHE_BASE].inputs);
     }
-    // scores follow one sequence: a ubatch spread over several KV streams is not scored
+    // one KV stream: the host may read the scores; several (a parallel context's sequences, each with
+    // a stream of its own): each folding sequence is scored on its stream, for its importance only
     if (k->ne[3] == 1) {
         const int kind = is_swa ? DYSCO_CACHE_SWA : DYSCO_CACHE_BASE;
         dysco_graph_qr_scores(g, st, q, k, kq_mask, kq_scale, il, kind);
         dysco_graph_capture_heads(g, st, q, k, kq_scale, il, kind);
+    } else if (!is_swa) {
+        dysco_graph_stream_scores(g, st, q, k, kq_mask, kq_scale, il);
     }
     kq_mask = biased;
     return kq_scale;

@@ -49,7 +49,8 @@ struct dysco_build_nodes {
     ggml_tensor * acc       = nullptr; // [n_kv, 1]      sum of QR-head probabilities over layers
     ggml_tensor * head_mask = nullptr; // [n_kv, n_sel]  unbiased mask rows of the head-captured tokens
     ggml_tensor * biased    = nullptr; // [n_kv, n_tokens, 1, 1] the KQ mask plus the selection's bias
-    ggml_tensor * cells     = nullptr; // [n_tokens] I64 the cell of each ubatch token
+    ggml_tensor * cells     = nullptr; // [n_tokens] I64 the cell of each ubatch token (within its stream)
+    std::vector<ggml_tensor *> stream_acc; // [ns] per stream of the ubatch: QR-head score sums (streams scored alone)
     std::vector<const ggml_tensor *> inputs; // what llama.cpp handed the DySCO hooks (q, k, kq_mask of each layer)
 };
 
@@ -134,15 +135,12 @@ struct dysco_bias {
     std::vector<int32_t> nonzero;                 // [n_nonzero] positions of a sparse bias, scratch of the mask hook
 };
 
-// Importance, selection and bias as graph ops (dysco-track.cpp): the importance lives on the
-// backend, one value per KV cell (the position the cell holds); scoring passes fold their QR-head
-// scores into it, and an armed full pass selects S from it and adds the bias to its KQ mask, all
-// inside the graph. The host only arms passes and reads S back when asked.
-struct dysco_track {
-    bool    on     = false;  // since dysco_importance_reset: scoring passes fold their scores in
-    bool    scored = false;  // a fold ran since the reset
-    int32_t seq_id = 0;      // the tracked sequence (one for now: a row per sequence later)
-    int32_t n_pos  = 0;      // positions the importance covers: the reset's, then one per fold
+// One tracked sequence's DySCO state beside the per-cell tensors (dysco_track).
+struct dysco_seq_track {
+    bool    on      = false;  // since dysco_importance_reset: scoring passes fold their scores in
+    bool    scored  = false;  // a fold ran since the reset
+    bool    capture = false;  // this sequence's full passes score and fold (dysco_set_seq_capture; fast mode)
+    int32_t n_pos   = 0;      // positions the importance covers: the reset's, then one per fold
     double  decay = 0.0, top_p = 0.0, strength = 0.0, hard_strength = 0.0;
     int32_t top_k = 0;
 
@@ -154,21 +152,38 @@ struct dysco_track {
     int32_t selected_n   = 0;   // positions its importance covered (S is among them)
 
     std::vector<uint8_t> template_mask; // [n_template] 1: a template position (by position)
+};
+
+// Importance, selection and bias as graph ops (dysco-track.cpp): the importance lives on the
+// backend, one value per KV cell (the position the cell holds), one row per KV stream; scoring
+// passes fold their QR-head scores into it, and an armed full pass selects S from it and adds the
+// bias to its KQ mask, all inside the graph. The host only arms passes and reads S back when asked.
+// Several sequences are tracked when each has a KV stream of its own (a parallel context); on one
+// shared stream only `seq_id` is.
+struct dysco_track {
+    std::map<int32_t, dysco_seq_track> seqs; // seq_id -> its state
+    int32_t seq_id = 0;                      // the sequence of the last reset (the calls without a seq_id)
 
     ggml_context_ptr        ctx;
     ggml_backend_buffer_ptr buf;
-    ggml_tensor * imp  = nullptr; // [n_cells] importance of the position each cell holds (0: none)
-    ggml_tensor * sel  = nullptr; // [n_cells] 1: the cell is in S of the last selecting pass
-    ggml_tensor * keep = nullptr; // [n_cells] 0: the cell holds a template position, else 1
+    ggml_tensor * imp  = nullptr; // [kv_size, n_stream] importance of the position each cell holds (0: none)
+    ggml_tensor * sel  = nullptr; // [kv_size, n_stream] 1: the cell is in S of the last selecting pass
+    ggml_tensor * keep = nullptr; // [kv_size, n_stream] 0: the cell holds a template position, else 1
     const llama_kv_cache * kv = nullptr; // the cache whose cells the tensors index
-    std::vector<float> scratch;   // [n_cells] readback and upload
+    std::vector<float> scratch;   // [kv_size] readback and upload of one stream's row
+
+    dysco_seq_track *       find(int32_t seq);
+    const dysco_seq_track * find(int32_t seq) const;
+    dysco_seq_track &       cur() { return seqs[seq_id]; }
+    bool any_on() const;
 };
 
 // The probe: its layer cap, its one-token batch, and its own scheduler and graph (swapped into the
 // context while a probe decodes), so that alternating probe and full passes rebuilds neither graph.
 struct dysco_probe_graph {
     int32_t                layers = 0;       // > 0 while a probe pass is being decoded: L_max + 1
-    llama_batch            batch  = {};      // [1] token
+    llama_batch            batch  = {};      // [capacity] tokens: one per sequence probed together
+    int32_t                capacity = 0;
     ggml_backend_sched_ptr sched;
     llm_graph_result_ptr   res;
     llm_graph_result *     active = nullptr;
@@ -205,21 +220,26 @@ struct dysco_state {
     uint64_t graph_key() const;
 };
 
+// The tracked sequence of stream chunk c of the ubatch (its tokens c*nt .. c*nt+nt-1), or null; on a
+// cache of one stream, the sequence of the last reset whatever the ubatch holds (dysco-track.cpp).
+dysco_seq_track * dysco_track_chunk(dysco_state & st, const llama_ubatch & ub, uint32_t ns, uint32_t c);
+// Whether a sequence's passes fold their scores now / an armed pass of it selects.
+bool dysco_seq_folds(const dysco_state & st, const dysco_seq_track & t);
+
 // After a pass (dysco-api.cpp): the importance now covers a folded position; an armed pass selected.
 void dysco_track_done(dysco_state & st, const llama_ubatch & ub);
 
 // Reads the scores of the last scoring pass if not done yet (dysco-mask.cpp).
 void dysco_scores_sync(dysco_state & st);
 
-// dysco-track.cpp: the graph side. The biased KQ mask of an armed pass (kq_mask unchanged when not
-// armed) and the fold of the scores `acc` [n_kv, 1] (sum over the QR heads) into the importance.
+// dysco-track.cpp: the graph side. The biased KQ mask of a pass with armed sequences (kq_mask unchanged
+// when none is armed), and the fold of the scores `acc` [n_kv, 1] (sum over the QR heads) of stream
+// chunk c (of ns) into that sequence's importance.
 ggml_tensor * dysco_track_bias(const llm_graph_context & g, dysco_state & st, ggml_tensor * kq_mask);
-void dysco_track_fold(const llm_graph_context & g, dysco_state & st, ggml_tensor * acc, ggml_tensor * mask_row);
+void dysco_track_fold(const llm_graph_context & g, dysco_state & st, uint32_t ns, uint32_t c, ggml_tensor * acc,
+                      ggml_tensor * mask_row);
 // Allocates the per-cell tensors for the cells of `kv` (once per cache); false when it cannot.
 bool dysco_track_alloc(dysco_state & st, const llama_kv_cache & kv);
-// Whether this graph build folds / selects (also part of the graph key).
-bool dysco_track_folds(const dysco_state & st);
-bool dysco_track_selects(const dysco_state & st, const llm_graph_context & g);
 
 // dysco-placement.cpp. Names dysco_<group>_<op>-<il> every node of the subgraph ending in `out` that DySCO
 // added (down to the leaves and to `stop`, the tensors it reads from llama.cpp's graph; dysco* names stay).

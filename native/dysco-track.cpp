@@ -23,17 +23,55 @@ static const llama_kv_cache_context * track_mctx(const llm_graph_context & g) {
     return dynamic_cast<const llama_kv_cache_context *>(g.mctx);
 }
 
-bool dysco_track_folds(const dysco_state & st) {
-    return st.track.on && st.scoring();
+dysco_seq_track * dysco_track::find(int32_t seq) {
+    const auto it = seqs.find(seq);
+    return it == seqs.end() ? nullptr : &it->second;
 }
 
-bool dysco_track_selects(const dysco_state & st, const llm_graph_context & g) {
-    const auto & tr = st.track;
-    return tr.on && tr.armed && st.probe.layers == 0 && g.ubatch.n_tokens == 1 && track_mctx(g) != nullptr;
+const dysco_seq_track * dysco_track::find(int32_t seq) const {
+    const auto it = seqs.find(seq);
+    return it == seqs.end() ? nullptr : &it->second;
 }
 
-// Graph input: the cell each ubatch token is written to ([n_tokens] I64, as llama.cpp's k_idxs), and
-// the template flag of the cells of template positions fed after the reset (a 4-byte upload each).
+bool dysco_track::any_on() const {
+    for (const auto & [seq, t] : seqs) {
+        if (t.on) {
+            return true;
+        }
+    }
+    return false;
+}
+
+bool dysco_seq_folds(const dysco_state & st, const dysco_seq_track & t) {
+    return t.on && st.heads.n > 0 && (st.scoring() || t.capture);
+}
+
+// The sequence whose tokens fill chunk c of the ubatch: on a cache of one stream, the last reset's
+// (several sequences there share the stream: the tracked one is the only one scored, as before streams)
+static int32_t chunk_seq(const dysco_state & st, const llama_ubatch & ub, uint32_t ns, uint32_t c) {
+    if (!st.track.kv || st.track.kv->get_n_stream() == 1) {
+        return st.track.seq_id;
+    }
+    const uint32_t i = c * (ub.n_tokens / ns);
+    // a reserve's ubatch (graph_reserve) names no sequences: nothing is tracked there
+    return ub.seq_id && ub.seq_id[i] ? ub.seq_id[i][0] : -1;
+}
+
+dysco_seq_track * dysco_track_chunk(dysco_state & st, const llama_ubatch & ub, uint32_t ns, uint32_t c) {
+    return st.track.find(chunk_seq(st, ub, ns, c));
+}
+
+// Row (KV stream) of the per-cell tensors that chunk c's sequence owns.
+static int64_t chunk_row(const dysco_state & st, const llama_ubatch & ub, uint32_t ns, uint32_t c) {
+    return st.track.kv->get_stream(chunk_seq(st, ub, ns, c)); // a tracked chunk's: never -1
+}
+
+static bool seq_selects(const dysco_state & st, const dysco_seq_track * t, uint32_t n_seq_tokens) {
+    return t && t->on && t->armed && st.probe.layers == 0 && n_seq_tokens == 1;
+}
+
+// Graph input: the cell each ubatch token is written to ([n_tokens] I64, within its stream), and the
+// template flag of the cells of template positions fed after the reset (a 4-byte upload each).
 class dysco_input_track : public llm_graph_input_i {
 public:
     dysco_input_track(dysco_state & st, const llama_kv_cache_context * mctx, ggml_tensor * cells) :
@@ -43,15 +81,18 @@ public:
         if (!cells->buffer) {
             return;
         }
-        mctx->set_input_k_idxs(cells, ub);
+        mctx->set_input_k_idxs(cells, ub); // stream * kv_size + cell
         const auto & tr = st.track;
-        const int64_t * idx = (const int64_t *) cells->data;
+        const int64_t kv_size = tr.imp ? tr.imp->ne[0] : 1;
+        int64_t * idx = (int64_t *) cells->data;
         for (uint32_t i = 0; tr.keep && i < ub->n_tokens; ++i) {
+            const dysco_seq_track * t = tr.kv->get_n_stream() == 1 ? tr.find(tr.seq_id) : tr.find(ub->seq_id[i][0]);
             const llama_pos p = ub->pos[i];
-            if (p < (llama_pos) tr.template_mask.size() && tr.template_mask[p] && idx[i] < tr.keep->ne[0]) {
+            if (t && p < (llama_pos) t->template_mask.size() && t->template_mask[p] && idx[i] < ggml_nelements(tr.keep)) {
                 const float zero = 0.0f;
                 ggml_backend_tensor_set(tr.keep, &zero, idx[i] * sizeof(float), sizeof(float));
             }
+            idx[i] %= kv_size;
         }
     }
 
@@ -66,11 +107,12 @@ private:
     ggml_tensor * cells; // [n_tokens] I64
 };
 
-// The per-cell tensors, in the buffer type holding most of the KV cache (the device of its layers).
+// The per-cell tensors, [kv_size, n_stream], in the buffer type holding most of the KV cache (the
+// device of its layers).
 bool dysco_track_alloc(dysco_state & st, const llama_kv_cache & kv) {
     auto & tr = st.track;
-    const int64_t n_cells = kv.get_size();
-    if (tr.imp && tr.kv == &kv && tr.imp->ne[0] == n_cells) {
+    const int64_t n_cells = kv.get_size(), n_stream = kv.get_n_stream();
+    if (tr.imp && tr.kv == &kv && tr.imp->ne[0] == n_cells && tr.imp->ne[1] == n_stream) {
         return true;
     }
     ggml_backend_buffer_type_t buft = nullptr;
@@ -85,9 +127,9 @@ bool dysco_track_alloc(dysco_state & st, const llama_kv_cache & kv) {
     tr.buf.reset();
     ggml_init_params params = { 3 * ggml_tensor_overhead(), nullptr, true };
     tr.ctx.reset(ggml_init(params));
-    tr.imp  = ggml_new_tensor_1d(tr.ctx.get(), GGML_TYPE_F32, n_cells); // [n_cells]
-    tr.sel  = ggml_new_tensor_1d(tr.ctx.get(), GGML_TYPE_F32, n_cells); // [n_cells]
-    tr.keep = ggml_new_tensor_1d(tr.ctx.get(), GGML_TYPE_F32, n_cells); // [n_cells]
+    tr.imp  = ggml_new_tensor_2d(tr.ctx.get(), GGML_TYPE_F32, n_cells, n_stream);
+    tr.sel  = ggml_new_tensor_2d(tr.ctx.get(), GGML_TYPE_F32, n_cells, n_stream);
+    tr.keep = ggml_new_tensor_2d(tr.ctx.get(), GGML_TYPE_F32, n_cells, n_stream);
     ggml_set_name(tr.imp, "dysco_importance");
     ggml_set_name(tr.sel, "dysco_selected");
     ggml_set_name(tr.keep, "dysco_not_template");
@@ -97,6 +139,7 @@ bool dysco_track_alloc(dysco_state & st, const llama_kv_cache & kv) {
         tr.kv  = nullptr;
         return false;
     }
+    ggml_backend_buffer_clear(tr.buf.get(), 0);
     tr.kv = &kv;
     return true;
 }
@@ -119,84 +162,125 @@ static ggml_tensor * track_cells(const llm_graph_context & g, dysco_state & st, 
     return cells;
 }
 
-// [n_kv, 1] 1 on the cells of S (by the importance: the nucleus of mass top_p and/or the top_k
-// largest; always the largest one), 0 elsewhere; also written to track.sel for the readback.
-static ggml_tensor * track_select(const llm_graph_context & g, dysco_track & tr, int64_t n_kv) {
+// [n_kv, 1] view of row `row` (a KV stream) of a per-cell tensor.
+static ggml_tensor * track_row(ggml_context * ctx, ggml_tensor * t, int64_t n_kv, int64_t row) {
+    return ggml_view_2d(ctx, t, n_kv, 1, n_kv * sizeof(float), row * t->nb[1]);
+}
+
+// [n_kv, 1] 1 on the cells of S (by the importance of stream `row`: the nucleus of mass top_p and/or
+// the top_k largest; always the largest one), 0 elsewhere; also written to track.sel for the readback.
+static ggml_tensor * track_select(const llm_graph_context & g, dysco_track & tr, const dysco_seq_track & t,
+                                  int64_t n_kv, int64_t row) {
     ggml_context * ctx = g.ctx0;
-    ggml_tensor * imp    = ggml_view_2d(ctx, tr.imp, n_kv, 1, n_kv * sizeof(float), 0);      // [n_kv, 1]
+    ggml_tensor * imp    = track_row(ctx, tr.imp, n_kv, row);                                 // [n_kv, 1]
     ggml_tensor * order  = ggml_argsort(ctx, imp, GGML_SORT_ORDER_DESC);                      // [n_kv, 1] I32
     ggml_tensor * sorted = ggml_get_rows(ctx, ggml_reshape_2d(ctx, imp, 1, n_kv), order);     // [1, n_kv]
     sorted = ggml_reshape_2d(ctx, sorted, n_kv, 1);                                           // [n_kv, 1]
     ggml_tensor * keep = nullptr;                                                             // [n_kv, 1]
-    if (tr.top_p > 0.0) {
+    if (t.top_p > 0.0) {
         ggml_tensor * cum   = ggml_cumsum(ctx, sorted);                                       // [n_kv, 1]
         // cum <= top_p: 1 - step(cum - top_p) (step is x > 0, so a running sum equal to top_p fits)
-        ggml_tensor * fits  = ggml_scale_bias(ctx, ggml_step(ctx, ggml_scale_bias(ctx, cum, 1.0f, -(float) tr.top_p)), -1.0f, 1.0f);
+        ggml_tensor * fits  = ggml_scale_bias(ctx, ggml_step(ctx, ggml_scale_bias(ctx, cum, 1.0f, -(float) t.top_p)), -1.0f, 1.0f);
         // the largest is kept whatever its mass: the only rank whose running sum before it is 0
         ggml_tensor * first = ggml_scale_bias(ctx, ggml_step(ctx, ggml_sub(ctx, cum, sorted)), -1.0f, 1.0f);
         keep = ggml_step(ctx, ggml_add(ctx, fits, first));
     }
-    if (tr.top_k > 0) {
+    if (t.top_k > 0) {
         ggml_tensor * rank = ggml_arange(ctx, 0.0f, (float) n_kv, 1.0f);                     // [n_kv]
-        ggml_tensor * in_k = ggml_step(ctx, ggml_scale_bias(ctx, rank, -1.0f, (float) tr.top_k - 0.5f));
+        ggml_tensor * in_k = ggml_step(ctx, ggml_scale_bias(ctx, rank, -1.0f, (float) t.top_k - 0.5f));
         in_k = ggml_reshape_2d(ctx, in_k, n_kv, 1);
         keep = keep ? ggml_mul(ctx, keep, in_k) : in_k;
     }
     // back from rank order to cells: every cell is written once (order is a permutation)
-    ggml_tensor * sel = ggml_view_2d(ctx, tr.sel, 1, n_kv, sizeof(float), 0);                // [1, n_kv]
+    ggml_tensor * sel = ggml_view_2d(ctx, tr.sel, 1, n_kv, sizeof(float), row * tr.sel->nb[1]); // [1, n_kv]
     sel = ggml_set_rows(ctx, sel, ggml_reshape_2d(ctx, keep, 1, n_kv), order);               // [1, n_kv]
     ggml_set_name(sel, "dysco_sel");
     return ggml_reshape_2d(ctx, sel, n_kv, 1);                                                // [n_kv, 1]
 }
 
+// [n_kv, 1] F32: the bias of one armed sequence's row (stream `row`); `cur` [1] I64 its token's cell.
+static ggml_tensor * track_bias_row(const llm_graph_context & g, dysco_track & tr, const dysco_seq_track & t,
+                                    int64_t n_kv, int64_t row, ggml_tensor * cur) {
+    ggml_context * ctx = g.ctx0;
+    ggml_tensor * sel = track_select(g, tr, t, n_kv, row);                                    // [n_kv, 1]
+    ggml_tensor * one = ggml_fill(ctx, ggml_view_2d(ctx, sel, 1, 1, sizeof(float), 0), 1.0f); // [1, 1]
+    const bool hard = t.strength >= t.hard_strength;
+    // the soft bias leaves template positions alone (the hard mask keeps them); a copy either way, as
+    // track.sel keeps S itself for the readback
+    sel = hard ? ggml_cont(ctx, sel) : ggml_mul(ctx, sel, track_row(ctx, tr.keep, n_kv, row));
+    // the current token always gets the bias of S
+    sel = ggml_set_rows(ctx, ggml_reshape_2d(ctx, sel, 1, n_kv), one, cur);                   // [1, n_kv]
+    sel = ggml_reshape_2d(ctx, sel, n_kv, 1);                                                 // [n_kv, 1]
+    return hard ? ggml_scale_bias(ctx, sel, -DYSCO_HARD_OFF, DYSCO_HARD_OFF)
+                : ggml_scale(ctx, sel, (float) std::log(t.strength));
+}
+
+// The bias of every stream of the ubatch, [n_kv, 1, 1, ns]: the armed sequences' rows, zeros elsewhere;
+// null when no sequence of the ubatch selects.
+static ggml_tensor * track_bias_streams(const llm_graph_context & g, dysco_state & st, const llama_kv_cache_context * mctx,
+                                        int64_t n_kv, uint32_t ns) {
+    const uint32_t nt = g.ubatch.n_tokens / ns;
+    std::vector<ggml_tensor *> rows(ns, nullptr);
+    bool any = false;
+    for (uint32_t c = 0; c < ns; ++c) {
+        dysco_seq_track * t = dysco_track_chunk(st, g.ubatch, ns, c);
+        if (seq_selects(st, t, nt)) {
+            ggml_tensor * cells = track_cells(g, st, mctx);
+            ggml_tensor * cur   = ns == 1 ? cells : ggml_view_1d(g.ctx0, cells, 1, c * cells->nb[0]); // [1] I64
+            rows[c] = track_bias_row(g, st.track, *t, n_kv, chunk_row(st, g.ubatch, ns, c), cur);
+            any = true;
+        }
+    }
+    if (!any || ns == 1) {
+        return rows[0];
+    }
+    ggml_tensor * bias = nullptr;                                                             // [n_kv, c]
+    for (uint32_t c = 0; c < ns; ++c) {
+        // a plain sequence's row: zeros (the fill reads nothing of the row it is shaped on)
+        ggml_tensor * r = rows[c] ? rows[c] : ggml_fill(g.ctx0, track_row(g.ctx0, st.track.sel, n_kv, 0), 0.0f);
+        bias = bias ? ggml_concat(g.ctx0, bias, r, 1) : r;
+    }
+    return ggml_reshape_4d(g.ctx0, bias, n_kv, 1, 1, ns);                                     // [n_kv, 1, 1, ns]
+}
+
 ggml_tensor * dysco_track_bias(const llm_graph_context & g, dysco_state & st, ggml_tensor * kq_mask) {
     const llama_kv_cache_context * mctx = track_mctx(g);
-    if (!dysco_track_selects(st, g) || kq_mask->ne[3] != 1 || !track_ready(st, mctx)) {
+    if (!track_ready(st, mctx)) {
         return kq_mask;
     }
     ggml_tensor *& biased = st.build[DYSCO_CACHE_BASE].biased;
     if (biased) {
         return biased;
     }
-    auto & tr = st.track;
-    ggml_context * ctx  = g.ctx0;
-    const int64_t  n_kv = kq_mask->ne[0];
-    ggml_tensor * sel  = track_select(g, tr, n_kv);                                           // [n_kv, 1]
-    ggml_tensor * cur  = track_cells(g, st, mctx);                                            // [1] I64
-    ggml_tensor * one  = ggml_fill(ctx, ggml_view_2d(ctx, sel, 1, 1, sizeof(float), 0), 1.0f); // [1, 1]
-    const bool hard = tr.strength >= tr.hard_strength;
-    // the soft bias leaves template positions alone (the hard mask keeps them); a copy either way, as
-    // track.sel keeps S itself for the readback
-    sel = hard ? ggml_cont(ctx, sel) : ggml_mul(ctx, sel, ggml_view_2d(ctx, tr.keep, n_kv, 1, n_kv * sizeof(float), 0));
-    // the current token always gets the bias of S
-    sel = ggml_set_rows(ctx, ggml_reshape_2d(ctx, sel, 1, n_kv), one, cur);                   // [1, n_kv]
-    sel = ggml_reshape_2d(ctx, sel, n_kv, 1);                                                 // [n_kv, 1]
-    ggml_tensor * bias = hard ? ggml_scale_bias(ctx, sel, -DYSCO_HARD_OFF, DYSCO_HARD_OFF)
-                              : ggml_scale(ctx, sel, (float) std::log(tr.strength));          // [n_kv, 1]
-    if (kq_mask->type != GGML_TYPE_F32) {
-        bias = ggml_cast(ctx, bias, kq_mask->type);
+    ggml_tensor * bias = track_bias_streams(g, st, mctx, kq_mask->ne[0], (uint32_t) kq_mask->ne[3]);
+    if (!bias) {
+        return kq_mask;
     }
-    biased = ggml_add(ctx, kq_mask, bias);                                                    // [n_kv, 1, 1, 1]
+    if (kq_mask->type != GGML_TYPE_F32) {
+        bias = ggml_cast(g.ctx0, bias, kq_mask->type);
+    }
+    biased = ggml_add(g.ctx0, kq_mask, bias);                                                 // [n_kv, n_tokens/ns, 1, ns]
     ggml_set_name(biased, "dysco_kq_mask_biased");
     // before any fold of this graph: the selection reads the importance the fold then overwrites
     ggml_build_forward_expand(g.gf, biased);
     return biased;
 }
 
-void dysco_track_fold(const llm_graph_context & g, dysco_state & st, ggml_tensor * acc, ggml_tensor * mask_row) {
+void dysco_track_fold(const llm_graph_context & g, dysco_state & st, uint32_t ns, uint32_t c, ggml_tensor * acc,
+                      ggml_tensor * mask_row) {
     const llama_kv_cache_context * mctx = track_mctx(g);
-    if (!dysco_track_folds(st) || !track_ready(st, mctx)) {
+    const dysco_seq_track * t = track_ready(st, mctx) ? dysco_track_chunk(st, g.ubatch, ns, c) : nullptr;
+    if (!t || !dysco_seq_folds(st, *t)) {
         return;
     }
-    auto & tr = st.track;
     ggml_context * ctx  = g.ctx0;
     const int64_t  n_kv = acc->ne[0];
     track_cells(g, st, mctx); // template cells fed now are flagged
-    ggml_tensor * imp   = ggml_view_2d(ctx, tr.imp, n_kv, 1, n_kv * sizeof(float), 0);      // [n_kv, 1]
+    ggml_tensor * imp   = track_row(ctx, st.track.imp, n_kv, chunk_row(st, g.ubatch, ns, c)); // [n_kv, 1]
     ggml_tensor * m     = mask_row->type == GGML_TYPE_F32 ? mask_row : ggml_cast(ctx, mask_row, GGML_TYPE_F32);
     ggml_tensor * seen  = ggml_step(ctx, ggml_scale_bias(ctx, m, 1.0f, 1.0f));               // [n_kv, 1] 1: attended
     ggml_tensor * a     = ggml_scale(ctx, acc, 1.0f / (float) st.heads.n);                    // [n_kv, 1] mean over heads
-    ggml_tensor * next  = ggml_add(ctx, ggml_scale(ctx, ggml_mul(ctx, imp, seen), (float) tr.decay), a);
+    ggml_tensor * next  = ggml_add(ctx, ggml_scale(ctx, ggml_mul(ctx, imp, seen), (float) t->decay), a);
     next = ggml_div(ctx, next, ggml_sum(ctx, next));                                          // [n_kv, 1]
     ggml_tensor * store = ggml_cpy(ctx, next, imp);
     ggml_set_name(store, "dysco_importance_fold");

@@ -123,6 +123,27 @@ int32_t dysco_fast_select(struct llama_context * ctx, int32_t pos, int32_t seq_i
 // DYSCO_ERR_NO_SCORES when the pass did not select.
 int32_t dysco_pass_selection(struct llama_context * ctx, int32_t * selected, int32_t n_max);
 
+// Several sequences (a context whose sequences have a KV stream each, kv_unified false): each
+// sequence reset with dysco_importance_reset is tracked on its own, so that fast-mode sequences and
+// plain ones share a decode batch (a sequence's selection, bias, scores and fold read its own stream
+// only). On a context of one stream only the last reset sequence is tracked, as the calls above say.
+// The calls above without a seq_id act on the last reset sequence.
+//
+// The importance of seq_id (as dysco_importance_get; seq_id -1: the last reset sequence).
+int32_t dysco_importance_get_seq(struct llama_context * ctx, int32_t seq_id, double * out, int32_t n_max);
+// As dysco_pass_selection, for the armed pass of seq_id (-1: the last reset sequence).
+int32_t dysco_pass_selection_seq(struct llama_context * ctx, int32_t seq_id, int32_t * selected, int32_t n_max);
+// Whether seq_id's full passes score and fold their last token (its context warmup), whatever the
+// context-wide capture says; dysco_fast_select turns it on for its sequence on a parallel context.
+int32_t dysco_set_seq_capture(struct llama_context * ctx, int32_t seq_id, bool on);
+// Exact DySCO for several sequences at once: dysco_probe_select of tokens[i] at pos[i] of seq_ids[i]
+// (distinct sequences, each with a KV stream of its own) in one probe decode, each probe folding into
+// its own sequence's importance; the next full pass of each then selects and biases itself.
+int32_t dysco_probe_select_batch(struct llama_context * ctx, const int32_t * tokens, const int32_t * pos,
+                                 const int32_t * seq_ids, int32_t n);
+// Stops tracking seq_id (its generation ended): its passes neither fold nor select afterwards.
+int32_t dysco_track_end(struct llama_context * ctx, int32_t seq_id);
+
 // Slot layout, for replaying a reference harness (conformance tests), not for decoding:
 // cells are addressed by slot instead of position (on a fresh unified KV cache the i-th token
 // fed sits in slot i), so scores and bias are indexed by slot; the `hidden` slots are masked

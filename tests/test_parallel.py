@@ -96,11 +96,74 @@ def test_closing_one_stream_leaves_the_others_intact(single, parallel):
     assert (first + rest).startswith(single.generate(messages=_messages(3), dysco=None, max_new_tokens=1).text)
 
 
-def test_a_parallel_model_refuses_dysco_auto_included(parallel):
-    for dysco in ("auto", parallel.head_map().to_config(mode="fast")):
-        with pytest.raises(InputError, match=r"Model\(parallel=4\) decodes plain generations only"):
-            parallel.generate(messages=_messages(0), dysco=dysco, max_new_tokens=2)
+def test_a_parallel_model_refuses_static_dysco_and_runs_auto(parallel):
+    with pytest.raises(InputError, match=r"Model\(parallel=4\) runs dynamic DySCO only.*parallel=1 for static"):
+        parallel.generate(messages=_messages(0), dysco=parallel.head_map().to_config(dynamic=False), max_new_tokens=2)
+    auto = parallel.generate(messages=_messages(0), max_new_tokens=2).dysco  # the head map's, template markers added
+    assert (auto.mode, auto.qr_heads) == ("exact", parallel.head_map().qr_heads)
     assert all(s["state"] == "idle" for s in parallel.slots())
+
+
+def test_dysco_generations_running_together_share_one_set_of_qr_heads(parallel):
+    fast = parallel.head_map().to_config(mode="fast")
+    running = parallel.generate(messages=_messages(1), dysco=fast, max_new_tokens=200, stream=True)
+    next(iter(running))  # decoding with the head map's heads
+    other = fast.replace(qr_heads=((0, 0), (1, 1)))
+    with pytest.raises(InputError, match="one set of QR heads at a time"):
+        parallel.generate(messages=_messages(2), dysco=other, max_new_tokens=4)
+    running.close()
+    assert parallel.generate(messages=_messages(2), dysco=other, max_new_tokens=2).dysco.qr_heads == ((0, 0), (1, 1))
+
+
+# which generations run fast DySCO (one without context warmup: its first step probes), exact DySCO (a probe
+# of its own before every batch step) or plainly
+KINDS = {0: "fast", 1: None, 2: "fast, no warmup", 3: None, 4: "exact", 5: "fast"}
+
+
+def _dysco(model, kind):
+    if kind is None:
+        return None
+    return model.head_map().to_config(mode=kind.split(",")[0], **({"context_warmup": 0} if "no warmup" in kind else {}))
+
+
+def _traced(model, i: int, new: int = 32) -> tuple[list[int], list[list[int]]]:
+    """Token ids and, for DySCO, the selected set S of every step."""
+    kind = KINDS[i]
+    g = model.generate(messages=_messages(i), dysco=_dysco(model, kind), max_new_tokens=new, trace=kind is not None)
+    return g.token_ids, [step.selected.tolist() for step in g.trace or []]
+
+
+@pytest.mark.slow
+def test_dysco_and_plain_generations_share_the_batch_each_as_alone(single, parallel):
+    expected = {}
+    for i in KINDS:
+        single.prefill([])
+        expected[i] = _traced(single, i)
+    decoding = []  # how many slots decoded at once, sampled while they run
+
+    def ask(i):
+        time.sleep(0.4 * i)  # staggered: each joins the running batch; 6 threads on 4 slots
+        return _traced(parallel, i)
+    with ThreadPoolExecutor(len(KINDS)) as pool:
+        futures = {i: pool.submit(ask, i) for i in KINDS}
+        while not all(f.done() for f in futures.values()):
+            decoding.append(sum(s["state"] == "decode" for s in parallel.slots()))
+            time.sleep(0.05)
+        got = {i: f.result() for i, f in futures.items()}
+    assert got == expected
+    assert all(len(expected[i][1]) > 3 for i in KINDS if KINDS[i])  # S of every step was compared
+    assert max(decoding) >= 3  # any three of them decoding together hold a DySCO one beside others
+    assert all(s["state"] == "idle" for s in parallel.slots())
+
+
+@pytest.mark.slow
+def test_a_plain_request_after_a_dysco_one_on_its_prompt_answers_as_alone(single, parallel):
+    # the DySCO run keeps only its prefilled cells: its context warmup's, fed one at a time, round
+    # otherwise than a prefill, and the plain answer reusing them differed from the one it gets alone
+    expected = _alone(single, 1)
+    for model in (parallel, single):  # a slot of the batch, and the one sequence of a parallel=1 model
+        model.generate(messages=_messages(1), dysco=model.head_map().to_config(mode="fast"), max_new_tokens=4)
+        assert model.generate(messages=_messages(1), dysco=None, max_new_tokens=NEW).token_ids == expected
 
 
 @pytest.mark.slow
@@ -119,6 +182,23 @@ def test_one_thread_cannot_hold_every_slot_and_wait_for_more():
         t0 = time.perf_counter()
         m.prefill([])  # both slots free: the whole context is this thread's at once
         assert time.perf_counter() - t0 < 30
+
+
+@pytest.mark.slow
+def test_closing_a_dysco_stream_leaves_the_others_and_its_slot_intact(single, parallel):
+    expected = {}
+    for i in (0, 4):
+        single.prefill([])
+        expected[i] = _traced(single, i)
+    closed = parallel.generate(messages=_messages(2), dysco=_dysco(parallel, "fast"), max_new_tokens=200, stream=True)
+    with ThreadPoolExecutor(1) as pool:
+        other = pool.submit(_traced, parallel, 4)  # exact, beside the stream closed mid-answer
+        pieces = iter(closed)
+        next(pieces), next(pieces)
+        closed.close()
+        assert other.result() == expected[4]
+    assert closed.result is None
+    assert _traced(parallel, 0) == expected[0]  # a slot freed mid-DySCO serves the next one as alone
 
 
 # ---- the server: `serve --parallel N` spoken to by real openai clients ----
@@ -173,15 +253,32 @@ def test_concurrent_clients_get_the_answers_each_gets_alone(server, single):
     assert got == expected
 
 
-def test_a_parallel_server_answers_auto_plainly_and_refuses_dysco_by_name(server, single):
+def test_a_parallel_server_answers_auto_as_its_mode_says_and_refuses_static_by_name(server, single):
     client = _client(server[0])
     raw = client.chat.completions.with_raw_response.create(model="any", messages=_messages(0), max_tokens=NEW)
-    assert raw.headers["x-dysco"] == "off; reason=--parallel decodes plainly"
+    single.prefill([])  # cells a DySCO run kept (its warmup's, fed one at a time) round differently from a prefill
+    assert raw.headers["x-dysco"].startswith("off; reason=the server's default (--dysco-mode off)")
     assert raw.parse().choices[0].message.content == single.generate(messages=_messages(0), dysco=None,
                                                                      max_new_tokens=NEW).text
-    for dysco in (True, {"mode": "exact"}):
-        with pytest.raises(openai.BadRequestError, match="DySCO needs --parallel 1"):
-            client.chat.completions.create(model="any", messages=_messages(0), max_tokens=2, extra_body={"dysco": dysco})
+    with pytest.raises(openai.BadRequestError, match="static DySCO .dynamic false. needs --parallel 1"):
+        client.chat.completions.create(model="any", messages=_messages(0), max_tokens=2,
+                                       extra_body={"dysco": {"dynamic": False}})
+
+
+@pytest.mark.slow
+def test_dysco_and_plain_clients_share_the_batch_each_as_alone(server, single):
+    # dysco true is fast on a server whose --dysco-mode is off; 6 clients on 4 slots and a queue of 2
+    dysco = {0: True, 1: False, 2: True, 3: False, 4: {"mode": "exact"}, 5: {"mode": "exact"}}
+    heads = single.head_map()
+    expected = {}
+    for i, d in dysco.items():
+        single.prefill([])
+        config = None if d is False else heads.to_config(mode="fast" if d is True else "exact")
+        expected[i] = single.generate(messages=_messages(i), dysco=config, max_new_tokens=NEW).text
+    clients = [_client(server[0]) for _ in dysco]
+    with ThreadPoolExecutor(len(dysco)) as pool:  # odd ones streamed
+        got = dict(zip(dysco, pool.map(lambda i: _ask(clients[i], i, dysco[i]), dysco)))
+    assert got == expected
 
 
 @pytest.mark.slow

@@ -1,6 +1,7 @@
 """Several users at once (issue 26): N concurrent streaming clients, each with a document of its own,
-against `dysco-edge serve --parallel N` (plain, fast and exact DySCO: a mode the server refuses with N
-slots is reported and left out) and llama.cpp's `llama-server --parallel N` (plain, its defaults), both
+against `dysco-edge serve --parallel N` (plain, fast and exact DySCO at every N: the batch runs each
+sequence's DySCO on its own; a mode a server refuses is reported and left out) and llama.cpp's
+`llama-server --parallel N` (plain, its defaults), both
 driven by the same `openai` client code through their OpenAI endpoints (/v1/completions: the
 document and a cue as raw text, greedy).
 

@@ -70,8 +70,10 @@ class Model:
 
     parallel N > 1: up to N generations called from different threads decode together, one batch
     per step, each in a sequence with n_ctx cells of its own (N times the KV memory; n_ctx must then
-    be given). Plain generations only (DySCO's state is one sequence's): a parallel model refuses
-    DySCO, "auto" included; pass dysco=None."""
+    be given). Plain and dynamic DySCO generations (fast or exact) share the batch, each DySCO sequence
+    with its own importance and selection, its answer the one it gets alone; an exact sequence's probe
+    is a decode of its own before each batch step. Static DySCO is refused: load the model with
+    parallel=1 for it."""
 
     def __init__(self, path: Optional[Union[str, Path]] = None, *, n_ctx: Optional[int] = None,
                  n_gpu_layers: Optional[int] = None, flash_attn: Union[bool, str] = "auto", n_batch: int = 512,
@@ -253,13 +255,25 @@ class Model:
         return pieces.result
 
     def _text_stream(self, request: Request) -> TextStream:
-        """A generation alone on the context, or, for a parallel model, in its batch (plain only)."""
+        """A generation alone on the context, or, for a parallel model, in its batch (plain or fast DySCO)."""
         if self._batcher is None:
             return TextStream(self.engine, self._cache, self._lock, request)
-        if request.config is not None:
-            raise InputError(f"Model(parallel={self.parallel}) decodes plain generations only (DySCO's state is "
-                             f"one sequence's): pass dysco=None, or load the model with parallel=1 for DySCO")
+        self._check_batched(request.config)
         return TextStream(self.engine, self._cache, self._lock, request, tokens=self._batcher.tokens(request))
+
+    def _check_batched(self, config: Optional[DyscoConfig]) -> None:
+        """A parallel model's batch runs plain and dynamic DySCO generations (each sequence's importance in
+        its own KV stream); static DySCO sets its bias from the host, for the whole context."""
+        if config is None:
+            return
+        if not config.dynamic:
+            raise InputError(f"Model(parallel={self.parallel}) runs dynamic DySCO only (static DySCO sets one "
+                             f"bias from the host for the whole batch): pass a config with dynamic=True, "
+                             f"dysco=None, or load the model with parallel=1 for static DySCO")
+        if not self.engine.native.track_supported:
+            raise InputError(f"Model(parallel={self.parallel}): this model's KV cache (sliding-window layers) keeps "
+                             f"DySCO's state on the host, for one sequence: load it with parallel=1 for DySCO, "
+                             f"or pass dysco=None")
 
     def fit(self, n_prompt: int, room: int = 1) -> None:
         """Check that a prompt of n_prompt tokens fits; when n_ctx follows the inputs, grow the

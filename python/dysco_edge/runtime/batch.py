@@ -9,7 +9,14 @@ token, its limit, its stop event, or its reader closing it). Each slot keeps its
 prompt prefix for the next request it serves (a newcomer takes the free slot sharing the longest
 prefix with its prompt, and may share another free slot's cells).
 
-Plain decoding only (DySCO's state is one sequence's: Model refuses DySCO when parallel > 1).
+A generation with dynamic DySCO runs its steps as items of the same batch (`_DyscoFeed`): its
+prompt up to the warmups in chunks, then one token per step (context warmup passes that fold their
+QR-head scores, intervention steps the bookkeeping strategy arms before the batch's llama_decode and
+checks after it), then each sampled token as an intervention step. Its importance, selection and bias
+are its own KV stream's (native/dysco-track.cpp), so its answer is the one it gets alone, and plain
+generations share the batch untouched. The probes a step asks for (every step of exact mode; fast
+mode's step that no scored pass precedes) go in one probe decode before the batch's, each folding into
+its own sequence's importance. Static DySCO (a bias set from the host) is not batched: Model refuses it.
 Whatever needs the whole context (a prefill to keep, restoring cells, closing) holds it alone
 (`solo`): it waits for the running slots to finish and holds newcomers back until it is done.
 """
@@ -21,12 +28,155 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
-from ..errors import EngineError, InputError
+from ..errors import DyscoEdgeError, EngineError, InputError
+from .bookkeeping import default_bookkeeping
+from .decode import plan_warmups
 from .engine import Engine, Sampler
 from .generation import ContextLock, Request
+from .native import SequenceControls
 from .prefix_cache import PrefixCache
+from .prompter import Prompter
+from .selection import template_mask
 
 _END = object()  # a run's queue ends with it (or with an exception)
+
+
+class _PlainFeed:
+    """What a plain generation feeds: prompt chunks, then each sampled token; no DySCO calls."""
+
+    def __init__(self, req: Request):
+        self.n = len(req.prompt)
+
+    def claim_end(self) -> int:
+        """Prompt tokens whose cached (unbiased) cells it may reuse."""
+        return self.n - 1
+
+    def clean_end(self) -> int:
+        """Prompt tokens whose cells are kept for the next request: unbiased, and computed by a prefill
+        (cells fed one token at a time round differently, and the next answer would depend on them)."""
+        return self.n - 1
+
+    def single(self, run: "_Run") -> bool:
+        """Whether it feeds one token this step (a step of its own), not a prompt chunk."""
+        return run.pos >= self.n
+
+    def tokens(self, run: "_Run", budget: int) -> list[int]:
+        return [run.pending] if run.pos >= self.n else run.req.prompt[run.pos:run.pos + budget]
+
+    def before(self, native, run: "_Run", seq_id: int) -> None:
+        pass
+
+    def after(self, native, run: "_Run", pos: int) -> None:
+        pass
+
+    def end(self, native, seq_id: int) -> None:
+        pass
+
+
+class _DyscoFeed(_PlainFeed):
+    """Dynamic DySCO's steps (decode.dysco_tokens) as batch items of one sequence: the prompt in chunks
+    up to the warmups, then one token a step; the in-graph bookkeeping strategy of its config
+    (default_bookkeeping: FastBookkeeping, or InPassBookkeeping for exact) keeps its importance in its
+    stream's row and arms (probing first, where it probes) each intervention pass before the batch."""
+
+    def __init__(self, req: Request, heads: "_Heads", probes: "_Probes"):
+        super().__init__(req)
+        cfg = req.config
+        warm = plan_warmups(self.n, cfg.context_warmup, Prompter.intervention_warmup(cfg, req.warmup_auto))
+        self.start, self.first_iv = self.n - warm.fed, warm.first_intervention(self.n)
+        self.req, self.heads, self.probes, self.books, self.seq = req, heads, probes, None, None
+
+    def claim_end(self) -> int:
+        # at least the last prompt token is decoded again: its logits give the first token
+        return min(self.start, self.n - 1)
+
+    def clean_end(self) -> int:
+        # the context warmup's cells are unbiased but fed one at a time: a request reusing them would
+        # answer otherwise than alone
+        return self.claim_end()
+
+    def single(self, run: "_Run") -> bool:
+        return run.pos >= self.start
+
+    def tokens(self, run: "_Run", budget: int) -> list[int]:
+        if run.pos < self.start:
+            return run.req.prompt[run.pos:min(self.start, run.pos + budget)]
+        return [run.req.prompt[run.pos]] if run.pos < self.n else [run.pending]
+
+    def before(self, native, run: "_Run", seq_id: int) -> None:
+        """Spec steps 2-3 before the pass at run.pos: start the bookkeeping once the prefix is in, keep
+        capture on through the context warmup, then arm (or, with nothing scored yet, probe) the pass."""
+        if run.pos < self.start:
+            return
+        if self.books is None:
+            self._begin(native, seq_id)
+        if run.pos >= self.first_iv:
+            if run.pos == self.first_iv:
+                self.seq.set_capture(False)  # fast_select turns it on again for its own pass
+            self.books.before_pass(self.seq, self.tokens(run, 1)[0], run.pos)
+
+    def _begin(self, native, seq_id: int) -> None:
+        cfg = self.req.config
+        self.heads.use(native, cfg.qr_heads, seq_id)
+        self.seq = _ProbesTogether(native, seq_id, self.probes)
+        strategy = default_bookkeeping(cfg, in_graph=True)
+        self.books = strategy(cfg, template_mask(self.req.prompt, cfg.template_sequences), self.start,
+                              capacity=self.n + self.req.max_new_tokens + 1, trace=self.req.trace)
+        self.books.begin(self.seq)
+        self.seq.set_capture(self.first_iv > self.start)
+
+    def after(self, native, run: "_Run", pos: int) -> None:
+        if self.books is not None and pos >= self.first_iv:
+            self.books.after_pass(self.seq, pos)
+
+    def end(self, native, seq_id: int) -> None:
+        if self.books is not None:
+            native.track_end(seq_id)
+            self.heads.release(seq_id)
+
+
+class _Probes:
+    """The probes a step's DySCO sequences ask for, decoded together before the step's batch."""
+
+    def __init__(self):
+        self.asked: list[tuple[int, int, int]] = []  # (token, pos, seq_id)
+
+    def take(self) -> list[tuple[int, int, int]]:
+        asked, self.asked = self.asked, []
+        return asked
+
+
+class _ProbesTogether(SequenceControls):
+    """A sequence's controls whose probe waits for the step's other probes (_Probes)."""
+
+    def __init__(self, native, seq_id: int, probes: _Probes):
+        super().__init__(native, seq_id)
+        self.probes = probes
+
+    def probe_select(self, token: int, pos: int) -> None:
+        self.probes.asked.append((token, pos, self.seq_id))
+
+
+class _Heads:
+    """The QR heads set on the context: one set at a time (dysco_set_heads restarts every tracked
+    sequence), changed only while no DySCO generation runs."""
+
+    def __init__(self):
+        self.heads, self.users = None, set()
+
+    def use(self, native, heads, seq_id: int) -> None:
+        heads = tuple(tuple(int(v) for v in h) for h in heads)
+        if self.users and heads != self.heads:
+            raise InputError("a parallel model runs DySCO with one set of QR heads at a time: this request's "
+                             "qr_heads differ from those of the DySCO generations running; send it once they end, "
+                             "or use the model's head map")
+        if not self.users:  # set again: a solo holder may have set others meanwhile
+            native.set_heads(heads)
+            self.heads = heads
+        self.users.add(seq_id)
+
+    def release(self, seq_id: int) -> None:
+        self.users.discard(seq_id)
 
 
 @dataclass
@@ -37,6 +187,7 @@ class _Run:
     reuse: int                     # prompt tokens whose cells the slot held already
     limit: int                     # tokens it may generate
     pos: int                       # the next position to write
+    feed: _PlainFeed               # what it feeds each step (plain, or DySCO's steps)
     out: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
     pending: Optional[int] = None  # the last sampled token, fed at the next step
     n_generated: int = 0
@@ -45,6 +196,11 @@ class _Run:
     @property
     def prefilling(self) -> bool:
         return self.pos < len(self.req.prompt)
+
+    @property
+    def in_chunks(self) -> bool:
+        """Whether it feeds prompt chunks now (else one token a step)."""
+        return not self.feed.single(self)
 
     def finish(self, last=_END) -> None:
         self.done = True
@@ -73,6 +229,7 @@ class Batcher:
         self._solo = ContextLock()
         self._solo_waiting = 0
         self._closed = False
+        self._heads, self._probes = _Heads(), _Probes()
         self._thread = threading.Thread(target=self._loop, name="dysco-edge-batch", daemon=True)
         self._thread.start()
 
@@ -131,22 +288,25 @@ class Batcher:
 
     def _claim(self, slot: Slot, req: Request) -> _Run:
         n = len(req.prompt)
-        reuse = slot.cache.claim(req.prompt, n - 1)
+        feed = _DyscoFeed(req, self._heads, self._probes) if req.config is not None else _PlainFeed(req)
+        end = feed.claim_end()
+        reuse = slot.cache.claim(req.prompt, end)
         donor = max((s for s in self.slots if not s.busy), default=None,
-                    key=lambda s: s.cache.reusable(req.prompt, n - 1))
-        if donor is not None and donor.cache.reusable(req.prompt, n - 1) > reuse:
-            reuse = donor.cache.reusable(req.prompt, n - 1)
+                    key=lambda s: s.cache.reusable(req.prompt, end))
+        if donor is not None and donor.cache.reusable(req.prompt, end) > reuse:
+            reuse = donor.cache.reusable(req.prompt, end)
             self.engine.copy_seq(donor.seq_id, slot.seq_id, reuse)
         req.n_cached = reuse
         limit = min(req.max_new_tokens, self.engine.n_ctx - n)
-        return _Run(req, Sampler(req.sampling), reuse, limit, reuse)
+        return _Run(req, Sampler(req.sampling), reuse, limit, reuse, feed)
 
     def _close(self, slot: Slot, run: _Run) -> None:
         with self._step:
             run.done = True
             run.sampler.close()
             if not self.engine.closed:
-                slot.cache.release(run.req.prompt, len(run.req.prompt) - 1)
+                run.feed.end(self.engine.native, slot.seq_id)
+                slot.cache.release(run.req.prompt, run.feed.clean_end())
         self._free(slot)
 
     def _free(self, slot: Slot) -> None:
@@ -193,25 +353,53 @@ class Batcher:
         return any(s.run is not None and not s.run.done for s in self.slots)
 
     def _advance(self, slots: list[Slot]) -> None:
-        """One step: the decoding slots' tokens, then prompt chunks in the room left; sample."""
+        """One step: the one-token items (decoding, DySCO's prompt steps), then prompt chunks in the room
+        left; DySCO's calls before and after the llama_decode; sample."""
         slots = [s for s in slots if not self._stopped(s.run)]
-        decoding = [s for s in slots if not s.run.prefilling]
-        items, budget = [], self.engine.n_batch - len(decoding)
-        for slot in decoding:
-            items.append((slot, [slot.run.pending]))
-        for slot in (s for s in slots if s.run.prefilling):
-            take = min(budget, len(slot.run.req.prompt) - slot.run.pos)
-            if take > 0:
-                items.append((slot, slot.run.req.prompt[slot.run.pos:slot.run.pos + take]))
-                budget -= take
+        self._probes.take()  # none left over from a step that failed
+        single = [s for s in slots if not s.run.in_chunks]
+        items, budget = [], self.engine.n_batch - len(single)
+        for slot in single:
+            items.append((slot, slot.run.feed.tokens(slot.run, 1)))
+        for slot in (s for s in slots if s.run.in_chunks):
+            tokens = slot.run.feed.tokens(slot.run, budget)
+            if tokens:
+                items.append((slot, tokens))
+                budget -= len(tokens)
+        items = [it for it in items if self._hook(it[0], it[0].run.feed.before, it[0].seq_id)]
         # llama.cpp's ubatches over KV streams hold consecutive ascending sequence ids only: in that
         # order every slot's first token shares one ubatch
         items.sort(key=lambda item: item[0].seq_id)
-        items = self._decode(items)
+        items = self._decode(self._probe(items))
         index = -1
         for slot, tokens in items:
             index += len(tokens)
-            self._after(slot.run, len(tokens), index)
+            if self._hook(slot, slot.run.feed.after, slot.run.pos + len(tokens) - 1):
+                self._after(slot.run, len(tokens), index)
+
+    def _probe(self, items: list) -> list:
+        """The probes the items' DySCO sequences asked for, in one decode; if it fails, those runs end."""
+        asked = self._probes.take()
+        if not asked:
+            return items
+        try:
+            self.engine.native.probe_select_batch(asked)
+        except DyscoEdgeError as exc:
+            failed = {seq for _, _, seq in asked}
+            for slot in (it[0] for it in items if it[0].seq_id in failed):
+                slot.run.finish(exc)
+            return [it for it in items if it[0].seq_id not in failed]
+        return items
+
+    def _hook(self, slot: Slot, call, arg: int) -> bool:
+        """A feed's DySCO call for the slot's run; a failure (a selection that did not happen, heads
+        in use) ends that run alone, its reader hearing why."""
+        try:
+            call(self.engine.native, slot.run, arg)
+        except DyscoEdgeError as exc:
+            slot.run.finish(exc)
+            return False
+        return True
 
     def _stopped(self, run: _Run) -> bool:
         if run.req.stop_event is not None and run.req.stop_event.is_set():

@@ -701,9 +701,10 @@ class Engine:
         llama_cpp.llama_memory_seq_cp(self.memory, src, dst, -1, -1)
         self.truncate(end, dst)
 
-    def logits(self) -> np.ndarray:
-        """Logits of the last token decoded with want_logits (a copy, float32)."""
-        return self._logits_view().copy()
+    def logits(self, index: int = -1) -> np.ndarray:
+        """Logits of the last token decoded with want_logits, or of batch index `index` of the last
+        decode_batch (a copy, float32)."""
+        return self._logits_view(index).copy()
 
     def _logits_view(self, index: int = -1) -> np.ndarray:
         """The logits at batch index `index` of the last decode (-1: the last ones) where llama.cpp

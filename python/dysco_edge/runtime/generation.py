@@ -100,11 +100,14 @@ def _start(engine: Engine, cache: PrefixCache, req: Request, sampler: Sampler) -
         return plain_tokens(engine, req.prompt, reuse=reuse, sampler=sampler, max_new_tokens=limit,
                             is_end=engine.is_end, progress=req.progress), n - 1
     warm = plan_warmups(n, req.config.context_warmup, Prompter.intervention_warmup(req.config, req.warmup_auto))
-    # at least the last prompt token is decoded again: its logits give the first token
-    reuse = req.n_cached = cache.claim(req.prompt, min(n - warm.fed, n - 1))
+    # at least the last prompt token is decoded again: its logits give the first token; only the
+    # prefilled cells are kept after (the context warmup's, fed one at a time, round otherwise than a
+    # prefill: a later request reusing them would answer otherwise than alone)
+    prefilled = min(n - warm.fed, n - 1)
+    reuse = req.n_cached = cache.claim(req.prompt, prefilled)
     return dysco_tokens(engine, req.prompt, req.config, warm, reuse=reuse, sampler=sampler,
                         max_new_tokens=limit, is_end=engine.is_end, trace=req.trace,
-                        progress=req.progress), warm.first_intervention(n)
+                        progress=req.progress), prefilled
 
 
 class TextStream:

@@ -42,6 +42,12 @@ int32_t dysco_importance_set(void * ctx, const double * values, int32_t n);
 int32_t dysco_probe_select(void * ctx, int32_t token, int32_t pos, int32_t seq_id);
 int32_t dysco_fast_select(void * ctx, int32_t pos, int32_t seq_id);
 int32_t dysco_pass_selection(void * ctx, int32_t * selected, int32_t n_max);
+int32_t dysco_importance_get_seq(void * ctx, int32_t seq_id, double * out, int32_t n_max);
+int32_t dysco_pass_selection_seq(void * ctx, int32_t seq_id, int32_t * selected, int32_t n_max);
+int32_t dysco_set_seq_capture(void * ctx, int32_t seq_id, bool on);
+int32_t dysco_track_end(void * ctx, int32_t seq_id);
+int32_t dysco_probe_select_batch(void * ctx, const int32_t * tokens, const int32_t * pos, const int32_t * seq_ids,
+                                 int32_t n);
 """
 
 ERR_ARGUMENT, ERR_HEAD, ERR_NO_HEADS, ERR_RANGE, ERR_DECODE, ERR_NO_SCORES, ERR_UNSUPPORTED = range(-1, -8, -1)
@@ -223,9 +229,12 @@ class NativeContext:
                                               *_selection_args(decay, top_p, top_k, strength, template))
         _check(rc, "dysco_importance_reset")
 
-    def importance(self) -> np.ndarray:
-        """The importance by position (a float64 copy; waits for the device)."""
-        return self._read_vector(self._lib.dysco_importance_get, np.float64, "double *", "dysco_importance_get")
+    def importance(self, seq_id: int = -1) -> np.ndarray:
+        """The importance by position (a float64 copy; waits for the device) of seq_id (-1: the last
+        reset sequence)."""
+        def get(ctx, out, n):
+            return self._lib.dysco_importance_get_seq(ctx, int(seq_id), out, n)
+        return self._read_vector(get, np.float64, "double *", "dysco_importance_get")
 
     def set_importance(self, values: np.ndarray) -> None:
         """Replace the importance of positions 0..len-1 (finite values >= 0)."""
@@ -238,19 +247,65 @@ class NativeContext:
         full pass select S and bias itself in its graph."""
         _check(self._lib.dysco_probe_select(self._ctx, int(token), int(pos), int(seq_id)), "dysco_probe_select")
 
+    def probe_select_batch(self, items) -> None:
+        """probe_select for several sequences at once, items of (token, pos, seq_id): one probe decode,
+        each probe folding into its own sequence's importance (a context with a KV stream per sequence)."""
+        cols = [_ffi.new("int32_t[]", [int(item[k]) for item in items]) for k in range(3)]
+        _check(self._lib.dysco_probe_select_batch(self._ctx, *cols, len(items)), "dysco_probe_select_batch")
+
     def fast_select(self, pos: int, seq_id: int = 0) -> bool:
         """Fast mode: have the next full pass at `pos` select S from the importance over 0..pos-1, bias
         itself and fold its own scores, all in its graph. False when nothing has scored yet (probe this
         step instead)."""
         return _check(self._lib.dysco_fast_select(self._ctx, int(pos), int(seq_id)), "dysco_fast_select") == 1
 
-    def pass_selection(self, *, want_selected: bool = False):
-        """After the armed full pass: S (ascending int64) when `want_selected` (waits for the device),
-        else None. Raises DyscoError when that pass did not select (it then ran unbiased)."""
+    def pass_selection(self, *, want_selected: bool = False, seq_id: int = -1):
+        """After the armed full pass (of seq_id; -1: the last reset sequence): S (ascending int64) when
+        `want_selected` (waits for the device), else None. Raises DyscoError when that pass did not
+        select (it then ran unbiased)."""
+        lib, seq = self._lib, int(seq_id)
         if not want_selected:
-            _check(self._lib.dysco_pass_selection(self._ctx, _ffi.NULL, 0), "dysco_pass_selection")
+            _check(lib.dysco_pass_selection_seq(self._ctx, seq, _ffi.NULL, 0), "dysco_pass_selection")
             return None
-        out = np.empty(self._lib.dysco_importance_get(self._ctx, _ffi.NULL, 0) + 1, dtype=np.int32)
-        count = _check(self._lib.dysco_pass_selection(self._ctx, _ffi.cast("int32_t *", _ffi.from_buffer(out)), out.size),
-                       "dysco_pass_selection")
+        out = np.empty(max(lib.dysco_importance_get_seq(self._ctx, seq, _ffi.NULL, 0), 0) + 1, dtype=np.int32)
+        count = _check(lib.dysco_pass_selection_seq(self._ctx, seq, _ffi.cast("int32_t *", _ffi.from_buffer(out)),
+                                                    out.size), "dysco_pass_selection")
         return out[:count].astype(np.int64)
+
+    def set_seq_capture(self, seq_id: int, on: bool) -> None:
+        """Whether seq_id's full passes score and fold their last token (a parallel context's warmup)."""
+        _check(self._lib.dysco_set_seq_capture(self._ctx, int(seq_id), bool(on)), "dysco_set_seq_capture")
+
+    def track_end(self, seq_id: int) -> None:
+        """Stop tracking seq_id (its generation ended)."""
+        _check(self._lib.dysco_track_end(self._ctx, int(seq_id)), "dysco_track_end")
+
+    def for_sequence(self, seq_id: int) -> "SequenceControls":
+        return SequenceControls(self, seq_id)
+
+
+class SequenceControls:
+    """The DySCO calls of one sequence of a parallel context, seq_id bound, as the bookkeeping
+    strategies (bookkeeping.py) make them on a NativeContext."""
+
+    def __init__(self, native: NativeContext, seq_id: int):
+        self.native, self.seq_id = native, seq_id
+
+    def importance_reset(self, n_positions: int, decay: float, top_p: float | None, top_k: int | None,
+                         strength: float, template: np.ndarray) -> None:
+        self.native.importance_reset(n_positions, decay, top_p, top_k, strength, template, seq_id=self.seq_id)
+
+    def importance(self) -> np.ndarray:
+        return self.native.importance(self.seq_id)
+
+    def fast_select(self, pos: int) -> bool:
+        return self.native.fast_select(pos, self.seq_id)
+
+    def probe_select(self, token: int, pos: int) -> None:
+        self.native.probe_select(token, pos, self.seq_id)
+
+    def pass_selection(self, *, want_selected: bool = False):
+        return self.native.pass_selection(want_selected=want_selected, seq_id=self.seq_id)
+
+    def set_capture(self, on: bool) -> None:
+        self.native.set_seq_capture(self.seq_id, on)

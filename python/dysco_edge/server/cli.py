@@ -29,8 +29,9 @@ def add_parser(subparsers) -> None:
                        "(more get 503 with Retry-After; default 16)")
     serve.add_argument("--parallel", type=int, default=1, metavar="N",
                        help="requests decoded together in one batch, each with --n-ctx cells of its own (N times "
-                            "the KV memory; default 1); above 1, plainly: dysco \"auto\" answers without DySCO "
-                            "and a request that asks for DySCO is a 400")
+                            "the KV memory; default 1); plain and DySCO requests share the batch, each answer the "
+                            "one it gets alone (an exact request's probe is a decode of its own before each "
+                            "step); above 1, static DySCO is a 400")
     serve.add_argument("--max-tokens", type=int, default=None,
                        help="max_tokens of a request that gives none (default: until the context is full)")
     serve.add_argument("--head-map", metavar="FILE", help="QR heads for this model (JSON head map)")
@@ -89,7 +90,7 @@ def _announce(model, args) -> None:
     heads = (f"DySCO {args.dysco_mode} by default, with {found.describe()}" if found
              else "no QR heads: dysco \"auto\" answers plainly")
     if model.parallel > 1:
-        heads = f"{model.parallel} parallel slots, plain decoding: DySCO needs --parallel 1"
+        heads = f"{model.parallel} parallel slots; {heads}"
     print(f"dysco-edge: serving {model.path.name} (n_ctx {model.n_ctx}; {heads}) on "
           f"http://{args.host}:{args.port}/v1 (the document page: http://{args.host}:{args.port}/); "
           f"running on {model.where()}", file=sys.stderr, flush=True)

@@ -19,7 +19,6 @@ from .focus import FocusOptions
 # when dysco is "auto" and the model has no QR heads: answered plainly, and said so
 NO_HEADS_NOTE = "off; reason=no QR heads for this model"
 SERVER_OFF_NOTE = "off; reason=the server's default (--dysco-mode off); send dysco true for DySCO"
-PARALLEL_NOTE = "off; reason=--parallel decodes plainly"
 
 
 class _Body(BaseModel):
@@ -161,14 +160,18 @@ def choose_dysco(model, value: Any, mode: str = OFF) -> DyscoChoice:
     model has QR heads, else plain, said so), true (DySCO, an error without heads), false/null/"off"
     (plain), or an object of DyscoConfig knobs over the model's head map (validated by DyscoConfig
     itself). `mode` is the server's --dysco-mode; true and knobs naming no mode run fast when it is off.
-    A model with parallel slots decodes plainly: "auto" is plain (said so), DySCO asked for is an error."""
+    A model with parallel slots batches dynamic DySCO (fast or exact): static DySCO asked for is an error."""
+    choice = _choose(model, value, mode)
+    if model.parallel > 1 and choice.applied and not choice.config.dynamic:
+        raise InputError(f"dysco: this server decodes up to {model.parallel} requests in one batch "
+                         f"(--parallel {model.parallel}), where DySCO runs dynamic only; static DySCO (dynamic "
+                         f"false) needs --parallel 1")
+    return choice
+
+
+def _choose(model, value: Any, mode: str) -> DyscoChoice:
     if value is False or value is None or value == "off":
         return DyscoChoice(None, "off")
-    if model.parallel > 1:  # a batch of sequences decodes plainly: DySCO's state is one sequence's
-        if value == "auto":
-            return DyscoChoice(None, PARALLEL_NOTE)
-        raise InputError(f"dysco: this server decodes up to {model.parallel} requests in one batch, plainly "
-                         f"(--parallel {model.parallel}); DySCO needs --parallel 1 (or send dysco false or \"auto\")")
     if value == "auto" and mode == OFF:
         return DyscoChoice(None, SERVER_OFF_NOTE)
     mode = FAST if mode == OFF else mode

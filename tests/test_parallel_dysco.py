@@ -1,0 +1,132 @@
+"""DySCO per sequence in one decode batch (native/dysco-track.cpp on a context whose sequences have a
+KV stream each), on SmolLM2-135M and the catalog's Qwen2.5-Coder-1.5B with their shipped QR heads:
+fast mode, and exact mode with the probes of both sequences in one probe decode
+(dysco_probe_select_batch).
+
+Oracle: the same sequence decoded alone on a context of one sequence (importance, selected set and
+logits step by step), while another sequence, with a document of a different length (so the batch's
+KV window is wider than its own), decodes in the same ubatches: tracked too, or plain. Each prompt is
+prefilled in a decode of its own: on Qwen's Q4_K weights the CPU's repacked kernels round a row
+differently in a block of 4 rows than alone, so prompts prefilled together (or 4 sequences decoding
+together) differ from alone already without DySCO; two one-token rows stay exact.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import models
+from dysco_edge.heads.maps import shipped_head_map_file
+from dysco_edge.models import resolve
+from dysco_edge.runtime.engine import Engine, EngineOptions
+
+MODELS = {"smollm2": (models.smollm2_q4_1, "smollm2-135m-instruct"),
+          "qwen": (lambda: resolve("qwen2.5-coder-1.5b"), "qwen2.5-coder-1.5b-instruct")}
+N_CTX = 768
+WARM = 3      # context warmup passes
+STEPS = 12    # fast steps, teacher-forced
+
+
+def _doc(seed: int, n: int) -> list[int]:
+    return [int(t) for t in np.random.default_rng(seed).integers(200, 40000, size=n)]
+
+
+DOCS = {0: _doc(1, 100 + WARM + STEPS), 1: _doc(2, 300 + WARM + STEPS)}  # prefixes of 100 and 300 tokens
+
+
+def _reset(native, cfg, prefix: int, seq_id: int) -> None:
+    template = np.zeros(prefix, dtype=bool)
+    template[3:6] = True  # a few template positions: the soft bias must leave them alone in each row
+    native.importance_reset(prefix, cfg.decay, cfg.top_p, cfg.top_k, cfg.strength, template, seq_id=seq_id)
+
+
+def _arm_alone(native, token: int, pos: int, mode: str) -> None:
+    if mode == "fast":
+        assert native.fast_select(pos)
+    else:
+        native.probe_select(token, pos)
+
+
+def _alone(path, cfg, doc: list[int], mode) -> list[tuple]:
+    """(S, importance, logits) of each DySCO step of `doc` decoded alone; plain: (None, None, logits)."""
+    tracked = mode is not None
+    prefix = len(doc) - WARM - STEPS
+    with Engine(path, EngineOptions(n_ctx=N_CTX)) as eng:
+        eng.decode(doc[:prefix], 0, want_logits=False)
+        eng.native.set_heads(cfg.qr_heads)
+        if tracked:
+            _reset(eng.native, cfg, prefix, 0)
+            eng.native.set_capture(True)
+        for pos in range(prefix, prefix + WARM):
+            eng.decode([doc[pos]], pos, want_logits=False)
+        eng.native.set_capture(False)
+        out = []
+        for pos in range(prefix + WARM, len(doc)):
+            if tracked:
+                _arm_alone(eng.native, doc[pos], pos, mode)
+            eng.decode([doc[pos]], pos)
+            out.append((eng.native.pass_selection(want_selected=True), eng.native.importance(), eng.logits())
+                       if tracked else (None, None, eng.logits()))
+        return out
+
+
+def _arm_together(native, mode: dict, step: dict) -> None:
+    """Fast sequences arm their pass; exact ones probe, all in one probe decode."""
+    probes = []
+    for s, (token, pos) in step.items():
+        if mode[s] == "fast":
+            assert native.fast_select(pos, s)
+        elif mode[s] == "exact":
+            probes.append((token, pos, s))
+    if probes:
+        native.probe_select_batch(probes)
+
+
+def _together(path, cfg, mode: dict) -> dict[int, list[tuple]]:
+    """The same steps of both documents, each step one decode_batch of both sequences."""
+    tracked = {s: m is not None for s, m in mode.items()}
+    with Engine(path, EngineOptions(n_ctx=N_CTX, n_seq_max=2)) as eng:
+        prefix = {s: len(d) - WARM - STEPS for s, d in DOCS.items()}
+        for s in DOCS:
+            assert eng.decode_batch([(DOCS[s][:prefix[s]], 0, s, False)]) == 0
+        eng.native.set_heads(cfg.qr_heads)
+        for s in (s for s in DOCS if tracked[s]):
+            _reset(eng.native, cfg, prefix[s], s)
+            eng.native.set_seq_capture(s, True)
+        for k in range(WARM):
+            assert eng.decode_batch([([DOCS[s][prefix[s] + k]], prefix[s] + k, s, False) for s in DOCS]) == 0
+        out = {s: [] for s in DOCS}
+        for k in range(WARM, WARM + STEPS):
+            for s in (s for s in DOCS if tracked[s]):
+                eng.native.set_seq_capture(s, False)  # fast_select turns it on for its own pass
+            _arm_together(eng.native, mode, {s: (DOCS[s][prefix[s] + k], prefix[s] + k) for s in DOCS})
+            assert eng.decode_batch([([DOCS[s][prefix[s] + k]], prefix[s] + k, s, True) for s in DOCS]) == 0
+            for i, s in enumerate(DOCS):
+                logits = eng.logits(i)
+                out[s].append((eng.native.pass_selection(want_selected=True, seq_id=s), eng.native.importance(s), logits)
+                              if tracked[s] else (None, None, logits))
+        return out
+
+
+def _assert_same(got: list[tuple], want: list[tuple]) -> None:
+    assert len(got) == len(want) == STEPS
+    for (s1, imp1, lg1), (s2, imp2, lg2) in zip(got, want):
+        if s2 is not None:
+            np.testing.assert_array_equal(s1, s2)
+            np.testing.assert_allclose(imp1, imp2, rtol=1e-6, atol=1e-12)
+        np.testing.assert_array_equal(lg1, lg2)
+
+
+CASES = [("smollm2", {0: "fast", 1: "fast"}), ("smollm2", {0: "fast", 1: None}), ("smollm2", {0: None, 1: "fast"}),
+         ("smollm2", {0: "exact", 1: "exact"}), ("smollm2", {0: "exact", 1: "fast"}), ("smollm2", {0: None, 1: "exact"}),
+         ("qwen", {0: "fast", 1: "exact"}), ("qwen", {0: None, 1: "fast"})]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model,mode", CASES)
+def test_each_sequence_tracks_as_alone_while_the_other_shares_its_ubatches(model, mode):
+    path_of, head_map = MODELS[model]
+    path, cfg = path_of(), shipped_head_map_file(head_map).to_config()
+    together = _together(path, cfg, mode)
+    for s, doc in DOCS.items():
+        _assert_same(together[s], _alone(path, cfg, doc, mode[s]))
