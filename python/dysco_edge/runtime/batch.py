@@ -57,11 +57,15 @@ class _PlainFeed:
         return self.n - 1
 
     def single(self, run: "_Run") -> bool:
-        """Whether it feeds one token this step (a step of its own), not a prompt chunk."""
-        return run.pos >= self.n
+        """Whether it feeds one token this step (a step of its own), not a prompt chunk. The last prompt
+        token goes alone, as decode.plain_tokens feeds it: its cells and logits are then the same."""
+        return run.pos >= self.n - 1
 
     def tokens(self, run: "_Run", budget: int) -> list[int]:
-        return [run.pending] if run.pos >= self.n else run.req.prompt[run.pos:run.pos + budget]
+        if run.pos >= self.n:
+            return [run.pending]
+        end = run.pos + 1 if run.pos == self.n - 1 else min(self.n - 1, run.pos + budget)
+        return run.req.prompt[run.pos:end]
 
     def before(self, native, run: "_Run", seq_id: int) -> None:
         pass
@@ -353,23 +357,23 @@ class Batcher:
         return any(s.run is not None and not s.run.done for s in self.slots)
 
     def _advance(self, slots: list[Slot]) -> None:
-        """One step: the one-token items (decoding, DySCO's prompt steps), then prompt chunks in the room
-        left; DySCO's calls before and after the llama_decode; sample."""
+        """One step: the one-token items (decoding, DySCO's steps) in one llama_decode, then one prompt chunk
+        in a llama_decode of its own, n_batch tokens from where the sequence's prompt starts, as it is cut
+        alone: a chunk sharing the batch with other sequences' tokens is split by llama.cpp's ubatches
+        (a token of each sequence first), and its cells would round otherwise than alone."""
         slots = [s for s in slots if not self._stopped(s.run)]
         self._probes.take()  # none left over from a step that failed
-        single = [s for s in slots if not s.run.in_chunks]
-        items, budget = [], self.engine.n_batch - len(single)
-        for slot in single:
-            items.append((slot, slot.run.feed.tokens(slot.run, 1)))
-        for slot in (s for s in slots if s.run.in_chunks):
-            tokens = slot.run.feed.tokens(slot.run, budget)
-            if tokens:
-                items.append((slot, tokens))
-                budget -= len(tokens)
-        items = [it for it in items if self._hook(it[0], it[0].run.feed.before, it[0].seq_id)]
         # llama.cpp's ubatches over KV streams hold consecutive ascending sequence ids only: in that
-        # order every slot's first token shares one ubatch
-        items.sort(key=lambda item: item[0].seq_id)
+        # order every single token shares one ubatch
+        single = sorted((s for s in slots if not s.run.in_chunks), key=lambda s: s.seq_id)
+        self._feed([(slot, slot.run.feed.tokens(slot.run, 1)) for slot in single])
+        chunked = next((s for s in slots if s.run.in_chunks and not s.run.done), None)
+        if chunked is not None:
+            self._feed([(chunked, chunked.run.feed.tokens(chunked.run, self.engine.n_batch))])
+
+    def _feed(self, items: list) -> None:
+        """One llama_decode of the items, DySCO's calls before and after it; sample where logits came out."""
+        items = [it for it in items if it[1] and self._hook(it[0], it[0].run.feed.before, it[0].seq_id)]
         items = self._decode(self._probe(items))
         index = -1
         for slot, tokens in items:
