@@ -28,17 +28,27 @@ def options(gpu: bool, fa: bool, **extra) -> EngineOptions:
 
 def probe_and_bias(path, opts, ids, heads, bias):
     with Engine(path, opts) as eng:
-        n = len(ids)
-        eng.decode(ids[:-1], 0, want_logits=False)
-        state = eng.seq_state()
-        eng.native.set_heads(heads)
-        eng.native.probe(ids[-1], n - 1)
-        probe = eng.native.scores()
-        no_trace = eng.seq_state() == state
-        eng.native.set_capture(True)
-        eng.native.set_bias(bias)
-        eng.decode(ids[-1:], n - 1)
+        return probe_and_bias_on(eng, ids, heads, bias)
+
+
+def probe_and_bias_on(eng, ids, heads, bias):
+    """On a fresh engine: probe scores of the last prompt token, whether the probe left the sequence's
+    cells as they were, then the capture scores and logits of its biased pass (bias and capture cleared)."""
+    n = len(ids)
+    eng.decode(ids[:-1], 0, want_logits=False)
+    state = eng.seq_state()
+    eng.native.set_heads(heads)
+    eng.native.probe(ids[-1], n - 1)
+    probe = eng.native.scores()
+    no_trace = eng.seq_state() == state
+    eng.native.set_capture(True)
+    eng.native.set_bias(bias)
+    eng.decode(ids[-1:], n - 1)
+    try:
         return probe, eng.native.scores(), eng.logits(), no_trace
+    finally:
+        eng.native.clear_bias()
+        eng.native.set_capture(False)
 
 
 def dysco_run(path, opts, ids, config):

@@ -84,21 +84,9 @@ def child(args: argparse.Namespace) -> None:
 
 def probe_and_bias(eng, ids, heads, bias) -> dict:
     """Probe scores of the last prompt token, then the capture scores and logits of its biased pass."""
-    n = len(ids)
-    eng.decode(ids[:-1], 0, want_logits=False)
-    state = eng.seq_state()
-    eng.native.set_heads(heads)
-    eng.native.probe(ids[-1], n - 1)
-    probe = eng.native.scores()
-    no_trace = eng.seq_state() == state
-    eng.native.set_capture(True)
-    eng.native.set_bias(bias)
-    eng.decode(ids[-1:], n - 1)
-    out = {"probe": probe.tolist(), "capture": eng.native.scores().tolist(), "logits": eng.logits().tolist(),
-           "no_trace": no_trace}
-    eng.native.clear_bias()
-    eng.native.set_capture(False)
-    return out
+    from check_cuda import probe_and_bias_on  # beside this script: the same step CUDA's check runs
+    probe, capture, logits, no_trace = probe_and_bias_on(eng, ids, heads, bias)
+    return {"probe": probe.tolist(), "capture": capture.tolist(), "logits": logits.tolist(), "no_trace": no_trace}
 
 
 def plain_tokens(eng, ids, n_new, sampler) -> list[int]:
