@@ -205,27 +205,14 @@ def test_closing_a_dysco_stream_leaves_the_others_and_its_slot_intact(single, pa
 # ---- the server: `serve --parallel N` spoken to by real openai clients ----
 
 openai = pytest.importorskip("openai")
-from test_server import _free_port, _http, _vm_rss_kib, _wait_healthy  # noqa: E402
+from test_server import _http, _vm_rss_kib, running_server  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    import os
-    import subprocess
-    import sys
     log = tmp_path_factory.mktemp("parallel-srv") / "log"
-    port = _free_port()
-    cmd = [sys.executable, "-m", "dysco_edge.cli", "serve", "--model", "smollm2-135m", "--port", str(port),
-           "--n-ctx", str(N_CTX), "--parallel", "4", "--queue", "2", "--api-key", "k", "--log-level", "warning"]
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ))
-    base = f"http://127.0.0.1:{port}"
-    try:
-        _wait_healthy(base, proc, log)
-        yield base, proc
-    finally:
-        proc.terminate()
-        proc.wait(30)
+    with running_server("--parallel", "4", "--queue", "2", "--api-key", "k", log=log, n_ctx=N_CTX) as running:
+        yield running
 
 
 def _client(base: str):

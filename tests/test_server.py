@@ -41,11 +41,11 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_server(*extra: str, log: Path, model: Path | None = None):
+def running_server(*extra: str, log: Path, model: Path | None = None, n_ctx: int = N_CTX):
     """`dysco-edge serve` (SmolLM2 unless told) on a free loopback port; yields (base_url, process)."""
     port = _free_port()
     cmd = [sys.executable, "-m", "dysco_edge.cli", "serve", str(model or models.smollm2_q4_1()), "--port", str(port),
-           "--n-ctx", str(N_CTX), "--log-level", "warning", *extra]
+           "--n-ctx", str(n_ctx), "--log-level", "warning", *extra]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ))
     base = f"http://127.0.0.1:{port}"
