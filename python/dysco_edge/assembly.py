@@ -93,6 +93,10 @@ def _write_checked(entry: CatalogModel, parts: Sequence[Path], target: Path, qui
             out.flush()
             os.fsync(out.fileno())  # the marker will vouch for these bytes: they must be on disk
         _check(entry, digest, size)
+        # the parts' newest mtime, not the write's: two writers at once then leave the same marker, whichever
+        # renames last (with its own mtime the marker of one could describe the other's file)
+        stamp = max(p.stat().st_mtime_ns for p in parts)
+        os.utime(tmp, ns=(stamp, stamp))
         st = tmp.stat()
         os.replace(tmp, target)  # atomic: readers see no file or a whole, checked one
         _write_marker(target, st, digest)
