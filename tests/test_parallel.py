@@ -14,6 +14,7 @@ import pytest
 
 from dysco_edge import Model
 from dysco_edge.errors import InputError
+from dysco_edge.runtime import batch
 
 N_CTX = 1024
 QUESTIONS = ["What is the capital of France?", "Write a haiku about rain.", "Count from one to ten.",
@@ -183,6 +184,30 @@ def test_one_thread_cannot_hold_every_slot_and_wait_for_more():
         t0 = time.perf_counter()
         m.prefill([])  # both slots free: the whole context is this thread's at once
         assert time.perf_counter() - t0 < 30
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("step_s, interleaved", [(0.0, True), (60.0, False)])
+def test_a_long_prompt_prefills_in_steps_the_running_stream_shares(monkeypatch, step_s, interleaved):
+    # STEP_PREFILL_S 0: one chunk a step, the decoding slot gains a token between any two; 60 s: every
+    # chunk in the step it started in. Either way the answer is the one it gets alone
+    monkeypatch.setattr(batch, "STEP_PREFILL_S", step_s)
+    long_prompt = " ".join(f"Entry {i}: the ship sailed north." for i in range(50))
+    with Model("smollm2-135m", n_ctx=N_CTX, parallel=2, n_batch=64) as m:
+        expected = m.generate(long_prompt, dysco=None, max_new_tokens=4).token_ids
+        m.prefill([])
+        running = m.generate(messages=_messages(0), dysco=None, max_new_tokens=400, stream=True)
+        next(iter(running))
+        seen = []  # the running slot's tokens at each of the long prompt's chunks
+
+        def progress(done, total):
+            if done < total:  # a chunk (the last prompt token goes as a single token, beside the running one)
+                seen.append(max(s.get("n_generated", 0) for s in m.slots() if s.get("n_prompt") != total + 1))
+        got = m.generate(long_prompt, dysco=None, max_new_tokens=4, progress=progress).token_ids
+        running.close()
+    assert got == expected and len(seen) >= 5
+    steps = [b - a for a, b in zip(seen, seen[1:])]
+    assert all(k == 1 for k in steps) if interleaved else set(steps) == {0}
 
 
 @pytest.mark.slow

@@ -1,8 +1,8 @@
 """Several generations in one llama_decode batch (`Model(parallel=N)`): continuous batching, one
 sequence (a slot) per generation, each with a KV stream of n_ctx cells of its own.
 
-A thread of our own runs the steps. Each step feeds every decoding slot's last sampled token and,
-in the room left up to n_batch, the next chunk of newcomers' prompts, then samples every slot whose
+A thread of our own runs the steps. Each step feeds every decoding slot's last sampled token, then
+newcomers' prompts in chunks of n_batch for up to STEP_PREFILL_S, and samples every slot whose
 logits came out; a token goes to its generation's queue at once, so a slow reader holds no one
 else up. A generation joins at the step after it claims a slot and leaves when it ends (end
 token, its limit, its stop event, or its reader closing it). Each slot keeps its own unbiased
@@ -39,6 +39,9 @@ from .prompter import Prompter
 from .selection import template_mask
 
 _END = object()  # a run's queue ends with it (or with an exception)
+# prompt chunks a step feeds, for this long at most (at least one): a GPU prefills about what
+# llama-server's n_batch of 2048 holds, a CPU one chunk, so the decoding slots wait little either way
+STEP_PREFILL_S = 0.1
 
 
 class _PlainFeed:
@@ -357,19 +360,22 @@ class Batcher:
         return any(s.run is not None and not s.run.done for s in self.slots)
 
     def _advance(self, slots: list[Slot]) -> None:
-        """One step: the one-token items (decoding, DySCO's steps) in one llama_decode, then one prompt chunk
-        in a llama_decode of its own, n_batch tokens from where the sequence's prompt starts, as it is cut
-        alone: a chunk sharing the batch with other sequences' tokens is split by llama.cpp's ubatches
-        (a token of each sequence first), and its cells would round otherwise than alone."""
+        """One step: the one-token items (decoding, DySCO's steps) in one llama_decode, then prompt chunks
+        for up to STEP_PREFILL_S, each in a llama_decode of its own, n_batch tokens from where the
+        sequence's prompt starts, as it is cut alone: a chunk sharing the batch with other sequences'
+        tokens is split by llama.cpp's ubatches (a token of each sequence first), and its cells would
+        round otherwise than alone."""
         slots = [s for s in slots if not self._stopped(s.run)]
         self._probes.take()  # none left over from a step that failed
         # llama.cpp's ubatches over KV streams hold consecutive ascending sequence ids only: in that
         # order every single token shares one ubatch
         single = sorted((s for s in slots if not s.run.in_chunks), key=lambda s: s.seq_id)
         self._feed([(slot, slot.run.feed.tokens(slot.run, 1)) for slot in single])
-        chunked = next((s for s in slots if s.run.in_chunks and not s.run.done), None)
-        if chunked is not None:
+        began = time.perf_counter()
+        while (chunked := next((s for s in slots if s.run.in_chunks and not s.run.done), None)) is not None:
             self._feed([(chunked, chunked.run.feed.tokens(chunked.run, self.engine.n_batch))])
+            if time.perf_counter() - began >= STEP_PREFILL_S:
+                return
 
     def _feed(self, items: list) -> None:
         """One llama_decode of the items, DySCO's calls before and after it; sample where logits came out."""
