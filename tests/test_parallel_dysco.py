@@ -23,6 +23,7 @@ from dysco_edge.runtime.engine import Engine, EngineOptions
 MODELS = {"smollm2": (models.smollm2_q4_1, "smollm2-135m-instruct"),
           "qwen": (lambda: resolve("qwen2.5-coder-1.5b"), "qwen2.5-coder-1.5b-instruct")}
 N_CTX = 768
+ENGINE = {}   # more EngineOptions (bench/device/check_parallel.py: the same cases on a GPU)
 WARM = 3      # context warmup passes
 STEPS = 12    # fast steps, teacher-forced
 
@@ -51,7 +52,7 @@ def _alone(path, cfg, doc: list[int], mode) -> list[tuple]:
     """(S, importance, logits) of each DySCO step of `doc` decoded alone; plain: (None, None, logits)."""
     tracked = mode is not None
     prefix = len(doc) - WARM - STEPS
-    with Engine(path, EngineOptions(n_ctx=N_CTX)) as eng:
+    with Engine(path, EngineOptions(n_ctx=N_CTX, **ENGINE)) as eng:
         eng.decode(doc[:prefix], 0, want_logits=False)
         eng.native.set_heads(cfg.qr_heads)
         if tracked:
@@ -85,7 +86,7 @@ def _arm_together(native, mode: dict, step: dict) -> None:
 def _together(path, cfg, mode: dict) -> dict[int, list[tuple]]:
     """The same steps of both documents, each step one decode_batch of both sequences."""
     tracked = {s: m is not None for s, m in mode.items()}
-    with Engine(path, EngineOptions(n_ctx=N_CTX, n_seq_max=2)) as eng:
+    with Engine(path, EngineOptions(n_ctx=N_CTX, n_seq_max=2, **ENGINE)) as eng:
         prefix = {s: len(d) - WARM - STEPS for s, d in DOCS.items()}
         for s in DOCS:
             assert eng.decode_batch([(DOCS[s][:prefix[s]], 0, s, False)]) == 0

@@ -26,6 +26,9 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
 python3 -m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d "$dest/wheels" \
     fastapi uvicorn sse-starlette openai
+# pytest: bench/device/check_parallel.py runs a test module's cases on the GPU
+python3 -m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d "$dest/wheels" pytest
 # llama-cpp-python's llama_cache imports diskcache (pure Python)
 python3 -m pip download -q --no-deps --only-binary=:all: -d "$dest/wheels" diskcache
 cp "${DYSCO_TEST_MODELS:-$HOME/.cache/dysco-edge/test-models}/tiny-qwen3-v1-f32.gguf" "$dest/"
