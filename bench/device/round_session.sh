@@ -12,7 +12,10 @@
 #   there, call 1, carry [".dev"]:  setsid nohup bash bench/device/round_session.sh > /dev/null 2>&1 &
 #   there, a call per part:         bash bench/device/eval_gpu.sh take NAME K [SHA256 on the last]
 #   there, to collect:              tail /tmp/res/round-session.log; tar czf "$OUT"/res.tgz -C /tmp res
-# parallel-cpu (not in the default) runs issue 26's CPU table (SmolLM2, 2 cores pinned, no GPU) in the background.
+# Not in the default, issue 26's: parallel-cpu runs its CPU table (SmolLM2, 2 cores pinned, no GPU, and
+# llama-batched-bench there) in the background; parallel-check a sequence in a batch against alone on CUDA
+# (check_parallel.py); batched llama.cpp's llama-batched-bench at 8K tokens; parallel-gil our server at 8
+# clients under two Python switch intervals.
 # PARTS (default "golden vulkan-check vulkan-speed consumer speed parallel") picks what runs after the build and check (each
 # part under a time limit: VK_S, CONSUMER_S, SPEED_S, PARALLEL_S seconds); speed is
 # run.sh speed (issue 24's table) on the real model at SPEED_CONTEXTS (default "4096 30720").
@@ -50,8 +53,10 @@ dequantize_gguf(Path('/tmp/models/smol.gguf'), Path('/tmp/models/smol-f32.gguf')
     ( bash bench/device/run.sh build-server > $OUT/build-server.log 2>&1 ) &
     server_build=$!
     ( for s in ${SHAPES-qwen3-8b llama-3.1-8b}; do SHAPE=$s bash bench/device/run.sh model; done ) > $OUT/make-shapes.log 2>&1 &
-    bash bench/device/run.sh check > $OUT/check.log 2>&1
-    echo "check rc=$? at $(( $(date +%s) - start )) s"
+    if [ "${CHECK:-1}" = 1 ]; then  # CHECK=0: a lease that already ran it skips it
+        bash bench/device/run.sh check > $OUT/check.log 2>&1
+        echo "check rc=$? at $(( $(date +%s) - start )) s"
+    fi
     for part in ${PARTS:-golden vulkan-check vulkan-speed consumer speed parallel}; do
         echo "== $part at $(( $(date +%s) - start )) s"
         case $part in
@@ -69,10 +74,26 @@ dequantize_gguf(Path('/tmp/models/smol.gguf'), Path('/tmp/models/smol-f32.gguf')
                           taskset -c 0-13 bash bench/device/parallel_session.sh > /dev/null ;;
             parallel-cpu) wait_model smol; wait $server_build  # issue 26's CPU row: 2 cores of 16, no GPU, beside the GPU run
                 mkdir -p $OUT/parallel-cpu
-                ( CUDA_VISIBLE_DEVICES= DYSCO_EDGE_LIB_DIR=$PWD/build/cuda/bin timeout ${PARALLEL_CPU_S:-600} taskset -c 14,15 \
+                ( export CUDA_VISIBLE_DEVICES= DYSCO_EDGE_LIB_DIR=$PWD/build/cuda/bin
+                  timeout ${PARALLEL_CPU_S:-600} taskset -c 14,15 \
                     python3 bench/speed/bench_parallel.py --model /tmp/models/smol.gguf --clients 1 2 4 --doc-tokens 1024 \
                     --gen 128 --rounds 2 --threads 2 --n-gpu-layers 0 --in-process --llama-server build/llama-server/bin/llama-server \
-                    --log-dir $OUT/parallel-cpu --out $OUT/parallel-cpu/parallel.md > $OUT/parallel-cpu/session.log 2>&1 ) & ;;
+                    --log-dir $OUT/parallel-cpu --out $OUT/parallel-cpu/parallel.md > $OUT/parallel-cpu/session.log 2>&1
+                  taskset -c 14,15 build/llama-server/bin/llama-batched-bench -m /tmp/models/smol.gguf -c 8192 -b 512 -ub 512 \
+                    -npp 1024 -ntg 128 -npl 1,2,4 -t 2 -ngl 0 -fa off > $OUT/parallel-cpu/batched.log 2>&1 ) & ;;
+            parallel-check) wait_model smol; place_qwen  # issue 26: a sequence in a batch vs alone, on CUDA
+                DYSCO_EDGE_LIB_DIR=$PWD/build/cuda/bin timeout ${PCHECK_S:-300} taskset -c 0-13 python3 bench/device/check_parallel.py \
+                    --smol /tmp/models/smol.gguf --qwen $QWEN > $OUT/check-parallel.md 2> $OUT/check-parallel.err ;;
+            batched) place_qwen; wait $server_build  # llama.cpp's own batched decode, no server: the ceiling of issue 26's table
+                taskset -c 0-13 build/llama-server/bin/llama-batched-bench -m $QWEN -c $((8 * 8448)) -b 2048 -ub 512 \
+                    -npp 8192 -ntg 128 -npl 1,2,4,8 -ngl 99 -fa on > $OUT/batched.log 2>&1 ;;
+            parallel-gil) place_qwen  # our server at 8 clients, Python's switch interval against a tenth of it
+                mkdir -p $OUT/gil
+                for si in ${SWITCH_INTERVALS:-0.005 0.0005}; do
+                    DYSCO_EDGE_LIB_DIR=$PWD/build/cuda/bin timeout ${GIL_S:-150} taskset -c 0-13 python3 bench/speed/bench_parallel.py \
+                        --model $QWEN --clients 8 --modes plain --doc-tokens 8192 --gen 512 --rounds 2 --n-gpu-layers 99 \
+                        --flash-attn on --switch-interval $si --log-dir $OUT/gil --out $OUT/gil/si-$si.md > $OUT/gil/si-$si.log 2>&1
+                done ;;
         esac
         echo "== $part rc=$? at $(( $(date +%s) - start )) s"
     done

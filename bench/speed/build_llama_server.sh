@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds llama.cpp's llama-server (the baseline of bench/speed/bench_parallel.py) from the pristine pinned
+# Builds llama.cpp's llama-server (the baseline of bench/speed/bench_parallel.py) and llama-batched-bench from the pristine pinned
 # tree (native/fetch_llama.py) with that tree's own CMake: the server as users would build it, on its
 # own unpatched libllama, no web UI, no HTTPS. Extra arguments go to CMake (e.g. -DGGML_CUDA=ON). JOBS
 # parallel jobs (default 2) at nice 19, through ccache when found. GGML_PREFIX=DIR links it to a ggml
@@ -22,5 +22,6 @@ fi
 cmake -S "$tree" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release "${launcher[@]}" "${ggml[@]}" \
     -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
     -DLLAMA_BUILD_APP=OFF -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF "$@"
-nice -n 19 cmake --build "$build" --target llama-server -j "${JOBS:-2}"
+# llama-batched-bench too: llama.cpp's own ceiling for N sequences decoding in one batch, no server
+nice -n 19 cmake --build "$build" --target llama-server llama-batched-bench -j "${JOBS:-2}"
 echo "$build/bin/llama-server"
