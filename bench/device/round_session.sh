@@ -14,8 +14,7 @@
 #   there, to collect:              tail /tmp/res/round-session.log; tar czf "$OUT"/res.tgz -C /tmp res
 # Not in the default, issue 26's: parallel-cpu runs its CPU table (SmolLM2, 2 cores pinned, no GPU, and
 # llama-batched-bench there) in the background; parallel-check a sequence in a batch against alone on CUDA
-# (check_parallel.py); batched llama.cpp's llama-batched-bench at 8K tokens; parallel-gil our server at 8
-# clients under two Python switch intervals.
+# (check_parallel.py); batched llama.cpp's llama-batched-bench at 8K tokens.
 # PARTS (default "golden vulkan-check vulkan-speed consumer speed parallel") picks what runs after the build and check (each
 # part under a time limit: VK_S, CONSUMER_S, SPEED_S, PARALLEL_S seconds); speed is
 # run.sh speed (issue 24's table) on the real model at SPEED_CONTEXTS (default "4096 30720").
@@ -87,13 +86,6 @@ dequantize_gguf(Path('/tmp/models/smol.gguf'), Path('/tmp/models/smol-f32.gguf')
             batched) place_qwen; wait $server_build  # llama.cpp's own batched decode, no server: the ceiling of issue 26's table
                 taskset -c 0-13 build/llama-server/bin/llama-batched-bench -m $QWEN -c $((8 * 8448)) -b 2048 -ub 512 \
                     -npp 8192 -ntg 128 -npl 1,2,4,8 -ngl 99 -fa on > $OUT/batched.log 2>&1 ;;
-            parallel-gil) place_qwen  # our server at 8 clients, Python's switch interval against a tenth of it
-                mkdir -p $OUT/gil
-                for si in ${SWITCH_INTERVALS:-0.005 0.0005}; do
-                    DYSCO_EDGE_LIB_DIR=$PWD/build/cuda/bin timeout ${GIL_S:-150} taskset -c 0-13 python3 bench/speed/bench_parallel.py \
-                        --model $QWEN --clients 8 --modes plain --doc-tokens 8192 --gen 512 --rounds 2 --n-gpu-layers 99 \
-                        --flash-attn on --switch-interval $si --log-dir $OUT/gil --out $OUT/gil/si-$si.md > $OUT/gil/si-$si.log 2>&1
-                done ;;
         esac
         echo "== $part rc=$? at $(( $(date +%s) - start )) s"
     done

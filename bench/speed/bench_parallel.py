@@ -86,10 +86,7 @@ def start(cmd: list[str], port: int, log: Path) -> subprocess.Popen:
 
 
 def ours_cmd(args, n: int, port: int) -> list[str]:
-    # --switch-interval: the server's Python thread switch interval (sys.setswitchinterval), a diagnostic
-    launch = (["-m", "dysco_edge.cli"] if args.switch_interval is None else
-              ["-c", f"import sys; sys.setswitchinterval({args.switch_interval}); from dysco_edge.cli import main; main()"])
-    return [sys.executable, *launch, "serve", args.model_path, "--port", str(port),
+    return [sys.executable, "-m", "dysco_edge.cli", "serve", args.model_path, "--port", str(port),
             "--n-ctx", str(args.n_ctx), "--parallel", str(n), "--queue", "64", "--log-level", "warning",
             "--flash-attn", args.flash_attn, *(["--threads", str(args.threads)] if args.threads else []),
             *(["--n-gpu-layers", str(args.n_gpu_layers)] if args.n_gpu_layers is not None else [])]
@@ -257,8 +254,6 @@ def main() -> None:
     ap.add_argument("--flash-attn", default="off", choices=["on", "off"])
     ap.add_argument("--llama-server", default="", help="llama-server binary (none: ours only)")
     ap.add_argument("--in-process", action="store_true", help="also Model(parallel=N) driven by N threads")
-    ap.add_argument("--switch-interval", type=float, default=None,
-                    help="our server's sys.setswitchinterval (a diagnostic of the GIL's share; default Python's)")
     ap.add_argument("--log-dir", default="/tmp")
     ap.add_argument("--out", default="", help="also write the table and rows here (.md; rows to .json beside)")
     args = ap.parse_args()
