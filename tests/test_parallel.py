@@ -240,6 +240,17 @@ def server(tmp_path_factory):
         yield running
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("flash, noted", [("off", False), ("on", True)])
+def test_a_parallel_server_says_when_flash_attention_may_change_an_answer(tmp_path, flash, noted):
+    log = tmp_path / "log"
+    with running_server("--parallel", "2", "--flash-attn", flash, log=log, n_ctx=N_CTX):
+        pass
+    banner = log.read_text()
+    assert "2 parallel slots" in banner
+    assert ("with flash attention on, a request decoded beside others may get another answer" in banner) == noted
+
+
 def _client(base: str):
     return openai.OpenAI(base_url=f"{base}/v1", api_key="k", max_retries=0, timeout=300)
 

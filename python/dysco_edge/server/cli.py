@@ -96,6 +96,10 @@ def _announce(model, args) -> None:
           f"running on {model.where()}", file=sys.stderr, flush=True)
     if model.placement:
         print(f"dysco-edge: {model.placement.describe()}", file=sys.stderr, flush=True)
+    if model.parallel > 1 and model.engine.options.flash_attn:
+        print("dysco-edge: note: with flash attention on, a request decoded beside others may get another answer "
+              "than alone (llama.cpp's flash-attention kernels; --flash-attn off keeps them equal)",
+              file=sys.stderr, flush=True)
     if not _is_loopback(args.host) and not args.api_key:
         print(f"dysco-edge: warning: {args.host} is reachable from other machines and no --api-key is set",
               file=sys.stderr, flush=True)
