@@ -72,6 +72,7 @@ def _checked_shares(shares: Union[Sequence[float], str]) -> tuple[float, ...]:
 
 
 _HOST = re.compile(r"[A-Za-z0-9._-]{1,253}")
+MAX_LOGITS_VIEWS = 1024  # Engine's cached logits views, dropped all at once beyond this (a moved buffer's)
 
 
 def parse_endpoint(endpoint: str) -> tuple[str, int]:
@@ -436,7 +437,7 @@ class Engine:
         self._vocab_ptr = llama_cpp.llama_model_get_vocab(self.model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
         self._logits_row = ctypes.c_float * self.n_vocab
-        self._logits_at, self._logits = 0, np.zeros(0, np.float32)  # a view of llama.cpp's logits, by address
+        self._logits_views: dict[int, np.ndarray] = {}  # views of llama.cpp's logits rows, by address
         # a vocabulary never changes: each token's text and end flag are asked of llama.cpp once
         self._pieces: dict[int, bytes] = {}
         self._ends: dict[int, bool] = {}
@@ -708,15 +709,18 @@ class Engine:
 
     def _logits_view(self, index: int = -1) -> np.ndarray:
         """The logits at batch index `index` of the last decode (-1: the last ones) where llama.cpp
-        keeps them (valid until the next decode). Its buffer stays put from step to step, so the view
-        is made again only when the address moves."""
+        keeps them (valid until the next decode). Its buffer stays put from step to step, so a row's
+        view is made once (a batch of N sequences reads N rows a step); a buffer that moves adds views."""
         address = _logits_address()(self.ctx, index)
         if not address:
             raise EngineError("no logits to sample from: the last decode asked for none")
-        if address != self._logits_at:
-            self._logits = np.frombuffer(self._logits_row.from_address(address), dtype=np.float32)
-            self._logits_at = address
-        return self._logits
+        view = self._logits_views.get(address)
+        if view is None:
+            if len(self._logits_views) >= MAX_LOGITS_VIEWS:
+                self._logits_views.clear()
+            view = self._logits_views[address] = np.frombuffer(self._logits_row.from_address(address),
+                                                               dtype=np.float32)
+        return view
 
     def greedy_token(self, index: int = -1) -> Optional[int]:
         """The first largest of the logits at batch index `index` (-1: the last), read in place:

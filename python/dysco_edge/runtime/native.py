@@ -37,11 +37,9 @@ int32_t dysco_set_slot_layout(void * ctx, bool on, const int32_t * hidden, int32
 int32_t dysco_track_supported(void * ctx);
 int32_t dysco_importance_reset(void * ctx, int32_t seq_id, int32_t n_positions, double decay, double top_p, int32_t top_k,
                                double strength, double hard_strength, const uint8_t * template_mask, int32_t n_template);
-int32_t dysco_importance_get(void * ctx, double * out, int32_t n_max);
 int32_t dysco_importance_set(void * ctx, const double * values, int32_t n);
 int32_t dysco_probe_select(void * ctx, int32_t token, int32_t pos, int32_t seq_id);
 int32_t dysco_fast_select(void * ctx, int32_t pos, int32_t seq_id);
-int32_t dysco_pass_selection(void * ctx, int32_t * selected, int32_t n_max);
 int32_t dysco_importance_get_seq(void * ctx, int32_t seq_id, double * out, int32_t n_max);
 int32_t dysco_pass_selection_seq(void * ctx, int32_t seq_id, int32_t * selected, int32_t n_max);
 int32_t dysco_set_seq_capture(void * ctx, int32_t seq_id, bool on);
@@ -279,9 +277,6 @@ class NativeContext:
     def track_end(self, seq_id: int) -> None:
         """Stop tracking seq_id (its generation ended)."""
         _check(self._lib.dysco_track_end(self._ctx, int(seq_id)), "dysco_track_end")
-
-    def for_sequence(self, seq_id: int) -> "SequenceControls":
-        return SequenceControls(self, seq_id)
 
 
 class SequenceControls:
