@@ -84,25 +84,26 @@ static ggml_tensor * dysco_k_dequant(const llm_graph_context & g, ggml_tensor * 
     return ggml_is_quantized(k->type) ? ggml_cast(g.ctx0, k, GGML_TYPE_F32) : k;
 }
 
-// softmax(scale * k.q + mask) of the last token for the query heads of KV heads
-// [kv_first, kv_first + n_groups): [n_kv, 1, n_groups * n_gqa], query heads in order.
-// One mat-mul and one softmax per layer for all its QR heads: a batch of rows costs hardly more
-// than one row.
+// softmax(scale * k.q + mask) of one token per KV stream for the query heads of KV heads
+// [kv_first, kv_first + n_groups): q_tok [d, n_head, ns], k [d, n_head_kv, n_kv, ns], mask [n_kv, 1, 1, ns];
+// [n_kv, 1, n_groups * n_gqa, ns], query heads in order. One mat-mul and one softmax per layer for all
+// its QR heads and streams: a batch of rows costs hardly more than one row.
 static ggml_tensor * dysco_range_probs(const llm_graph_context & g, ggml_tensor * q_tok, ggml_tensor * k,
                                        ggml_tensor * mask, int64_t kv_first, int64_t n_groups, float kq_scale) {
     const int64_t n_gqa = q_tok->ne[1] / k->ne[1];
-    ggml_tensor * q_r = ggml_view_3d(g.ctx0, q_tok, q_tok->ne[0], n_gqa, n_groups, q_tok->nb[1], n_gqa * q_tok->nb[1],
-                                     kv_first * n_gqa * q_tok->nb[1]);                        // [d, n_gqa, n_groups]
+    const int64_t ns    = q_tok->ne[2];
+    ggml_tensor * q_r = ggml_view_4d(g.ctx0, q_tok, q_tok->ne[0], n_gqa, n_groups, ns, q_tok->nb[1], n_gqa * q_tok->nb[1],
+                                     q_tok->nb[2], kv_first * n_gqa * q_tok->nb[1]);          // [d, n_gqa, n_groups, ns]
     k = dysco_k_dequant(g, k);
-    ggml_tensor * k_r = ggml_view_3d(g.ctx0, k, k->ne[0], n_groups, k->ne[2], k->nb[1], k->nb[2],
-                                     kv_first * k->nb[1]);                                    // [d, n_groups, n_kv]
-    ggml_tensor * kq  = ggml_mul_mat(g.ctx0, ggml_permute(g.ctx0, k_r, 0, 2, 1, 3), q_r);   // [n_kv, n_gqa, n_groups]
+    ggml_tensor * k_r = ggml_view_4d(g.ctx0, k, k->ne[0], n_groups, k->ne[2], ns, k->nb[1], k->nb[2], k->nb[3],
+                                     kv_first * k->nb[1]);                                    // [d, n_groups, n_kv, ns]
+    ggml_tensor * kq  = ggml_mul_mat(g.ctx0, ggml_permute(g.ctx0, k_r, 0, 2, 1, 3), q_r);   // [n_kv, n_gqa, n_groups, ns]
     ggml_prec_set_acc(kq, GGML_PREC_F32);
     ggml_set_name(kq, "dysco_kq_range");
     kq = dysco_kq_softcap(g, kq, kq_scale);
-    // one row per query head, so that the single mask row broadcasts over them
-    kq = ggml_reshape_3d(g.ctx0, kq, kq->ne[0], 1, n_gqa * n_groups);                        // [n_kv, 1, n_gqa * n_groups]
-    ggml_tensor * probs = ggml_soft_max_ext(g.ctx0, kq, mask, kq_scale, 0.0f);               // [n_kv, 1, n_gqa * n_groups]
+    // one row per query head, so that each stream's single mask row broadcasts over them
+    kq = ggml_reshape_4d(g.ctx0, kq, kq->ne[0], 1, n_gqa * n_groups, ns);                    // [n_kv, 1, n_gqa * n_groups, ns]
+    ggml_tensor * probs = ggml_soft_max_ext(g.ctx0, kq, mask, kq_scale, 0.0f);               // [n_kv, 1, n_gqa * n_groups, ns]
     ggml_set_name(probs, "dysco_probs_range");
     return probs;
 }
@@ -141,8 +142,8 @@ static ggml_tensor * dysco_score_mask(const llm_graph_context & g, dysco_state *
     return dysco_mask_input(g, st->build[kind].mask, st->scores.row[kind].mask, n_kv, 1, DYSCO_MASK_NAME[kind], true);
 }
 
-// Adds layer il's QR-head probabilities of one token (q_tok [d, n_head]) over k [d, n_head_kv, n_kv]
-// under `mask` [n_kv, 1] to `acc` [n_kv, 1].
+// Adds layer il's QR-head probabilities of one token per KV stream (q_tok [d, n_head, ns]) over
+// k [d, n_head_kv, n_kv, ns] under `mask` [n_kv, 1, 1, ns] to `acc` [n_kv, 1, 1, ns].
 static void dysco_qr_layer_acc(const llm_graph_context & g, const dysco_state * st, ggml_tensor * q_tok, ggml_tensor * k,
                                ggml_tensor * mask, float kq_scale, int il, ggml_tensor *& acc) {
     const auto & heads = st->heads.by_layer[il];
@@ -152,10 +153,11 @@ static void dysco_qr_layer_acc(const llm_graph_context & g, const dysco_state * 
     const auto [lo, hi] = std::minmax_element(heads.begin(), heads.end());
     const int64_t kv_first = *lo / n_gqa;
     const int64_t n_groups = *hi / n_gqa - kv_first + 1;
-    ggml_tensor * probs = dysco_range_probs(g, q_tok, k, mask, kv_first, n_groups, kq_scale); // [n_kv, 1, n_groups * n_gqa]
+    ggml_tensor * probs = dysco_range_probs(g, q_tok, k, mask, kv_first, n_groups, kq_scale); // [n_kv, 1, n_groups * n_gqa, ns]
     for (int head : heads) { // in the map's order: the sum's rounding depends on it
         const size_t offs = (head - kv_first * n_gqa) * probs->nb[2];
-        acc = dysco_acc_add(g, acc, ggml_view_2d(g.ctx0, probs, n_kv, 1, probs->nb[1], offs)); // [n_kv, 1]
+        acc = dysco_acc_add(g, acc, ggml_view_4d(g.ctx0, probs, n_kv, 1, 1, probs->ne[3], probs->nb[1], probs->nb[2],
+                                                 probs->nb[3], offs));                      // [n_kv, 1, 1, ns]
     }
 }
 
@@ -183,7 +185,7 @@ static void dysco_graph_qr_scores(const llm_graph_context & g, dysco_state * st,
     ggml_build_forward_expand(g.gf, acc);
     dysco_name_nodes(acc, "score", il, st->build[DYSCO_CACHE_BASE].inputs);
     if (il == st->heads.l_max && kind == DYSCO_CACHE_BASE) {
-        dysco_track_fold(g, *st, 1, 0, acc, mask);
+        dysco_track_fold(g, *st, 1, 0, 1, acc, mask);
         if (ggml_tensor * fold = ggml_graph_get_tensor(g.gf, "dysco_importance_fold")) {
             dysco_name_nodes(fold, "fold", il, st->build[DYSCO_CACHE_BASE].inputs);
         }
@@ -191,8 +193,9 @@ static void dysco_graph_qr_scores(const llm_graph_context & g, dysco_state * st,
 }
 
 // A ubatch over several KV streams (a sequence each): every folding sequence's last token is scored
-// on its own stream, with the same ops as alone, and folded into its own importance row. The host
-// reads none of these scores. The bias is added to a copy of the mask, so kq_mask is unbiased.
+// on its own stream and folded into its own importance row, a run of sequences folding together
+// (dysco_track_fold_run) in one set of ops. The host reads none of these scores. The bias is added to
+// a copy of the mask, so kq_mask is unbiased.
 static void dysco_graph_stream_scores(const llm_graph_context & g, dysco_state * st, ggml_tensor * q, ggml_tensor * k,
                                       ggml_tensor * kq_mask, float kq_scale, int il) {
     if (!dysco_layer_scored(st, il) || il > st->heads.l_max || !st->bias.by_seq.empty()) {
@@ -201,21 +204,25 @@ static void dysco_graph_stream_scores(const llm_graph_context & g, dysco_state *
     const uint32_t ns = (uint32_t) k->ne[3], nt = g.ubatch.n_tokens / ns;
     auto & accs = st->build[DYSCO_CACHE_BASE].stream_acc;
     accs.resize(ns, nullptr);
-    for (uint32_t c = 0; c < ns; ++c) {
-        const dysco_seq_track * t = dysco_track_chunk(*st, g.ubatch, ns, c);
-        if (!t || !dysco_seq_folds(*st, *t)) {
+    for (uint32_t c = 0; c < ns; ) {
+        const uint32_t n = dysco_track_fold_run(*st, g.ubatch, ns, c);
+        if (n == 0) {
+            ++c;
             continue;
         }
-        const uint32_t last = c * nt + nt - 1;
-        ggml_tensor * q_tok = ggml_view_2d(g.ctx0, q, q->ne[0], q->ne[1], q->nb[1], last * q->nb[2]);          // [d, n_head]
-        ggml_tensor * k_c   = ggml_view_3d(g.ctx0, k, k->ne[0], k->ne[1], k->ne[2], k->nb[1], k->nb[2], c * k->nb[3]);
-        ggml_tensor * mask  = ggml_view_2d(g.ctx0, kq_mask, kq_mask->ne[0], 1, kq_mask->nb[1],
-                                           c * kq_mask->nb[3] + (nt - 1) * kq_mask->nb[1]);                  // [n_kv, 1]
+        const uint32_t last = c * nt + nt - 1; // of chunk c; then every nt-th token
+        ggml_tensor * q_tok = ggml_view_3d(g.ctx0, q, q->ne[0], q->ne[1], n, q->nb[1], nt * q->nb[2],
+                                           last * q->nb[2]);                                  // [d, n_head, n]
+        ggml_tensor * k_c   = ggml_view_4d(g.ctx0, k, k->ne[0], k->ne[1], k->ne[2], n, k->nb[1], k->nb[2], k->nb[3],
+                                           c * k->nb[3]);                                     // [d, n_head_kv, n_kv, n]
+        ggml_tensor * mask  = ggml_view_4d(g.ctx0, kq_mask, kq_mask->ne[0], 1, 1, n, kq_mask->nb[1], kq_mask->nb[2],
+                                           kq_mask->nb[3], c * kq_mask->nb[3] + (nt - 1) * kq_mask->nb[1]); // [n_kv, 1, 1, n]
         dysco_qr_layer_acc(g, st, q_tok, k_c, mask, kq_scale, il, accs[c]);
         dysco_name_nodes(accs[c], "score", il, st->build[DYSCO_CACHE_BASE].inputs);
         if (il == st->heads.l_max) {
-            dysco_track_fold(g, *st, ns, c, accs[c], mask);
+            dysco_track_fold(g, *st, ns, c, n, accs[c], mask);
         }
+        c += n;
     }
 }
 

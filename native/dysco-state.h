@@ -50,7 +50,7 @@ struct dysco_build_nodes {
     ggml_tensor * head_mask = nullptr; // [n_kv, n_sel]  unbiased mask rows of the head-captured tokens
     ggml_tensor * biased    = nullptr; // [n_kv, n_tokens, 1, 1] the KQ mask plus the selection's bias
     ggml_tensor * cells     = nullptr; // [n_tokens] I64 the cell of each ubatch token (within its stream)
-    std::vector<ggml_tensor *> stream_acc; // [ns] per stream of the ubatch: QR-head score sums (streams scored alone)
+    std::vector<ggml_tensor *> stream_acc; // [ns] per run of stream chunks scored together (at its first chunk): QR-head score sums
     std::vector<const ggml_tensor *> inputs; // what llama.cpp handed the DySCO hooks (q, k, kq_mask of each layer)
 };
 
@@ -233,11 +233,15 @@ void dysco_track_done(dysco_state & st, const llama_ubatch & ub);
 void dysco_scores_sync(dysco_state & st);
 
 // dysco-track.cpp: the graph side. The biased KQ mask of a pass with armed sequences (kq_mask unchanged
-// when none is armed), and the fold of the scores `acc` [n_kv, 1] (sum over the QR heads) of stream
-// chunk c (of ns) into that sequence's importance.
+// when none is armed), and the fold of the scores `acc` [n_kv, 1, 1, n] (sums over the QR heads) of stream
+// chunks c .. c+n-1 (of ns; a run of dysco_track_fold_run) into those sequences' importance; `mask`
+// [n_kv, 1, 1, n] their scored rows of the unbiased KQ mask.
 ggml_tensor * dysco_track_bias(const llm_graph_context & g, dysco_state & st, ggml_tensor * kq_mask);
-void dysco_track_fold(const llm_graph_context & g, dysco_state & st, uint32_t ns, uint32_t c, ggml_tensor * acc,
-                      ggml_tensor * mask_row);
+void dysco_track_fold(const llm_graph_context & g, dysco_state & st, uint32_t ns, uint32_t c, uint32_t n,
+                      ggml_tensor * acc, ggml_tensor * mask);
+// How many stream chunks from c on fold together (tracked, folding with one decay, on consecutive KV
+// streams); 0 when chunk c's sequence does not fold.
+uint32_t dysco_track_fold_run(dysco_state & st, const llama_ubatch & ub, uint32_t ns, uint32_t c);
 // Allocates the per-cell tensors for the cells of `kv` (once per cache); false when it cannot.
 bool dysco_track_alloc(dysco_state & st, const llama_kv_cache & kv);
 

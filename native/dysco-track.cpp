@@ -162,23 +162,27 @@ static ggml_tensor * track_cells(const llm_graph_context & g, dysco_state & st, 
     return cells;
 }
 
-// [n_kv, 1] view of row `row` (a KV stream) of a per-cell tensor.
-static ggml_tensor * track_row(ggml_context * ctx, ggml_tensor * t, int64_t n_kv, int64_t row) {
-    return ggml_view_2d(ctx, t, n_kv, 1, n_kv * sizeof(float), row * t->nb[1]);
+// [n_kv, n] view of rows row0 .. row0+n-1 (KV streams) of a per-cell tensor.
+static ggml_tensor * track_rows(ggml_context * ctx, ggml_tensor * t, int64_t n_kv, int64_t row0, int64_t n) {
+    return ggml_view_2d(ctx, t, n_kv, n, t->nb[1], row0 * t->nb[1]);
 }
 
-// [n_kv, 1] 1 on the cells of S (by the importance of stream `row`: the nucleus of mass top_p and/or
-// the top_k largest; always the largest one), 0 elsewhere; also written to track.sel for the readback.
+// [n_kv, n] 1 on the cells of S of each of the rows row0.. (streams) of one selection config (by their
+// importance: the nucleus of mass top_p and/or the top_k largest; always the largest one), 0 elsewhere;
+// also written to track.sel for the readback. Every op works row by row: n rows cost about what one does.
 static ggml_tensor * track_select(const llm_graph_context & g, dysco_track & tr, const dysco_seq_track & t,
-                                  int64_t n_kv, int64_t row) {
+                                  int64_t n_kv, int64_t row0, int64_t n) {
     ggml_context * ctx = g.ctx0;
-    ggml_tensor * imp    = track_row(ctx, tr.imp, n_kv, row);                                 // [n_kv, 1]
-    ggml_tensor * order  = ggml_argsort(ctx, imp, GGML_SORT_ORDER_DESC);                      // [n_kv, 1] I32
-    ggml_tensor * sorted = ggml_get_rows(ctx, ggml_reshape_2d(ctx, imp, 1, n_kv), order);     // [1, n_kv]
-    sorted = ggml_reshape_2d(ctx, sorted, n_kv, 1);                                           // [n_kv, 1]
-    ggml_tensor * keep = nullptr;                                                             // [n_kv, 1]
+    ggml_tensor * imp = track_rows(ctx, tr.imp, n_kv, row0, n);                              // [n_kv, n]
+    if (!ggml_is_contiguous(imp)) {
+        imp = ggml_cont(ctx, imp); // argsort and reshape read contiguous rows
+    }
+    ggml_tensor * order  = ggml_argsort(ctx, imp, GGML_SORT_ORDER_DESC);                      // [n_kv, n] I32
+    ggml_tensor * sorted = ggml_get_rows(ctx, ggml_reshape_3d(ctx, imp, 1, n_kv, n), order);  // [1, n_kv, n]
+    sorted = ggml_reshape_2d(ctx, sorted, n_kv, n);                                           // [n_kv, n]
+    ggml_tensor * keep = nullptr;                                                             // [n_kv, n]
     if (t.top_p > 0.0) {
-        ggml_tensor * cum   = ggml_cumsum(ctx, sorted);                                       // [n_kv, 1]
+        ggml_tensor * cum   = ggml_cumsum(ctx, sorted);                                       // [n_kv, n]
         // cum <= top_p: 1 - step(cum - top_p) (step is x > 0, so a running sum equal to top_p fits)
         ggml_tensor * fits  = ggml_scale_bias(ctx, ggml_step(ctx, ggml_scale_bias(ctx, cum, 1.0f, -(float) t.top_p)), -1.0f, 1.0f);
         // the largest is kept whatever its mass: the only rank whose running sum before it is 0
@@ -188,59 +192,101 @@ static ggml_tensor * track_select(const llm_graph_context & g, dysco_track & tr,
     if (t.top_k > 0) {
         ggml_tensor * rank = ggml_arange(ctx, 0.0f, (float) n_kv, 1.0f);                     // [n_kv]
         ggml_tensor * in_k = ggml_step(ctx, ggml_scale_bias(ctx, rank, -1.0f, (float) t.top_k - 0.5f));
-        in_k = ggml_reshape_2d(ctx, in_k, n_kv, 1);
-        keep = keep ? ggml_mul(ctx, keep, in_k) : in_k;
+        in_k = ggml_reshape_2d(ctx, in_k, n_kv, 1);                                           // [n_kv, 1]
+        keep = keep ? ggml_mul(ctx, keep, in_k) : n > 1 ? ggml_repeat(ctx, in_k, sorted) : in_k;
     }
-    // back from rank order to cells: every cell is written once (order is a permutation)
-    ggml_tensor * sel = ggml_view_2d(ctx, tr.sel, 1, n_kv, sizeof(float), row * tr.sel->nb[1]); // [1, n_kv]
-    sel = ggml_set_rows(ctx, sel, ggml_reshape_2d(ctx, keep, 1, n_kv), order);               // [1, n_kv]
+    // back from rank order to cells: every cell of a row is written once (order is a permutation)
+    ggml_tensor * sel = ggml_view_3d(ctx, tr.sel, 1, n_kv, n, sizeof(float), tr.sel->nb[1], row0 * tr.sel->nb[1]);
+    sel = ggml_set_rows(ctx, sel, ggml_reshape_3d(ctx, keep, 1, n_kv, n), order);            // [1, n_kv, n]
     ggml_set_name(sel, "dysco_sel");
-    return ggml_reshape_2d(ctx, sel, n_kv, 1);                                                // [n_kv, 1]
+    return ggml_view_2d(ctx, sel, n_kv, n, sel->nb[2], 0);                                    // [n_kv, n]
 }
 
-// [n_kv, 1] F32: the bias of one armed sequence's row (stream `row`); `cur` [1] I64 its token's cell.
-static ggml_tensor * track_bias_row(const llm_graph_context & g, dysco_track & tr, const dysco_seq_track & t,
-                                    int64_t n_kv, int64_t row, ggml_tensor * cur) {
+// [n_kv, n] F32: the bias of the armed sequences of rows row0.. (streams), of one selection config;
+// `cur` [1, n] I64 each one's token's cell.
+static ggml_tensor * track_bias_rows(const llm_graph_context & g, dysco_track & tr, const dysco_seq_track & t,
+                                     int64_t n_kv, int64_t row0, int64_t n, ggml_tensor * cur) {
     ggml_context * ctx = g.ctx0;
-    ggml_tensor * sel = track_select(g, tr, t, n_kv, row);                                    // [n_kv, 1]
-    ggml_tensor * one = ggml_fill(ctx, ggml_view_2d(ctx, sel, 1, 1, sizeof(float), 0), 1.0f); // [1, 1]
+    ggml_tensor * sel = track_select(g, tr, t, n_kv, row0, n);                                // [n_kv, n]
+    // shaped on n contiguous floats of sel, whose values the fill does not read
+    ggml_tensor * one = ggml_fill(ctx, ggml_view_3d(ctx, sel, 1, 1, n, sizeof(float), sizeof(float), 0), 1.0f); // [1, 1, n]
     const bool hard = t.strength >= t.hard_strength;
     // the soft bias leaves template positions alone (the hard mask keeps them); a copy either way, as
     // track.sel keeps S itself for the readback
-    sel = hard ? ggml_cont(ctx, sel) : ggml_mul(ctx, sel, track_row(ctx, tr.keep, n_kv, row));
+    sel = hard ? ggml_cont(ctx, sel) : ggml_mul(ctx, sel, track_rows(ctx, tr.keep, n_kv, row0, n));
     // the current token always gets the bias of S
-    sel = ggml_set_rows(ctx, ggml_reshape_2d(ctx, sel, 1, n_kv), one, cur);                   // [1, n_kv]
-    sel = ggml_reshape_2d(ctx, sel, n_kv, 1);                                                 // [n_kv, 1]
+    sel = ggml_set_rows(ctx, ggml_reshape_3d(ctx, sel, 1, n_kv, n), one, cur);               // [1, n_kv, n]
+    sel = ggml_reshape_2d(ctx, sel, n_kv, n);                                                 // [n_kv, n]
     return hard ? ggml_scale_bias(ctx, sel, -DYSCO_HARD_OFF, DYSCO_HARD_OFF)
                 : ggml_scale(ctx, sel, (float) std::log(t.strength));
 }
 
-// The bias of every stream of the ubatch, [n_kv, 1, 1, ns]: the armed sequences' rows, zeros elsewhere;
-// null when no sequence of the ubatch selects.
-static ggml_tensor * track_bias_streams(const llm_graph_context & g, dysco_state & st, const llama_kv_cache_context * mctx,
-                                        int64_t n_kv, uint32_t ns) {
-    const uint32_t nt = g.ubatch.n_tokens / ns;
-    std::vector<ggml_tensor *> rows(ns, nullptr);
-    bool any = false;
-    for (uint32_t c = 0; c < ns; ++c) {
-        dysco_seq_track * t = dysco_track_chunk(st, g.ubatch, ns, c);
-        if (seq_selects(st, t, nt)) {
-            ggml_tensor * cells = track_cells(g, st, mctx);
-            ggml_tensor * cur   = ns == 1 ? cells : ggml_view_1d(g.ctx0, cells, 1, c * cells->nb[0]); // [1] I64
-            rows[c] = track_bias_row(g, st.track, *t, n_kv, chunk_row(st, g.ubatch, ns, c), cur);
-            any = true;
+// Chunks [c, c + n) of the ubatch run together when their sequences are tracked, on consecutive KV
+// streams (rows of the per-cell tensors), and `same` as chunk c's; their ops then run once over n rows.
+template <typename Same>
+static uint32_t track_run(dysco_state & st, const llama_ubatch & ub, uint32_t ns, uint32_t c, Same same) {
+    const dysco_seq_track * first = dysco_track_chunk(st, ub, ns, c);
+    if (!first || !same(*first, *first)) {
+        return 0;
+    }
+    const int64_t row0 = chunk_row(st, ub, ns, c);
+    uint32_t n = 1;
+    for (; c + n < ns; ++n) {
+        const dysco_seq_track * t = dysco_track_chunk(st, ub, ns, c + n);
+        if (!t || !same(*first, *t) || chunk_row(st, ub, ns, c + n) != row0 + n) {
+            break;
         }
     }
-    if (!any || ns == 1) {
-        return rows[0];
-    }
+    return n;
+}
+
+uint32_t dysco_track_fold_run(dysco_state & st, const llama_ubatch & ub, uint32_t ns, uint32_t c) {
+    return track_run(st, ub, ns, c, [&](const dysco_seq_track & a, const dysco_seq_track & b) {
+        return dysco_seq_folds(st, b) && a.decay == b.decay;
+    });
+}
+
+static uint32_t track_select_run(dysco_state & st, const llama_ubatch & ub, uint32_t ns, uint32_t c) {
+    const uint32_t nt = ub.n_tokens / ns;
+    return track_run(st, ub, ns, c, [&](const dysco_seq_track & a, const dysco_seq_track & b) {
+        return seq_selects(st, &b, nt) && a.top_p == b.top_p && a.top_k == b.top_k && a.strength == b.strength &&
+               a.hard_strength == b.hard_strength;
+    });
+}
+
+// The bias of every stream of the ubatch, [n_kv, 1, 1, ns]: the armed sequences' rows (a run of them
+// with one selection config at a time), zeros elsewhere; null when no sequence of the ubatch selects.
+static ggml_tensor * track_bias_streams(const llm_graph_context & g, dysco_state & st, const llama_kv_cache_context * mctx,
+                                        int64_t n_kv, uint32_t ns) {
+    ggml_context * ctx = g.ctx0;
     ggml_tensor * bias = nullptr;                                                             // [n_kv, c]
-    for (uint32_t c = 0; c < ns; ++c) {
-        // a plain sequence's row: zeros (the fill reads nothing of the row it is shaped on)
-        ggml_tensor * r = rows[c] ? rows[c] : ggml_fill(g.ctx0, track_row(g.ctx0, st.track.sel, n_kv, 0), 0.0f);
-        bias = bias ? ggml_concat(g.ctx0, bias, r, 1) : r;
+    uint32_t zeros = 0; // plain chunks before c not yet in `bias`
+    bool any = false;
+    for (uint32_t c = 0; c <= ns; ) {
+        const uint32_t n = c < ns ? track_select_run(st, g.ubatch, ns, c) : 0;
+        if (zeros > 0 && (n > 0 || c == ns)) {
+            // the fill reads nothing of the rows it is shaped on
+            ggml_tensor * z = ggml_fill(ctx, ggml_view_2d(ctx, st.track.sel, n_kv, zeros, n_kv * sizeof(float), 0), 0.0f);
+            bias  = bias ? ggml_concat(ctx, bias, z, 1) : z;
+            zeros = 0;
+        }
+        if (c == ns) {
+            break;
+        }
+        if (n == 0) {
+            ++zeros;
+            ++c;
+            continue;
+        }
+        ggml_tensor * cells = track_cells(g, st, mctx);                                       // [n_tokens] I64 (one a chunk)
+        ggml_tensor * cur   = ggml_view_2d(ctx, cells, 1, n, cells->nb[0], c * cells->nb[0]); // [1, n]
+        ggml_tensor * rows  = track_bias_rows(g, st.track, *dysco_track_chunk(st, g.ubatch, ns, c), n_kv,
+                                              chunk_row(st, g.ubatch, ns, c), n, cur);        // [n_kv, n]
+        bias = bias ? ggml_concat(ctx, bias, rows, 1) : rows;
+        any  = true;
+        c   += n;
     }
-    return ggml_reshape_4d(g.ctx0, bias, n_kv, 1, 1, ns);                                     // [n_kv, 1, 1, ns]
+    return any ? ggml_reshape_4d(ctx, bias, n_kv, 1, 1, ns) : nullptr;                       // [n_kv, 1, 1, ns]
 }
 
 ggml_tensor * dysco_track_bias(const llm_graph_context & g, dysco_state & st, ggml_tensor * kq_mask) {
@@ -266,8 +312,8 @@ ggml_tensor * dysco_track_bias(const llm_graph_context & g, dysco_state & st, gg
     return biased;
 }
 
-void dysco_track_fold(const llm_graph_context & g, dysco_state & st, uint32_t ns, uint32_t c, ggml_tensor * acc,
-                      ggml_tensor * mask_row) {
+void dysco_track_fold(const llm_graph_context & g, dysco_state & st, uint32_t ns, uint32_t c, uint32_t n,
+                      ggml_tensor * acc, ggml_tensor * mask) {
     const llama_kv_cache_context * mctx = track_mctx(g);
     const dysco_seq_track * t = track_ready(st, mctx) ? dysco_track_chunk(st, g.ubatch, ns, c) : nullptr;
     if (!t || !dysco_seq_folds(st, *t)) {
@@ -275,13 +321,16 @@ void dysco_track_fold(const llm_graph_context & g, dysco_state & st, uint32_t ns
     }
     ggml_context * ctx  = g.ctx0;
     const int64_t  n_kv = acc->ne[0];
+    const int64_t  row0 = chunk_row(st, g.ubatch, ns, c);
     track_cells(g, st, mctx); // template cells fed now are flagged
-    ggml_tensor * imp   = track_row(ctx, st.track.imp, n_kv, chunk_row(st, g.ubatch, ns, c)); // [n_kv, 1]
-    ggml_tensor * m     = mask_row->type == GGML_TYPE_F32 ? mask_row : ggml_cast(ctx, mask_row, GGML_TYPE_F32);
-    ggml_tensor * seen  = ggml_step(ctx, ggml_scale_bias(ctx, m, 1.0f, 1.0f));               // [n_kv, 1] 1: attended
-    ggml_tensor * a     = ggml_scale(ctx, acc, 1.0f / (float) st.heads.n);                    // [n_kv, 1] mean over heads
-    ggml_tensor * next  = ggml_add(ctx, ggml_scale(ctx, ggml_mul(ctx, imp, seen), (float) t->decay), a);
-    next = ggml_div(ctx, next, ggml_sum(ctx, next));                                          // [n_kv, 1]
+    ggml_tensor * imp  = ggml_view_4d(ctx, st.track.imp, n_kv, 1, 1, n, st.track.imp->nb[1], st.track.imp->nb[1],
+                                      st.track.imp->nb[1], row0 * st.track.imp->nb[1]);       // [n_kv, 1, 1, n]
+    ggml_tensor * m    = mask->type == GGML_TYPE_F32 ? mask : ggml_cast(ctx, mask, GGML_TYPE_F32);
+    ggml_tensor * seen = ggml_step(ctx, ggml_scale_bias(ctx, m, 1.0f, 1.0f));                // [n_kv, 1, 1, n] 1: attended
+    ggml_tensor * a    = ggml_scale(ctx, acc, 1.0f / (float) st.heads.n);                     // [n_kv, 1, 1, n] mean over heads
+    ggml_tensor * next = ggml_add(ctx, ggml_scale(ctx, ggml_mul(ctx, imp, seen), (float) t->decay), a);
+    // sum_rows, not sum: one reduction per row, the same whether one row or several run
+    next = ggml_div(ctx, next, ggml_sum_rows(ctx, next));                                     // [n_kv, 1, 1, n]
     ggml_tensor * store = ggml_cpy(ctx, next, imp);
     ggml_set_name(store, "dysco_importance_fold");
     ggml_build_forward_expand(g.gf, store);

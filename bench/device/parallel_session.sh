@@ -7,7 +7,7 @@
 #   there, carry [".dev"]:   bash bench/device/parallel_session.sh
 # Builds (run.sh build, run.sh build-server) are skipped when their outputs exist (a warm machine of an
 # earlier call); the measurement itself takes about 4 minutes. MODEL, CLIENTS, DOC_TOKENS, GEN (512: the
-# steady window needs every client decoding at once), ROUNDS and BENCH_S (seconds) pass through;
+# steady window needs every client decoding at once), MODES (of bench_parallel.py), ROUNDS and BENCH_S (seconds) pass through;
 # IN_PROCESS= leaves out the rows of Model(parallel=N) in one process.
 set -u
 OUT=${OUT:-/tmp/out}; res=$OUT/parallel; mkdir -p "$res"
@@ -21,7 +21,7 @@ model=${MODEL:-$HOME/.cache/dysco-edge/models/Qwen2.5-Coder-1.5B-Instruct-Q4_K_M
     nvidia-smi -L
     start=$(date +%s)
     timeout ${BENCH_S:-540} python3 bench/speed/bench_parallel.py --model "$model" --clients ${CLIENTS:-1 2 4 8} \
-        --doc-tokens ${DOC_TOKENS:-8192} --gen ${GEN:-512} --rounds ${ROUNDS:-2} --n-gpu-layers 99 --flash-attn on ${IN_PROCESS---in-process} \
+        --doc-tokens ${DOC_TOKENS:-8192} --gen ${GEN:-512} --rounds ${ROUNDS:-2} ${MODES:+--modes $MODES} --n-gpu-layers 99 --flash-attn on ${IN_PROCESS---in-process} \
         --llama-server build/llama-server/bin/llama-server --log-dir "$res" --out "$res/parallel.md"
     echo "bench rc=$? in $(( $(date +%s) - start )) s"
     echo "parallel session done"
