@@ -205,7 +205,8 @@ static void dysco_graph_stream_scores(const llm_graph_context & g, dysco_state *
     auto & accs = st->build[DYSCO_CACHE_BASE].stream_acc;
     accs.resize(ns, nullptr);
     for (uint32_t c = 0; c < ns; ) {
-        const uint32_t n = dysco_track_fold_run(*st, g.ubatch, ns, c);
+        // several tokens a stream: the scored rows of the mask are not packed (softmax wants them so): one at a time
+        const uint32_t n = std::min(dysco_track_fold_run(*st, g.ubatch, ns, c), nt == 1 ? ns : 1u);
         if (n == 0) {
             ++c;
             continue;

@@ -312,6 +312,13 @@ ggml_tensor * dysco_track_bias(const llm_graph_context & g, dysco_state & st, gg
     return biased;
 }
 
+// t itself when its rows lie one after another (what ggml_scale accepts), else a packed copy.
+static ggml_tensor * track_packed(ggml_context * ctx, ggml_tensor * t) {
+    const bool packed = t->nb[0] == ggml_type_size(t->type) && t->nb[2] == t->nb[1] * t->ne[1] &&
+                        t->nb[3] == t->nb[2] * t->ne[2];
+    return packed ? t : ggml_cont(ctx, t);
+}
+
 void dysco_track_fold(const llm_graph_context & g, dysco_state & st, uint32_t ns, uint32_t c, uint32_t n,
                       ggml_tensor * acc, ggml_tensor * mask) {
     const llama_kv_cache_context * mctx = track_mctx(g);
@@ -326,6 +333,9 @@ void dysco_track_fold(const llm_graph_context & g, dysco_state & st, uint32_t ns
     ggml_tensor * imp  = ggml_view_4d(ctx, st.track.imp, n_kv, 1, 1, n, st.track.imp->nb[1], st.track.imp->nb[1],
                                       st.track.imp->nb[1], row0 * st.track.imp->nb[1]);       // [n_kv, 1, 1, n]
     ggml_tensor * m    = mask->type == GGML_TYPE_F32 ? mask : ggml_cast(ctx, mask, GGML_TYPE_F32);
+    // rows of a ubatch of several tokens a stream, or one head's view: ggml_scale takes rows packed
+    m   = track_packed(ctx, m);
+    acc = track_packed(ctx, acc);
     ggml_tensor * seen = ggml_step(ctx, ggml_scale_bias(ctx, m, 1.0f, 1.0f));                // [n_kv, 1, 1, n] 1: attended
     ggml_tensor * a    = ggml_scale(ctx, acc, 1.0f / (float) st.heads.n);                     // [n_kv, 1, 1, n] mean over heads
     ggml_tensor * next = ggml_add(ctx, ggml_scale(ctx, ggml_mul(ctx, imp, seen), (float) t->decay), a);

@@ -12,6 +12,8 @@ together) differ from alone already without DySCO; two one-token rows stay exact
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -32,7 +34,17 @@ def _doc(seed: int, n: int) -> list[int]:
     return [int(t) for t in np.random.default_rng(seed).integers(200, 40000, size=n)]
 
 
-DOCS = {0: _doc(1, 100 + WARM + STEPS), 1: _doc(2, 300 + WARM + STEPS)}  # prefixes of 100 and 300 tokens
+# prefixes of 100, 300 and 200 tokens (the third only in three-sequence cases)
+DOCS = {0: _doc(1, 100 + WARM + STEPS), 1: _doc(2, 300 + WARM + STEPS), 2: _doc(3, 200 + WARM + STEPS)}
+# "fast2": fast with another decay and selection, so that its sequence folds and selects apart from
+# fast ones beside it (the graph runs a sequence's ops together with its neighbours' only when equal)
+VARIANTS = {"fast2": ("fast", dict(decay=0.5, top_p=0.9, top_k=None, strength=3.0))}
+
+
+def _config(cfg, mode: str):
+    """The engine mode and DySCO config of a case's mode name."""
+    engine_mode, changes = VARIANTS.get(mode, (mode, {}))
+    return engine_mode, dataclasses.replace(cfg, **changes)
 
 
 def _reset(native, cfg, prefix: int, seq_id: int) -> None:
@@ -51,6 +63,8 @@ def _arm_alone(native, token: int, pos: int, mode: str) -> None:
 def _alone(path, cfg, doc: list[int], mode) -> list[tuple]:
     """(S, importance, logits) of each DySCO step of `doc` decoded alone; plain: (None, None, logits)."""
     tracked = mode is not None
+    if tracked:
+        mode, cfg = _config(cfg, mode)
     prefix = len(doc) - WARM - STEPS
     with Engine(path, EngineOptions(n_ctx=N_CTX, **ENGINE)) as eng:
         eng.decode(doc[:prefix], 0, want_logits=False)
@@ -75,7 +89,7 @@ def _arm_together(native, mode: dict, step: dict) -> None:
     """Fast sequences arm their pass; exact ones probe, all in one probe decode."""
     probes = []
     for s, (token, pos) in step.items():
-        if mode[s] == "fast":
+        if mode[s] in ("fast", "fast2"):
             assert native.fast_select(pos, s)
         elif mode[s] == "exact":
             probes.append((token, pos, s))
@@ -84,25 +98,26 @@ def _arm_together(native, mode: dict, step: dict) -> None:
 
 
 def _together(path, cfg, mode: dict) -> dict[int, list[tuple]]:
-    """The same steps of both documents, each step one decode_batch of both sequences."""
+    """The same steps of the case's documents, each step one decode_batch of all its sequences."""
     tracked = {s: m is not None for s, m in mode.items()}
-    with Engine(path, EngineOptions(n_ctx=N_CTX, n_seq_max=2, **ENGINE)) as eng:
-        prefix = {s: len(d) - WARM - STEPS for s, d in DOCS.items()}
-        for s in DOCS:
-            assert eng.decode_batch([(DOCS[s][:prefix[s]], 0, s, False)]) == 0
+    docs = {s: DOCS[s] for s in mode}
+    with Engine(path, EngineOptions(n_ctx=N_CTX, n_seq_max=len(docs), **ENGINE)) as eng:
+        prefix = {s: len(d) - WARM - STEPS for s, d in docs.items()}
+        for s in docs:
+            assert eng.decode_batch([(docs[s][:prefix[s]], 0, s, False)]) == 0
         eng.native.set_heads(cfg.qr_heads)
-        for s in (s for s in DOCS if tracked[s]):
-            _reset(eng.native, cfg, prefix[s], s)
+        for s in (s for s in docs if tracked[s]):
+            _reset(eng.native, _config(cfg, mode[s])[1], prefix[s], s)
             eng.native.set_seq_capture(s, True)
         for k in range(WARM):
-            assert eng.decode_batch([([DOCS[s][prefix[s] + k]], prefix[s] + k, s, False) for s in DOCS]) == 0
-        out = {s: [] for s in DOCS}
+            assert eng.decode_batch([([docs[s][prefix[s] + k]], prefix[s] + k, s, False) for s in docs]) == 0
+        out = {s: [] for s in docs}
         for k in range(WARM, WARM + STEPS):
-            for s in (s for s in DOCS if tracked[s]):
+            for s in (s for s in docs if tracked[s]):
                 eng.native.set_seq_capture(s, False)  # fast_select turns it on for its own pass
-            _arm_together(eng.native, mode, {s: (DOCS[s][prefix[s] + k], prefix[s] + k) for s in DOCS})
-            assert eng.decode_batch([([DOCS[s][prefix[s] + k]], prefix[s] + k, s, True) for s in DOCS]) == 0
-            for i, s in enumerate(DOCS):
+            _arm_together(eng.native, mode, {s: (docs[s][prefix[s] + k], prefix[s] + k) for s in docs})
+            assert eng.decode_batch([([docs[s][prefix[s] + k]], prefix[s] + k, s, True) for s in docs]) == 0
+            for i, s in enumerate(docs):
                 logits = eng.logits(i)
                 out[s].append((eng.native.pass_selection(want_selected=True, seq_id=s), eng.native.importance(s), logits)
                               if tracked[s] else (None, None, logits))
@@ -120,7 +135,10 @@ def _assert_same(got: list[tuple], want: list[tuple]) -> None:
 
 CASES = [("smollm2", {0: "fast", 1: "fast"}), ("smollm2", {0: "fast", 1: None}), ("smollm2", {0: None, 1: "fast"}),
          ("smollm2", {0: "exact", 1: "exact"}), ("smollm2", {0: "exact", 1: "fast"}), ("smollm2", {0: None, 1: "exact"}),
-         ("qwen", {0: "fast", 1: "exact"}), ("qwen", {0: None, 1: "fast"})]
+         ("qwen", {0: "fast", 1: "exact"}), ("qwen", {0: None, 1: "fast"}),
+         # three streams: a run of two sequences folding and selecting together beside one that differs,
+         # and two sequences apart on either side of a plain one
+         ("smollm2", {0: "fast", 1: "fast", 2: "fast2"}), ("smollm2", {0: "fast", 1: None, 2: "fast"})]
 
 
 @pytest.mark.slow
@@ -129,5 +147,5 @@ def test_each_sequence_tracks_as_alone_while_the_other_shares_its_ubatches(model
     path_of, head_map = MODELS[model]
     path, cfg = path_of(), shipped_head_map_file(head_map).to_config()
     together = _together(path, cfg, mode)
-    for s, doc in DOCS.items():
+    for s, doc in ((s, DOCS[s]) for s in mode):
         _assert_same(together[s], _alone(path, cfg, doc, mode[s]))

@@ -197,6 +197,7 @@ class _Run:
     feed: _PlainFeed               # what it feeds each step (plain, or DySCO's steps)
     out: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
     pending: Optional[int] = None  # the last sampled token, fed at the next step
+    on_device: bool = False        # llama.cpp samples it (greedy) in the graph: no logits row comes back
     n_generated: int = 0
     done: bool = False
 
@@ -305,13 +306,18 @@ class Batcher:
             self.engine.copy_seq(donor.seq_id, slot.seq_id, reuse)
         req.n_cached = reuse
         limit = min(req.max_new_tokens, self.engine.n_ctx - n)
-        return _Run(req, Sampler(req.sampling), reuse, limit, reuse, feed)
+        # a plain greedy answer needs the argmax only: llama.cpp's graph picks it (DySCO's passes keep host
+        # sampling: the probe and fold steps around them decode on graphs of their own)
+        on_device = req.config is None and req.sampling.greedy and self.engine.sample_on_device(slot.seq_id, True)
+        return _Run(req, Sampler(req.sampling), reuse, limit, reuse, feed, on_device=on_device)
 
     def _close(self, slot: Slot, run: _Run) -> None:
         with self._step:
             run.done = True
             run.sampler.close()
             if not self.engine.closed:
+                if run.on_device:
+                    self.engine.sample_on_device(slot.seq_id, False)
                 run.feed.end(self.engine.native, slot.seq_id)
                 slot.cache.release(run.req.prompt, run.feed.clean_end())
         self._free(slot)
@@ -444,7 +450,7 @@ class Batcher:
                 return
         if run.prefilling:
             return
-        token = run.sampler.sample(self.engine, index)
+        token = self.engine.sampled_token(index) if run.on_device else run.sampler.sample(self.engine, index)
         run.n_generated += 1
         run.out.put(token)
         if self.engine.is_end(token) or run.n_generated >= run.limit:

@@ -438,6 +438,7 @@ class Engine:
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
         self._logits_row = ctypes.c_float * self.n_vocab
         self._logits_views: dict[int, np.ndarray] = {}  # views of llama.cpp's logits rows, by address
+        self._device_samplers: dict[int, object] = {}   # seq_id -> the greedy chain llama.cpp samples it with
         # a vocabulary never changes: each token's text and end flag are asked of llama.cpp once
         self._pieces: dict[int, bytes] = {}
         self._ends: dict[int, bool] = {}
@@ -513,6 +514,7 @@ class Engine:
         self.options = replace(self.options, n_ctx=n_ctx)
         if old is not None:
             llama_cpp.llama_free(old)
+        self._free_device_samplers()  # they were set on the old context
         if cells is not None:
             self.load_seq(cells, 0)
 
@@ -522,6 +524,12 @@ class Engine:
             llama_cpp.llama_free(self._own_ctx)
             self._own_ctx = None
         self._llm.close()
+        self._free_device_samplers()  # after the context that used them
+
+    def _free_device_samplers(self) -> None:
+        for chain in self._device_samplers.values():
+            llama_cpp.llama_sampler_free(chain)
+        self._device_samplers.clear()
 
     def __enter__(self):
         return self
@@ -721,6 +729,33 @@ class Engine:
             view = self._logits_views[address] = np.frombuffer(self._logits_row.from_address(address),
                                                                dtype=np.float32)
         return view
+
+    def sample_on_device(self, seq_id: int, on: bool) -> bool:
+        """Whether llama.cpp picks seq_id's greedy token in its graph (its backend sampling) from now on,
+        instead of the host reading the logits row: a decode whose every output is sampled so copies no
+        logits back. Each change replans the next decode's graph. False when off, or when llama.cpp
+        cannot (e.g. a tensor split); then engine.logits and the host sampler serve as before."""
+        chain = self._device_samplers.pop(seq_id, None)
+        if chain is not None:
+            llama_cpp.llama_set_sampler(self.ctx, seq_id, None)
+            llama_cpp.llama_sampler_free(chain)
+        if not on:
+            return False
+        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
+        if not llama_cpp.llama_set_sampler(self.ctx, seq_id, chain):
+            llama_cpp.llama_sampler_free(chain)
+            return False
+        self._device_samplers[seq_id] = chain  # llama.cpp keeps the pointer: alive until unset
+        return True
+
+    def sampled_token(self, index: int = -1) -> int:
+        """The token llama.cpp sampled in the graph at batch index `index` of the last decode, for a
+        sequence sample_on_device turned on."""
+        token = llama_cpp.llama_get_sampled_token_ith(self.ctx, index)
+        if token < 0:
+            raise EngineError(f"llama.cpp sampled no token at batch index {index} of the last decode")
+        return int(token)
 
     def greedy_token(self, index: int = -1) -> Optional[int]:
         """The first largest of the logits at batch index `index` (-1: the last), read in place:
