@@ -34,8 +34,8 @@ def step_rows(paths: dict, flash: bool) -> list[str]:
     for model, mode in steps.CASES:
         cfg = shipped_head_map_file(HEADS[model]).to_config()
         together = steps._together(paths[model], cfg, mode)
-        for s, doc in steps.DOCS.items():
-            alone = steps._alone(paths[model], cfg, doc, mode[s])
+        for s in mode:  # the case's sequences (two or three of steps.DOCS)
+            alone = steps._alone(paths[model], cfg, steps.DOCS[s], mode[s])
             rows.append(_compare(model, flash, mode, s, together[s], alone))
     return rows
 
