@@ -264,7 +264,7 @@ static ggml_tensor * track_bias_streams(const llm_graph_context & g, dysco_state
     bool any = false;
     for (uint32_t c = 0; c <= ns; ) {
         const uint32_t n = c < ns ? track_select_run(st, g.ubatch, ns, c) : 0;
-        if (zeros > 0 && (n > 0 || c == ns)) {
+        if (zeros > 0 && (n > 0 || (c == ns && any))) {
             // the fill reads nothing of the rows it is shaped on
             ggml_tensor * z = ggml_fill(ctx, ggml_view_2d(ctx, st.track.sel, n_kv, zeros, n_kv * sizeof(float), 0), 0.0f);
             bias  = bias ? ggml_concat(ctx, bias, z, 1) : z;
