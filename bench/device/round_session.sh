@@ -14,7 +14,8 @@
 #   there, to collect:              tail /tmp/res/round-session.log; tar czf "$OUT"/res.tgz -C /tmp res
 # Not in the default, issue 26's: parallel-cpu runs its CPU table (SmolLM2, 2 cores pinned, no GPU, and
 # llama-batched-bench there) in the background; parallel-check a sequence in a batch against alone on CUDA
-# (check_parallel.py); batched llama.cpp's llama-batched-bench at 8K tokens.
+# (check_parallel.py); parallel-step a batched step's parts and one step's kernels (parallel_step.py, ncu:
+# NCU_MODES, HOST_AB=1 adds host-sampled rows); batched llama.cpp's llama-batched-bench at 8K tokens.
 # PARTS (default "golden vulkan-check vulkan-speed consumer speed parallel") picks what runs after the build and check (each
 # part under a time limit: VK_S, CONSUMER_S, SPEED_S, PARALLEL_S seconds); speed is
 # run.sh speed (issue 24's table) on the real model at SPEED_CONTEXTS (default "4096 30720").
@@ -43,6 +44,21 @@ dequantize_gguf(Path('/tmp/models/smol.gguf'), Path('/tmp/models/smol-f32.gguf')
         DYSCO_EDGE_LIB_DIR=$PWD/build/cuda/bin python3 bench/verify/conformance.py --model /tmp/models/smol-f32.gguf \
             --golden .dev/device/smollm2_reference.json --n-gpu-layers 99 $fa
     done > $OUT/golden-cuda.md 2> $OUT/golden-cuda.err
+}
+
+step_rows() {
+    local py="python3 bench/device/parallel_step.py --model $QWEN --doc-tokens 8192"
+    export DYSCO_EDGE_LIB_DIR=$PWD/build/cuda/bin
+    { echo "| mode | sampling | clients | steps | step ms | decode+sync ms | hooks ms | sample ms | rest ms |"
+      echo "|---|---|---|---|---|---|---|---|---|"
+      for mode in plain fast; do for hs in "" ${HOST_AB:+--host-sampling}; do
+          timeout 120 taskset -c 0-13 $py --clients 4 --gen 128 --mode $mode $hs
+      done; timeout 120 taskset -c 0-13 $py --clients 8 --gen 128 --mode $mode; done; } > $OUT/parallel-step.md 2> $OUT/parallel-step.err
+    for mode in ${NCU_MODES-plain fast}; do
+        timeout ${NCU_S:-150} ncu --profile-from-start off --clock-control none --metrics gpu__time_duration.sum --csv \
+            $py --clients 4 --gen 48 --mode $mode --profile-step 10 > $OUT/ncu-$mode.csv 2> $OUT/ncu-$mode.err
+        python3 bench/device/kernel_profile.py --summarize $OUT/ncu-$mode.csv > $OUT/kernels-$mode.md 2>&1
+    done
 }
 
 {
@@ -83,6 +99,8 @@ dequantize_gguf(Path('/tmp/models/smol.gguf'), Path('/tmp/models/smol-f32.gguf')
             parallel-check) wait_model smol; place_qwen  # issue 26: a sequence in a batch vs alone, on CUDA
                 DYSCO_EDGE_LIB_DIR=$PWD/build/cuda/bin timeout ${PCHECK_S:-300} taskset -c 0-13 python3 bench/device/check_parallel.py \
                     --smol /tmp/models/smol.gguf --qwen $QWEN > $OUT/check-parallel.md 2> $OUT/check-parallel.err ;;
+            parallel-step) place_qwen; wait $server_build  # issue 26: a batched step's parts, plain against fast, and one step's kernels under ncu
+                step_rows ;;
             batched) place_qwen; wait $server_build  # llama.cpp's own batched decode, no server: the ceiling of issue 26's table
                 taskset -c 0-13 build/llama-server/bin/llama-batched-bench -m $QWEN -c $((8 * 8448)) -b 2048 -ub 512 \
                     -npp 8192 -ntg 128 -npl 1,2,4,8 -ngl 99 -fa on > $OUT/batched.log 2>&1 ;;

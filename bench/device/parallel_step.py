@@ -1,0 +1,162 @@
+"""Where a batched decode step's time goes (issue 26), plain against fast DySCO: `Model(parallel=N)` driven
+by N threads, each with a document of its own, and the steps in which every one of them decodes one token
+timed part by part. Private instrumentation: Batcher's and Engine's methods are wrapped in place.
+
+- step: Batcher._advance, the whole step on the batch thread;
+- decode: Engine.decode_batch and a llama_synchronize after it (the GPU's work plus the launch);
+- hooks: DySCO's calls before and after the pass (fast_select, pass_selection), probes;
+- sample: the token's readout (llama.cpp's sampled token, or the host's argmax over the logits row);
+- the rest of the step is the batch thread's Python (queues, bookkeeping, the GIL).
+
+`--host-sampling` makes every slot read its logits row and take the argmax on the host (what a DySCO
+slot did before its greedy token was picked in the graph). `--profile-step K` brackets the K-th timed
+step's decode with cudaProfilerStart/Stop for `ncu --profile-from-start off` (kernel_profile.py
+--summarize reads its CSV):
+
+    python bench/device/parallel_step.py --model Q.gguf --clients 4 --doc-tokens 8192 --gen 96 --mode fast
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "speed"))
+
+from bench_parallel import CUE, MODES, documents  # noqa: E402
+from dysco_edge import Model  # noqa: E402  (loads our libllama before llama_cpp)
+from dysco_edge.runtime import batch  # noqa: E402
+from dysco_edge.runtime.engine import Engine, Sampler  # noqa: E402
+
+import llama_cpp  # noqa: E402
+
+PARTS = ("step", "decode", "hooks", "sample")
+
+
+class StepClock:
+    """Per-step sums of the wrapped parts; a step counts when its one-token batch held every client."""
+
+    def __init__(self, n_clients: int, profile_step: int | None):
+        self.n, self.profile_step = n_clients, profile_step
+        self.cur, self.steps, self.items = defaultdict(float), [], 0
+        self.ctx = None
+
+    def wrap(self, owner, name: str, part: str, sync: bool = False) -> None:
+        fn = getattr(owner, name)
+        clock = self
+
+        def timed(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                if sync:
+                    llama_cpp.llama_synchronize(clock.ctx)
+                clock.cur[part] += time.perf_counter() - t0
+        setattr(owner, name, timed)
+
+    def wrap_decode(self) -> None:
+        original, clock = Engine.decode_batch, self
+
+        def decode(eng, items):
+            profile = (len(items) == clock.n and all(len(t) == 1 for t, *_ in items)
+                       and clock.profile_step is not None and len(clock.steps) == clock.profile_step)
+            if len(items) == clock.n and all(len(t) == 1 for t, *_ in items):
+                clock.items = len(items)
+            t0 = time.perf_counter()
+            if profile:
+                cudart().cudaProfilerStart()
+            rc = original(eng, items)
+            llama_cpp.llama_synchronize(eng.ctx)
+            if profile:
+                cudart().cudaProfilerStop()
+            clock.cur["decode"] += time.perf_counter() - t0
+            return rc
+        Engine.decode_batch = decode
+
+    def wrap_step(self) -> None:
+        original, clock = batch.Batcher._advance, self
+
+        def advance(batcher, slots):
+            clock.cur.clear()
+            clock.items = 0
+            t0 = time.perf_counter()
+            original(batcher, slots)
+            clock.cur["step"] = time.perf_counter() - t0
+            if clock.items == clock.n:
+                clock.steps.append(dict(clock.cur))
+        batch.Batcher._advance = advance
+
+
+def cudart():
+    from kernel_profile import cudart as load  # bench/device
+    return load()
+
+
+def host_sampling() -> None:
+    """Every slot samples on the host (the A/B of the in-graph greedy token)."""
+    Engine.sample_on_device = lambda self, seq_id, on: False
+
+
+def run(args) -> dict:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    clock = StepClock(args.clients, args.profile_step)
+    if args.host_sampling:
+        host_sampling()
+    clock.wrap_decode()
+    clock.wrap_step()
+    for owner, name in ((batch._DyscoFeed, "before"), (batch._DyscoFeed, "after"), (batch.Batcher, "_probe")):
+        clock.wrap(owner, name, "hooks")
+    clock.wrap(Sampler, "sample", "sample")
+    clock.wrap(Engine, "sampled_token", "sample")
+    with Model(args.model, n_ctx=args.doc_tokens + args.gen + 64, parallel=args.clients, n_gpu_layers=args.n_gpu_layers,
+               flash_attn=True) as model:
+        clock.ctx = model.engine.ctx
+        prompts = [model.tokenize(d + CUE, add_bos=True) for d in documents(model, args.clients, args.doc_tokens)]
+        config = None if args.mode == "plain" else model.head_map().to_config(**MODES[args.mode])
+        gate = threading.Barrier(args.clients)
+        counts = [0] * args.clients
+
+        def one(i):
+            gate.wait()
+            stream = model.generate(token_ids=prompts[i], dysco=config, max_new_tokens=args.gen, stream=True)
+            for _ in stream:
+                pass
+            counts[i] = len(stream.result.token_ids)
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(args.clients)]
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - t0
+    steps = clock.steps[2:]  # the first steps with every client may still build graphs
+    med = {p: 1e3 * statistics.median(s.get(p, 0.0) for s in steps) for p in PARTS} if steps else {}
+    return {"mode": args.mode, "sampling": "host" if args.host_sampling else "graph", "clients": args.clients,
+            "steps": len(steps), "tokens": sum(counts), "wall_s": wall, **med}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--clients", type=int, default=4)
+    ap.add_argument("--doc-tokens", type=int, default=8192)
+    ap.add_argument("--gen", type=int, default=96)
+    ap.add_argument("--mode", choices=tuple(MODES), default="fast")
+    ap.add_argument("--n-gpu-layers", type=int, default=99)
+    ap.add_argument("--host-sampling", action="store_true")
+    ap.add_argument("--profile-step", type=int, default=None)
+    r = run(ap.parse_args())
+    if not r["steps"]:
+        sys.exit("parallel_step: no step held every client at once (raise --gen)")
+    rest = r["step"] - r["decode"] - r["hooks"] - r["sample"]
+    print(f"| {r['mode']} | {r['sampling']} | {r['clients']} | {r['steps']} | {r['step']:.3f} | {r['decode']:.3f} | "
+          f"{r['hooks']:.3f} | {r['sample']:.3f} | {rest:.3f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
