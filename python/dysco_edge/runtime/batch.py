@@ -306,9 +306,9 @@ class Batcher:
             self.engine.copy_seq(donor.seq_id, slot.seq_id, reuse)
         req.n_cached = reuse
         limit = min(req.max_new_tokens, self.engine.n_ctx - n)
-        # a plain greedy answer needs the argmax only: llama.cpp's graph picks it (DySCO runs keep the host
-        # sampler: their probe graphs with llama.cpp's sampler nodes in them are not tested)
-        on_device = req.config is None and req.sampling.greedy and self.engine.sample_on_device(slot.seq_id, True)
+        # a greedy answer needs the argmax only: llama.cpp's graph picks it, and no logits row comes back (a
+        # DySCO probe has no logits, so its graph gets no sampler nodes)
+        on_device = req.sampling.greedy and self.engine.sample_on_device(slot.seq_id, True)
         return _Run(req, Sampler(req.sampling), reuse, limit, reuse, feed, on_device=on_device)
 
     def _close(self, slot: Slot, run: _Run) -> None:
