@@ -211,6 +211,30 @@ def test_a_long_prompt_prefills_in_steps_the_running_stream_shares(monkeypatch, 
 
 
 @pytest.mark.slow
+def test_a_claim_waits_for_one_step_at_most_while_others_decode(monkeypatch, parallel):
+    # the step thread takes the context again right after each step: a newcomer (or a release) that only
+    # blocked on the lock could wait many steps, until every run ended
+    steps = [0]
+    advance = batch.Batcher._advance
+
+    def counted(self, slots):
+        steps[0] += 1
+        return advance(self, slots)
+    monkeypatch.setattr(batch.Batcher, "_advance", counted)
+    running = parallel.generate(messages=_messages(0), dysco=None, max_new_tokens=400, stream=True)
+    pieces = iter(running)
+    waited = []
+    for _ in range(20):
+        next(pieces)
+        before = steps[0]
+        with parallel._batcher._between_steps():
+            waited.append(steps[0] - before)
+    running.close()
+    # one step may start before the claim is announced, and one that checked just before it
+    assert max(waited) <= 2, waited
+
+
+@pytest.mark.slow
 def test_closing_a_dysco_stream_leaves_the_others_and_its_slot_intact(single, parallel):
     expected = {}
     for i in (0, 4):

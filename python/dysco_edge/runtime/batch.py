@@ -25,6 +25,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
@@ -234,6 +235,7 @@ class Batcher:
         self.slots = [Slot(0, cache0)] + [Slot(i, PrefixCache(engine, i)) for i in range(1, n_slots)]
         self._cond = threading.Condition()
         self._step = threading.Lock()  # the context: a step, a claim, a release, a solo holder
+        self._between = 0  # threads waiting for the context between two steps (a claim, a release)
         self._solo = ContextLock()
         self._solo_waiting = 0
         self._closed = False
@@ -277,7 +279,7 @@ class Batcher:
                                             -s.released))
             slot.busy, slot.owner = True, me
         try:
-            with self._step:
+            with self._between_steps():
                 run = self._claim(slot, req)
         except BaseException:
             self._free(slot)
@@ -312,7 +314,7 @@ class Batcher:
         return _Run(req, Sampler(req.sampling), reuse, limit, reuse, feed, on_device=on_device)
 
     def _close(self, slot: Slot, run: _Run) -> None:
-        with self._step:
+        with self._between_steps():
             run.done = True
             run.sampler.close()
             if not self.engine.closed:
@@ -321,6 +323,20 @@ class Batcher:
                 run.feed.end(self.engine.native, slot.seq_id)
                 slot.cache.release(run.req.prompt, run.feed.clean_end())
         self._free(slot)
+
+    @contextmanager
+    def _between_steps(self):
+        """The context for a claim or a release, before the next step: the step thread takes the lock again
+        right after each step, so a thread that merely blocked on it could wait many steps."""
+        with self._cond:
+            self._between += 1
+        try:
+            with self._step:
+                yield
+        finally:
+            with self._cond:
+                self._between -= 1
+                self._cond.notify_all()
 
     def _free(self, slot: Slot) -> None:
         with self._cond:
@@ -347,7 +363,7 @@ class Batcher:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not self._closed and not self._active():
+                while (not self._closed and not self._active()) or self._between:
                     self._cond.wait()
                 if self._closed and not self._active():
                     return
