@@ -12,7 +12,10 @@
 #include "ggml-alloc.h"
 #include "ggml-backend.h"
 
+#include <algorithm>
 #include <cmath>
+#include <utility>
+#include <vector>
 
 // A soft bias's "minus infinity" for the hard mask: 0 + it stays finite in F16 and F32 masks, and its
 // softmax weight underflows to exactly 0 as -inf's does.
@@ -258,35 +261,39 @@ static uint32_t track_select_run(dysco_state & st, const llama_ubatch & ub, uint
 // with one selection config at a time), zeros elsewhere; null when no sequence of the ubatch selects.
 static ggml_tensor * track_bias_streams(const llm_graph_context & g, dysco_state & st, const llama_kv_cache_context * mctx,
                                         int64_t n_kv, uint32_t ns) {
-    ggml_context * ctx = g.ctx0;
-    ggml_tensor * bias = nullptr;                                                             // [n_kv, c]
-    uint32_t zeros = 0; // plain chunks before c not yet in `bias`
-    bool any = false;
-    for (uint32_t c = 0; c <= ns; ) {
-        const uint32_t n = c < ns ? track_select_run(st, g.ubatch, ns, c) : 0;
-        if (zeros > 0 && (n > 0 || (c == ns && any))) {
-            // the fill reads nothing of the rows it is shaped on
-            ggml_tensor * z = ggml_fill(ctx, ggml_view_2d(ctx, st.track.sel, n_kv, zeros, n_kv * sizeof(float), 0), 0.0f);
-            bias  = bias ? ggml_concat(ctx, bias, z, 1) : z;
-            zeros = 0;
+    std::vector<std::pair<uint32_t, uint32_t>> runs; // (first chunk, chunks) of each run that selects
+    for (uint32_t c = 0; c < ns; ) {
+        const uint32_t n = track_select_run(st, g.ubatch, ns, c);
+        if (n > 0) {
+            runs.emplace_back(c, n);
         }
-        if (c == ns) {
-            break;
-        }
-        if (n == 0) {
-            ++zeros;
-            ++c;
-            continue;
-        }
-        ggml_tensor * cells = track_cells(g, st, mctx);                                       // [n_tokens] I64 (one a chunk)
-        ggml_tensor * cur   = ggml_view_2d(ctx, cells, 1, n, cells->nb[0], c * cells->nb[0]); // [1, n]
-        ggml_tensor * rows  = track_bias_rows(g, st.track, *dysco_track_chunk(st, g.ubatch, ns, c), n_kv,
-                                              chunk_row(st, g.ubatch, ns, c), n, cur);        // [n_kv, n]
-        bias = bias ? ggml_concat(ctx, bias, rows, 1) : rows;
-        any  = true;
-        c   += n;
+        c += std::max(n, 1u);
     }
-    return any ? ggml_reshape_4d(ctx, bias, n_kv, 1, 1, ns) : nullptr;                       // [n_kv, 1, 1, ns]
+    if (runs.empty()) {
+        return nullptr;
+    }
+    ggml_context * ctx = g.ctx0;
+    ggml_tensor * bias = nullptr;                                                             // [n_kv, rows so far]
+    const auto append = [&](ggml_tensor * rows) { bias = bias ? ggml_concat(ctx, bias, rows, 1) : rows; };
+    // a plain chunk's row: zeros (the fill reads nothing of the rows it is shaped on)
+    const auto zeros = [&](uint32_t n) {
+        return ggml_fill(ctx, ggml_view_2d(ctx, st.track.sel, n_kv, n, n_kv * sizeof(float), 0), 0.0f); // [n_kv, n]
+    };
+    ggml_tensor * cells = track_cells(g, st, mctx);                                           // [n_tokens] I64 (one a chunk)
+    uint32_t next = 0; // the first chunk not yet in `bias`
+    for (const auto & [c, n] : runs) {
+        if (c > next) {
+            append(zeros(c - next));
+        }
+        ggml_tensor * cur = ggml_view_2d(ctx, cells, 1, n, cells->nb[0], c * cells->nb[0]);   // [1, n]
+        append(track_bias_rows(g, st.track, *dysco_track_chunk(st, g.ubatch, ns, c), n_kv,
+                               chunk_row(st, g.ubatch, ns, c), n, cur));                      // [n_kv, n]
+        next = c + n;
+    }
+    if (next < ns) {
+        append(zeros(ns - next));
+    }
+    return ggml_reshape_4d(ctx, bias, n_kv, 1, 1, ns);                                        // [n_kv, 1, 1, ns]
 }
 
 ggml_tensor * dysco_track_bias(const llm_graph_context & g, dysco_state & st, ggml_tensor * kq_mask) {

@@ -89,7 +89,7 @@ def _arm_together(native, mode: dict, step: dict) -> None:
     """Fast sequences arm their pass; exact ones probe, all in one probe decode."""
     probes = []
     for s, (token, pos) in step.items():
-        if mode[s] in ("fast", "fast2"):
+        if VARIANTS.get(mode[s], (mode[s],))[0] == "fast":
             assert native.fast_select(pos, s)
         elif mode[s] == "exact":
             probes.append((token, pos, s))

@@ -42,10 +42,9 @@ class StepClock:
 
     def __init__(self, n_clients: int, profile_step: int | None):
         self.n, self.profile_step = n_clients, profile_step
-        self.cur, self.steps, self.items = defaultdict(float), [], 0
-        self.ctx = None
+        self.cur, self.steps, self.full = defaultdict(float), [], False
 
-    def wrap(self, owner, name: str, part: str, sync: bool = False) -> None:
+    def wrap(self, owner, name: str, part: str) -> None:
         fn = getattr(owner, name)
         clock = self
 
@@ -54,8 +53,6 @@ class StepClock:
             try:
                 return fn(*a, **k)
             finally:
-                if sync:
-                    llama_cpp.llama_synchronize(clock.ctx)
                 clock.cur[part] += time.perf_counter() - t0
         setattr(owner, name, timed)
 
@@ -63,10 +60,9 @@ class StepClock:
         original, clock = Engine.decode_batch, self
 
         def decode(eng, items):
-            profile = (len(items) == clock.n and all(len(t) == 1 for t, *_ in items)
-                       and clock.profile_step is not None and len(clock.steps) == clock.profile_step)
-            if len(items) == clock.n and all(len(t) == 1 for t, *_ in items):
-                clock.items = len(items)
+            every_client = len(items) == clock.n and all(len(t) == 1 for t, *_ in items)
+            profile = every_client and clock.profile_step is not None and len(clock.steps) == clock.profile_step
+            clock.full = clock.full or every_client
             t0 = time.perf_counter()
             if profile:
                 cudart().cudaProfilerStart()
@@ -83,11 +79,11 @@ class StepClock:
 
         def advance(batcher, slots):
             clock.cur.clear()
-            clock.items = 0
+            clock.full = False
             t0 = time.perf_counter()
             original(batcher, slots)
             clock.cur["step"] = time.perf_counter() - t0
-            if clock.items == clock.n:
+            if clock.full:
                 clock.steps.append(dict(clock.cur))
         batch.Batcher._advance = advance
 
@@ -115,7 +111,6 @@ def run(args) -> dict:
     clock.wrap(Engine, "sampled_token", "sample")
     with Model(args.model, n_ctx=args.doc_tokens + args.gen + 64, parallel=args.clients, n_gpu_layers=args.n_gpu_layers,
                flash_attn=True) as model:
-        clock.ctx = model.engine.ctx
         prompts = [model.tokenize(d + CUE, add_bos=True) for d in documents(model, args.clients, args.doc_tokens)]
         config = None if args.mode == "plain" else model.head_map().to_config(**MODES[args.mode])
         gate = threading.Barrier(args.clients)
