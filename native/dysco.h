@@ -12,6 +12,7 @@ extern "C" {
 #endif
 
 struct llama_context;
+struct llama_sampler;
 
 enum dysco_status {
     DYSCO_OK              =  0,
@@ -143,6 +144,12 @@ int32_t dysco_probe_select_batch(struct llama_context * ctx, const int32_t * tok
                                  const int32_t * seq_ids, int32_t n);
 // Stops tracking seq_id (its generation ended): its passes neither fold nor select afterwards.
 int32_t dysco_track_end(struct llama_context * ctx, int32_t seq_id);
+
+// A greedy sampler for a chain given to llama_set_sampler (llama.cpp's backend sampling): the largest
+// logit, as llama_sampler_init_greedy's graph picks it (ggml_argmax), taken in two stages (the argmax of
+// chunks of the vocabulary, then of their maxima) where the device runs them, which a GPU does in
+// parallel blocks. The chain that it is added to owns it. NULL when ctx is NULL.
+struct llama_sampler * dysco_sampler_init_greedy(const struct llama_context * ctx);
 
 // Slot layout, for replaying a reference harness (conformance tests), not for decoding:
 // cells are addressed by slot instead of position (on a fresh unified KV cache the i-th token

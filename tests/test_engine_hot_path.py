@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import models
+from dysco_edge.models import resolve
 from dysco_edge.runtime.engine import Engine, EngineOptions, Sampler
 
 import llama_cpp
@@ -70,6 +71,27 @@ def test_greedy_edge_logits_follow_llama_cpp(engine, case):
     sampler = Sampler()
     assert sampler.sample(engine) == _llama_cpp_greedy(engine) == expected
     sampler.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["smollm2-135m", "gemma-3-270m", "qwen2.5-coder-1.5b"])
+def test_greedy_tokens_picked_in_the_graph_are_the_first_largest_logits(name):
+    """dysco-edge's greedy sampler in llama.cpp's graph (the argmax of chunks of the vocabulary, then of
+    their maxima: 49152, 262144 and 151936 logits cut 48 x 1024, 256 x 1024 and 1187 x 128) against
+    numpy's argmax of the same step's logits: sequence 0 is sampled in the graph; sequence 1, on a KV
+    stream of its own, is fed the same tokens in the same batches and read on the host."""
+    with Engine(resolve(name), EngineOptions(n_ctx=256, n_batch=64, n_ubatch=64, n_seq_max=2)) as eng:
+        ids = eng.tokenize(TEXT, add_bos=True)[:40]
+        for seq_id in (0, 1):
+            eng.decode(ids[:-1], 0, want_logits=False, seq_id=seq_id)
+        assert eng.sample_on_device(0, True)
+        token, pos = ids[-1], len(ids) - 1
+        for _ in range(12):
+            eng.decode_batch([([token], pos, 0, True), ([token], pos, 1, True)])
+            expected = int(np.argmax(eng.logits(1)))
+            assert eng.sampled_token(0) == expected
+            token, pos = expected, pos + 1
+        eng.sample_on_device(0, False)
 
 
 def _llama_logits(ids: list[int]) -> np.ndarray:

@@ -731,10 +731,11 @@ class Engine:
         return view
 
     def sample_on_device(self, seq_id: int, on: bool) -> bool:
-        """Whether llama.cpp picks seq_id's greedy token in its graph (its backend sampling) from now on,
-        instead of the host reading the logits row: a decode whose every output is sampled so copies no
-        logits back. Each change replans the next decode's graph. False when off, or when llama.cpp
-        cannot (e.g. a tensor split); then engine.logits and the host sampler serve as before."""
+        """Whether llama.cpp picks seq_id's greedy token in its graph (its backend sampling, with our
+        two-stage argmax, native.greedy_sampler) from now on, instead of the host reading the logits row:
+        a decode whose every output is sampled so copies no logits back. Each change replans the next
+        decode's graph. False when off, or when llama.cpp cannot (e.g. a tensor split); then
+        engine.logits and the host sampler serve as before."""
         chain = self._device_samplers.pop(seq_id, None)
         if chain is not None:
             llama_cpp.llama_set_sampler(self.ctx, seq_id, None)
@@ -742,7 +743,8 @@ class Engine:
         if not on:
             return False
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
-        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
+        greedy = ctypes.cast(self._native.greedy_sampler(), llama_cpp.llama_sampler_p_ctypes)
+        llama_cpp.llama_sampler_chain_add(chain, greedy)
         if not llama_cpp.llama_set_sampler(self.ctx, seq_id, chain):
             llama_cpp.llama_sampler_free(chain)
             return False

@@ -46,6 +46,7 @@ int32_t dysco_set_seq_capture(void * ctx, int32_t seq_id, bool on);
 int32_t dysco_track_end(void * ctx, int32_t seq_id);
 int32_t dysco_probe_select_batch(void * ctx, const int32_t * tokens, const int32_t * pos, const int32_t * seq_ids,
                                  int32_t n);
+void * dysco_sampler_init_greedy(void * ctx);
 """
 
 ERR_ARGUMENT, ERR_HEAD, ERR_NO_HEADS, ERR_RANGE, ERR_DECODE, ERR_NO_SCORES, ERR_UNSUPPORTED = range(-1, -8, -1)
@@ -277,6 +278,14 @@ class NativeContext:
     def track_end(self, seq_id: int) -> None:
         """Stop tracking seq_id (its generation ended)."""
         _check(self._lib.dysco_track_end(self._ctx, int(seq_id)), "dysco_track_end")
+
+    def greedy_sampler(self) -> int:
+        """The address of a new greedy llama_sampler whose backend graph picks the token in two stages
+        (dysco.h dysco_sampler_init_greedy), for a chain that then owns it."""
+        sampler = self._lib.dysco_sampler_init_greedy(self._ctx)
+        if sampler == _ffi.NULL:
+            raise DyscoError("dysco_sampler_init_greedy returned no sampler", ERR_ARGUMENT)
+        return int(_ffi.cast("uintptr_t", sampler))
 
 
 class SequenceControls:
