@@ -8,6 +8,7 @@
 #include "ggml-backend.h"
 
 #include <algorithm>
+#include <vector>
 
 static const char * const DYSCO_SCORE_NAME[DYSCO_CACHE_KINDS] = { "dysco_scores_base", "dysco_scores_swa" };
 static const char * const DYSCO_MASK_NAME[DYSCO_CACHE_KINDS]  = { "dysco_score_mask_base", "dysco_score_mask_swa" };
@@ -154,10 +155,17 @@ static void dysco_qr_layer_acc(const llm_graph_context & g, const dysco_state * 
     const int64_t kv_first = *lo / n_gqa;
     const int64_t n_groups = *hi / n_gqa - kv_first + 1;
     ggml_tensor * probs = dysco_range_probs(g, q_tok, k, mask, kv_first, n_groups, kq_scale); // [n_kv, 1, n_groups * n_gqa, ns]
-    for (int head : heads) { // in the map's order: the sum's rounding depends on it
+    std::vector<ggml_tensor *> rows;
+    for (int head : heads) {
         const size_t offs = (head - kv_first * n_gqa) * probs->nb[2];
-        acc = dysco_acc_add(g, acc, ggml_view_4d(g.ctx0, probs, n_kv, 1, 1, probs->ne[3], probs->nb[1], probs->nb[2],
-                                                 probs->nb[3], offs));                      // [n_kv, 1, 1, ns]
+        rows.push_back(ggml_view_4d(g.ctx0, probs, n_kv, 1, 1, probs->ne[3], probs->nb[1], probs->nb[2], probs->nb[3],
+                                    offs));                                                   // [n_kv, 1, 1, ns]
+        // the views go in the graph before the adds, which then follow one another: CUDA runs such a
+        // chain as one kernel, adding in the same order
+        ggml_build_forward_expand(g.gf, rows.back());
+    }
+    for (ggml_tensor * row : rows) { // in the map's order: the sum's rounding depends on it
+        acc = dysco_acc_add(g, acc, row);
     }
 }
 

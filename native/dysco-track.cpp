@@ -13,6 +13,7 @@
 #include "ggml-backend.h"
 
 #include <algorithm>
+#include <cfloat>
 #include <cmath>
 #include <utility>
 #include <vector>
@@ -180,27 +181,31 @@ static ggml_tensor * track_select(const llm_graph_context & g, dysco_track & tr,
     if (!ggml_is_contiguous(imp)) {
         imp = ggml_cont(ctx, imp); // argsort and reshape read contiguous rows
     }
-    ggml_tensor * order  = ggml_argsort(ctx, imp, GGML_SORT_ORDER_DESC);                      // [n_kv, n] I32
-    ggml_tensor * sorted = ggml_get_rows(ctx, ggml_reshape_3d(ctx, imp, 1, n_kv, n), order);  // [1, n_kv, n]
-    sorted = ggml_reshape_2d(ctx, sorted, n_kv, n);                                           // [n_kv, n]
-    ggml_tensor * keep = nullptr;                                                             // [n_kv, n]
+    ggml_tensor * order = ggml_argsort(ctx, imp, GGML_SORT_ORDER_DESC);                       // [n_kv, n] I32
+    // ranks past top_k are never kept: only the first n_rank are computed and written, the others are 0
+    const int64_t n_rank = t.top_k > 0 ? std::min<int64_t>(t.top_k, n_kv) : n_kv;
+    ggml_tensor * ranked = ggml_view_2d(ctx, order, n_rank, n, order->nb[1], 0);              // [n_rank, n] I32
+    ggml_tensor * keep = nullptr;                                                             // [n_rank, n] 1: kept
     if (t.top_p > 0.0) {
-        ggml_tensor * cum   = ggml_cumsum(ctx, sorted);                                       // [n_kv, n]
-        // cum <= top_p: 1 - step(cum - top_p) (step is x > 0, so a running sum equal to top_p fits)
-        ggml_tensor * fits  = ggml_scale_bias(ctx, ggml_step(ctx, ggml_scale_bias(ctx, cum, 1.0f, -(float) t.top_p)), -1.0f, 1.0f);
-        // the largest is kept whatever its mass: the only rank whose running sum before it is 0
-        ggml_tensor * first = ggml_scale_bias(ctx, ggml_step(ctx, ggml_sub(ctx, cum, sorted)), -1.0f, 1.0f);
-        keep = ggml_step(ctx, ggml_add(ctx, fits, first));
+        ggml_tensor * sorted = ggml_get_rows(ctx, ggml_reshape_3d(ctx, imp, 1, n_kv, n), ranked); // [1, n_rank, n]
+        sorted = ggml_reshape_2d(ctx, sorted, n_rank, n);                                     // [n_rank, n]
+        ggml_tensor * cum = ggml_cumsum(ctx, sorted);                                         // [n_rank, n]
+        // kept: a running sum <= top_p (a sum equal to it fits), or the largest whatever its mass (the one
+        // rank whose running sum is its own value): cum <= max(top_p, sorted); step is x > 0
+        ggml_tensor * over = ggml_sub(ctx, cum, ggml_clamp(ctx, sorted, (float) t.top_p, FLT_MAX));
+        keep = ggml_scale_bias(ctx, ggml_step(ctx, over), -1.0f, 1.0f);
+    } else {
+        // shaped on the ranks, whose values the fill does not read
+        keep = ggml_fill(ctx, ggml_view_2d(ctx, imp, n_rank, n, imp->nb[1], 0), 1.0f);
     }
-    if (t.top_k > 0) {
-        ggml_tensor * rank = ggml_arange(ctx, 0.0f, (float) n_kv, 1.0f);                     // [n_kv]
-        ggml_tensor * in_k = ggml_step(ctx, ggml_scale_bias(ctx, rank, -1.0f, (float) t.top_k - 0.5f));
-        in_k = ggml_reshape_2d(ctx, in_k, n_kv, 1);                                           // [n_kv, 1]
-        keep = keep ? ggml_mul(ctx, keep, in_k) : n > 1 ? ggml_repeat(ctx, in_k, sorted) : in_k;
-    }
-    // back from rank order to cells: every cell of a row is written once (order is a permutation)
+    // back from rank order to cells, each written once (order is a permutation); the cells of the ranks
+    // past n_rank get zeros first (the whole rows: a fill writes contiguous memory only)
     ggml_tensor * sel = ggml_view_3d(ctx, tr.sel, 1, n_kv, n, sizeof(float), tr.sel->nb[1], row0 * tr.sel->nb[1]);
-    sel = ggml_set_rows(ctx, sel, ggml_reshape_3d(ctx, keep, 1, n_kv, n), order);            // [1, n_kv, n]
+    if (n_rank < n_kv) {
+        ggml_tensor * rows = ggml_fill_inplace(ctx, track_rows(ctx, tr.sel, tr.sel->ne[0], row0, n), 0.0f); // [kv_size, n]
+        sel = ggml_view_3d(ctx, rows, 1, n_kv, n, sizeof(float), rows->nb[1], 0);             // [1, n_kv, n]
+    }
+    sel = ggml_set_rows(ctx, sel, ggml_reshape_3d(ctx, keep, 1, n_rank, n), ranked);         // [1, n_kv, n]
     ggml_set_name(sel, "dysco_sel");
     return ggml_view_2d(ctx, sel, n_kv, n, sel->nb[2], 0);                                    // [n_kv, n]
 }
