@@ -1,7 +1,8 @@
 // A greedy sampler for llama.cpp's backend sampling (llama_set_sampler): the token is picked in the
 // decode graph, as llama.cpp's own greedy does, but in two stages. ggml_argmax gives a whole row to one
-// GPU block, which walks a large vocabulary (Qwen2.5's 151936 logits) serially; here each chunk of the
-// row has a block, then one block compares the chunks' maxima (bench/RESULTS.md, issue 26).
+// GPU block, which walks a large vocabulary (Qwen2.5's 151936 logits) alone; here each chunk of the row
+// has a block, then one block compares the chunks' maxima (a 4-row step 2% shorter on an H200:
+// bench/RESULTS.md, issue 26).
 #include "dysco.h"
 
 #include "llama.h"

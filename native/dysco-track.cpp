@@ -203,6 +203,7 @@ static ggml_tensor * track_select(const llm_graph_context & g, dysco_track & tr,
     ggml_tensor * sel = ggml_view_3d(ctx, tr.sel, 1, n_kv, n, sizeof(float), tr.sel->nb[1], row0 * tr.sel->nb[1]);
     if (n_rank < n_kv) {
         ggml_tensor * rows = ggml_fill_inplace(ctx, track_rows(ctx, tr.sel, tr.sel->ne[0], row0, n), 0.0f); // [kv_size, n]
+        ggml_set_name(rows, ""); // not "dysco_selected (view)": dysco_name_nodes names it with the selection's layer
         sel = ggml_view_3d(ctx, rows, 1, n_kv, n, sizeof(float), rows->nb[1], 0);             // [1, n_kv, n]
     }
     sel = ggml_set_rows(ctx, sel, ggml_reshape_3d(ctx, keep, 1, n_rank, n), ranked);         // [1, n_kv, n]

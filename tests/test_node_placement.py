@@ -20,7 +20,7 @@ HEADS = ((1, 5), (1, 2), (2, 7), (3, 0))
 SMOL_HEADS = ((2, 4), (5, 1), (7, 8))
 # the ops DySCO's graph code builds (dysco-graph.cpp, dysco-track.cpp): nothing of llama.cpp's layers
 DYSCO_OPS = {"MUL_MAT", "SOFT_MAX", "ADD", "SUB", "MUL", "DIV", "SCALE", "TANH", "CPY", "CONT", "SUM_ROWS", "SUM",
-             "ARGSORT", "GET_ROWS", "CUMSUM", "STEP", "ARANGE", "SET_ROWS", "FILL"}
+             "ARGSORT", "GET_ROWS", "CUMSUM", "STEP", "CLAMP", "SET_ROWS", "FILL"}
 
 
 def _prompt(n=120):
@@ -35,7 +35,7 @@ def test_placement_reports_every_dysco_node_and_only_those(flash):
     assert parts == {"scores", "fold", "selection and bias", "head capture"}
     assert {n.op for n in nodes} <= DYSCO_OPS  # a walk past DySCO's inputs would rename ROPE, RMS_NORM, ...
     select_ops = {n.op for n in nodes if node_part(n.name) == "selection and bias"}
-    assert {"ARGSORT", "GET_ROWS", "CUMSUM", "SET_ROWS", "ARANGE", "FILL", "STEP"} <= select_ops
+    assert {"ARGSORT", "GET_ROWS", "CUMSUM", "SET_ROWS", "CLAMP", "FILL", "STEP"} <= select_ops
     assert {n.layer for n in nodes if node_part(n.name) == "scores"} == {1, 2, 3}  # the QR-head layers
     assert {n.layer for n in nodes if node_part(n.name) == "fold"} == {3}  # after the last of them
     assert {n.layer for n in nodes if node_part(n.name) == "head capture"} == {0, 1, 2, 3}
