@@ -9,7 +9,9 @@ timed part by part. Private instrumentation: Batcher's and Engine's methods are 
 - the rest of the step is the batch thread's Python (queues, bookkeeping, the GIL).
 
 `--host-sampling` makes every slot read its logits row and take the argmax on the host (what a DySCO
-slot did before its greedy token was picked in the graph). `--profile-step K` brackets the K-th timed
+slot did before its greedy token was picked in the graph); `--llama-greedy` picks it in the graph with
+llama.cpp's own greedy sampler instead of ours (native/dysco-sampler.cpp). `--slots` sets the model's
+parallel slots (default: the clients, at least 2, so that one client runs through the batch too). `--profile-step K` brackets the K-th timed
 step's decode with cudaProfilerStart/Stop for `ncu --profile-from-start off` (kernel_profile.py
 --summarize reads its CSV):
 
@@ -18,6 +20,7 @@ step's decode with cudaProfilerStart/Stop for `ncu --profile-from-start off` (ke
 from __future__ import annotations
 
 import argparse
+import ctypes
 import statistics
 import sys
 import threading
@@ -31,6 +34,7 @@ from bench_parallel import CUE, MODES, documents  # noqa: E402
 from dysco_edge import Model  # noqa: E402  (loads our libllama before llama_cpp)
 from dysco_edge.runtime import batch  # noqa: E402
 from dysco_edge.runtime.engine import Engine, Sampler  # noqa: E402
+from dysco_edge.runtime.native import NativeContext  # noqa: E402
 
 import llama_cpp  # noqa: E402
 
@@ -93,6 +97,11 @@ def cudart():
     return load()
 
 
+def llama_greedy() -> None:
+    """Greedy slots take llama.cpp's greedy sampler (one ggml_argmax over the row) in their chain."""
+    NativeContext.greedy_sampler = lambda self: ctypes.cast(llama_cpp.llama_sampler_init_greedy(), ctypes.c_void_p).value
+
+
 def host_sampling() -> None:
     """Every slot samples on the host (the A/B of the in-graph greedy token)."""
     Engine.sample_on_device = lambda self, seq_id, on: False
@@ -103,13 +112,15 @@ def run(args) -> dict:
     clock = StepClock(args.clients, args.profile_step)
     if args.host_sampling:
         host_sampling()
+    if args.llama_greedy:
+        llama_greedy()
     clock.wrap_decode()
     clock.wrap_step()
     for owner, name in ((batch._DyscoFeed, "before"), (batch._DyscoFeed, "after"), (batch.Batcher, "_probe")):
         clock.wrap(owner, name, "hooks")
     clock.wrap(Sampler, "sample", "sample")
     clock.wrap(Engine, "sampled_token", "sample")
-    with Model(args.model, n_ctx=args.doc_tokens + args.gen + 64, parallel=args.clients, n_gpu_layers=args.n_gpu_layers,
+    with Model(args.model, n_ctx=args.doc_tokens + args.gen + 64, parallel=args.slots or max(args.clients, 2), n_gpu_layers=args.n_gpu_layers,
                flash_attn=True) as model:
         prompts = [model.tokenize(d + CUE, add_bos=True) for d in documents(model, args.clients, args.doc_tokens)]
         config = None if args.mode == "plain" else model.head_map().to_config(**MODES[args.mode])
@@ -131,7 +142,8 @@ def run(args) -> dict:
         wall = time.perf_counter() - t0
     steps = clock.steps[2:]  # the first steps with every client may still build graphs
     med = {p: 1e3 * statistics.median(s.get(p, 0.0) for s in steps) for p in PARTS} if steps else {}
-    return {"mode": args.mode, "sampling": "host" if args.host_sampling else "graph", "clients": args.clients,
+    sampling = "host" if args.host_sampling else "graph, llama.cpp's greedy" if args.llama_greedy else "graph"
+    return {"mode": args.mode, "sampling": sampling, "clients": args.clients,
             "steps": len(steps), "tokens": sum(counts), "wall_s": wall, **med}
 
 
@@ -144,6 +156,8 @@ def main() -> None:
     ap.add_argument("--mode", choices=tuple(MODES), default="fast")
     ap.add_argument("--n-gpu-layers", type=int, default=99)
     ap.add_argument("--host-sampling", action="store_true")
+    ap.add_argument("--llama-greedy", action="store_true")
+    ap.add_argument("--slots", type=int, default=None)
     ap.add_argument("--profile-step", type=int, default=None)
     r = run(ap.parse_args())
     if not r["steps"]:

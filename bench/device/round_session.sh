@@ -15,7 +15,7 @@
 # Not in the default, issue 26's: parallel-cpu runs its CPU table (SmolLM2, 2 cores pinned, no GPU, and
 # llama-batched-bench there) in the background; parallel-check a sequence in a batch against alone on CUDA
 # (check_parallel.py); parallel-step a batched step's parts and one step's kernels (parallel_step.py at
-# STEP_CLIENTS clients, default "4 8"; ncu: NCU_MODES, HOST_AB=1 adds host-sampled rows); batched llama.cpp's llama-batched-bench at 8K tokens.
+# STEP_CLIENTS clients, default "4 8"; ncu: NCU_MODES, HOST_AB=1 adds host-sampled rows, GREEDY_AB=1 rows with llama.cpp's greedy sampler); batched llama.cpp's llama-batched-bench at 8K tokens.
 # PARTS (default "golden vulkan-check vulkan-speed consumer speed parallel") picks what runs after the build and check (each
 # part under a time limit: VK_S, CONSUMER_S, SPEED_S, PARALLEL_S seconds); speed is
 # run.sh speed (issue 24's table) on the real model at SPEED_CONTEXTS (default "4096 30720").
@@ -51,7 +51,7 @@ step_rows() {
     export DYSCO_EDGE_LIB_DIR=$PWD/build/cuda/bin
     { echo "| mode | sampling | clients | steps | step ms | decode+sync ms | hooks ms | sample ms | rest ms |"
       echo "|---|---|---|---|---|---|---|---|---|"
-      for mode in plain fast; do for n in ${STEP_CLIENTS:-4 8}; do for hs in "" ${HOST_AB:+--host-sampling}; do
+      for mode in plain fast; do for n in ${STEP_CLIENTS:-4 8}; do for hs in "" ${HOST_AB:+--host-sampling} ${GREEDY_AB:+--llama-greedy}; do
           timeout 120 taskset -c 0-13 $py --clients $n --gen 128 --mode $mode $hs
       done; done; done; } > $OUT/parallel-step.md 2> $OUT/parallel-step.err
     for mode in ${NCU_MODES-plain fast}; do
