@@ -21,7 +21,7 @@ static const int64_t DYSCO_PROBE_LOGITS = 128 * 1024;
 
 struct dysco_greedy {
     int64_t          n_vocab;
-    bool             chunked = false; // the two-stage ops run on the output device
+    bool             chunked = false; // ids is allocated and the two-stage ops run on the output device
     ggml_context_ptr ctx;
     ggml_backend_buffer_ptr buf;
     ggml_tensor *    ids = nullptr;   // [n] I32 0, 1, ..: a logit's token, on the output device
@@ -41,7 +41,7 @@ static int64_t greedy_chunk(int64_t n) {
 // ggml_argmax, whose pick among equal maxima (on the CPU the last) then holds across chunks as within one.
 static ggml_tensor * greedy_argmax(ggml_context * ctx, const dysco_greedy & g, ggml_tensor * logits) {
     const int64_t n = ggml_nelements(logits);
-    const int64_t w = g.chunked && g.ids && n <= ggml_nelements(g.ids) ? greedy_chunk(n) : 0;
+    const int64_t w = g.chunked && n <= ggml_nelements(g.ids) ? greedy_chunk(n) : 0;
     logits = ggml_reshape_1d(ctx, logits, n);                                                 // [n]
     if (w == 0) {
         return ggml_argmax(ctx, logits);                                                      // [1] I32

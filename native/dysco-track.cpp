@@ -185,7 +185,7 @@ static ggml_tensor * track_select(const llm_graph_context & g, dysco_track & tr,
     // ranks past top_k are never kept: only the first n_rank are computed and written, the others are 0
     const int64_t n_rank = t.top_k > 0 ? std::min<int64_t>(t.top_k, n_kv) : n_kv;
     ggml_tensor * ranked = ggml_view_2d(ctx, order, n_rank, n, order->nb[1], 0);              // [n_rank, n] I32
-    ggml_tensor * keep = nullptr;                                                             // [n_rank, n] 1: kept
+    ggml_tensor * keep;                                                                       // [n_rank, n] 1: kept
     if (t.top_p > 0.0) {
         ggml_tensor * sorted = ggml_get_rows(ctx, ggml_reshape_3d(ctx, imp, 1, n_kv, n), ranked); // [1, n_rank, n]
         sorted = ggml_reshape_2d(ctx, sorted, n_rank, n);                                     // [n_rank, n]
