@@ -3,7 +3,9 @@ by N threads, each with a document of its own, and the steps in which every one 
 timed part by part. Private instrumentation: Batcher's and Engine's methods are wrapped in place.
 
 - step: Batcher._advance, the whole step on the batch thread;
-- decode: Engine.decode_batch and a llama_synchronize after it (the GPU's work plus the launch);
+- decode: Engine.decode_batch and a llama_synchronize after it (the GPU's work plus the launch); of it,
+  sync: the llama_synchronize alone (the GPU's work left once llama_decode returned: near 0 when the host
+  is the bound, building and launching the graph);
 - hooks: DySCO's calls before and after the pass (fast_select, pass_selection), probes;
 - sample: the token's readout (llama.cpp's sampled token, or the host's argmax over the logits row);
 - the rest of the step is the batch thread's Python (queues, bookkeeping, the GIL).
@@ -38,7 +40,7 @@ from dysco_edge.runtime.native import NativeContext  # noqa: E402
 
 import llama_cpp  # noqa: E402
 
-PARTS = ("step", "decode", "hooks", "sample")
+PARTS = ("step", "decode", "sync", "hooks", "sample")
 
 
 class StepClock:
@@ -71,7 +73,9 @@ class StepClock:
             if profile:
                 cudart().cudaProfilerStart()
             rc = original(eng, items)
+            t1 = time.perf_counter()
             llama_cpp.llama_synchronize(eng.ctx)
+            clock.cur["sync"] += time.perf_counter() - t1
             if profile:
                 cudart().cudaProfilerStop()
             clock.cur["decode"] += time.perf_counter() - t0
@@ -164,7 +168,7 @@ def main() -> None:
         sys.exit("parallel_step: no step held every client at once (raise --gen)")
     rest = r["step"] - r["decode"] - r["hooks"] - r["sample"]
     print(f"| {r['mode']} | {r['sampling']} | {r['clients']} | {r['steps']} | {r['step']:.3f} | {r['decode']:.3f} | "
-          f"{r['hooks']:.3f} | {r['sample']:.3f} | {rest:.3f} |", flush=True)
+          f"{r['sync']:.3f} | {r['hooks']:.3f} | {r['sample']:.3f} | {rest:.3f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@
 #   there, a call per part:         bash bench/device/eval_gpu.sh take NAME K [SHA256 on the last]
 #   there, to collect:              tail /tmp/res/round-session.log; tar czf "$OUT"/res.tgz -C /tmp res
 # Not in the default, issue 26's: parallel-cpu runs its CPU table (SmolLM2, 2 cores pinned, no GPU, and
-# llama-batched-bench there) in the background; parallel-check a sequence in a batch against alone on CUDA
+# llama-batched-bench there) in the background; argsort-check ggml_argsort on CUDA against a stable sort
+# (bench/device/argsort_check.cpp, patch 0008); parallel-check a sequence in a batch against alone on CUDA
 # (check_parallel.py); parallel-step a batched step's parts and one step's kernels (parallel_step.py at
 # STEP_CLIENTS clients, default "4 8"; ncu: NCU_MODES, HOST_AB=1 adds host-sampled rows, GREEDY_AB=1 rows with llama.cpp's greedy sampler); batched llama.cpp's llama-batched-bench at 8K tokens.
 # PARTS (default "golden vulkan-check vulkan-speed consumer speed parallel") picks what runs after the build and check (each
@@ -49,8 +50,8 @@ dequantize_gguf(Path('/tmp/models/smol.gguf'), Path('/tmp/models/smol-f32.gguf')
 step_rows() {
     local py="python3 bench/device/parallel_step.py --model $QWEN --doc-tokens 8192"
     export DYSCO_EDGE_LIB_DIR=$PWD/build/cuda/bin
-    { echo "| mode | sampling | clients | steps | step ms | decode+sync ms | hooks ms | sample ms | rest ms |"
-      echo "|---|---|---|---|---|---|---|---|---|"
+    { echo "| mode | sampling | clients | steps | step ms | decode+sync ms | of it sync ms | hooks ms | sample ms | rest ms |"
+      echo "|---|---|---|---|---|---|---|---|---|---|"
       for mode in plain fast; do for n in ${STEP_CLIENTS:-4 8}; do for hs in "" ${HOST_AB:+--host-sampling} ${GREEDY_AB:+--llama-greedy}; do
           timeout 120 taskset -c 0-13 $py --clients $n --gen 128 --mode $mode $hs
       done; done; done; } > $OUT/parallel-step.md 2> $OUT/parallel-step.err
@@ -101,6 +102,10 @@ step_rows() {
                     --smol /tmp/models/smol.gguf --qwen $QWEN > $OUT/check-parallel.md 2> $OUT/check-parallel.err ;;
             parallel-step) place_qwen; wait $server_build  # issue 26: a batched step's parts, plain against fast, and one step's kernels under ncu
                 step_rows ;;
+            argsort-check)  # patch 0008: ggml_argsort on CUDA against a stable sort on the host
+                g++ -O2 -std=c++17 bench/device/argsort_check.cpp -I .dev/device/llama.cpp/ggml/include -L build/cuda/bin \
+                    -lggml -lggml-base -Wl,-rpath,$PWD/build/cuda/bin -o /tmp/argsort_check &&
+                    timeout 120 /tmp/argsort_check > $OUT/argsort-check.md 2> $OUT/argsort-check.err ;;
             batched) place_qwen; wait $server_build  # llama.cpp's own batched decode, no server: the ceiling of issue 26's table
                 taskset -c 0-13 build/llama-server/bin/llama-batched-bench -m $QWEN -c $((8 * 8448)) -b 2048 -ub 512 \
                     -npp 8192 -ntg 128 -npl 1,2,4,8 -ngl 99 -fa on > $OUT/batched.log 2>&1 ;;

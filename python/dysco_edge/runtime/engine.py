@@ -27,7 +27,7 @@ import llama_cpp
 from ..cores import physical_cores
 from ..errors import EngineError, InputError
 from ..limits import INT32_MAX, MAX_THREADS, int_in
-from .native import NativeContext, lib_dir, library_file
+from .native import NativeContext, held_gil_calls, lib_dir, library_file
 from .sampling import SamplingOptions
 
 ProgressFn = Callable[[int, int], None]
@@ -754,7 +754,7 @@ class Engine:
     def sampled_token(self, index: int = -1) -> int:
         """The token llama.cpp sampled in the graph at batch index `index` of the last decode, for a
         sequence sample_on_device turned on."""
-        token = llama_cpp.llama_get_sampled_token_ith(self.ctx, index)
+        token = held_gil_calls().llama_get_sampled_token_ith(self.ctx, index)
         if token < 0:
             raise EngineError(f"llama.cpp sampled no token at batch index {index} of the last decode")
         return int(token)
@@ -768,13 +768,10 @@ class Engine:
         return None if math.isnan(logits[token]) else token
 
 
-@functools.lru_cache(maxsize=None)
 def _logits_address():
     """llama_get_logits_ith giving an address (llama_cpp's binding gives a float pointer, which
-    ctypes.cast turns back into one at more than the call's own cost)."""
-    fn = ctypes.CDLL(str(library_file(lib_dir()))).llama_get_logits_ith  # libllama's handle, loaded already
-    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_int32], ctypes.c_void_p
-    return fn
+    ctypes.cast turns back into one at more than the call's own cost), the GIL kept."""
+    return held_gil_calls().llama_get_logits_ith
 
 
 class TokenBatch:

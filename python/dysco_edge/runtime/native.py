@@ -5,6 +5,8 @@ obtained there is passed here as an integer address.
 """
 from __future__ import annotations
 
+import ctypes
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,6 +83,22 @@ def _load():
     return _lib
 
 
+@functools.lru_cache(maxsize=None)
+def held_gil_calls() -> ctypes.PyDLL:
+    """The library again through ctypes.PyDLL, whose calls keep the GIL, for the calls a batch step
+    makes per sequence that return in microseconds and never wait for the device. cffi (and
+    ctypes.CDLL) release the GIL around every call: a reader thread woken by the step's tokens then
+    takes it, and the step thread waits for it back, several times a step."""
+    lib = ctypes.PyDLL(str(library_file(lib_dir())))  # loaded already: the same handle
+    i32, ctx = ctypes.c_int32, ctypes.c_void_p
+    for name, argtypes in (("dysco_fast_select", [ctx, i32, i32]), ("dysco_pass_selection_seq", [ctx, i32, ctypes.c_void_p, i32]),
+                           ("dysco_set_seq_capture", [ctx, i32, ctypes.c_bool]),
+                           ("llama_get_sampled_token_ith", [ctx, i32]), ("llama_get_logits_ith", [ctx, i32])):
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = argtypes, (ctypes.c_void_p if name == "llama_get_logits_ith" else i32)
+    return lib
+
+
 def _selection_args(decay, top_p, top_k, strength, template) -> tuple:
     """decay, top_p, top_k, strength, hard strength, template mask and its length, as the C API takes
     them (an unset top_p / top_k is -1)."""
@@ -125,8 +143,9 @@ class NativeContext:
     def __init__(self, ctx_address: int):
         if not ctx_address:
             raise ValueError("NativeContext needs a live llama_context (got a null pointer)")
-        self._lib = _load()
+        self._lib, self._held = _load(), held_gil_calls()
         self._ctx = _ffi.cast("void *", ctx_address)
+        self._address = ctx_address
         self._scores = np.zeros(0, dtype=np.float32)
 
     def _read_vector(self, getter, dtype, c_type: str, what: str) -> np.ndarray:
@@ -256,7 +275,7 @@ class NativeContext:
         """Fast mode: have the next full pass at `pos` select S from the importance over 0..pos-1, bias
         itself and fold its own scores, all in its graph. False when nothing has scored yet (probe this
         step instead)."""
-        return _check(self._lib.dysco_fast_select(self._ctx, int(pos), int(seq_id)), "dysco_fast_select") == 1
+        return _check(self._held.dysco_fast_select(self._address, pos, seq_id), "dysco_fast_select") == 1
 
     def pass_selection(self, *, want_selected: bool = False, seq_id: int = -1):
         """After the armed full pass (of seq_id; -1: the last reset sequence): S (ascending int64) when
@@ -264,7 +283,7 @@ class NativeContext:
         select (it then ran unbiased)."""
         lib, seq = self._lib, int(seq_id)
         if not want_selected:
-            _check(lib.dysco_pass_selection_seq(self._ctx, seq, _ffi.NULL, 0), "dysco_pass_selection")
+            _check(self._held.dysco_pass_selection_seq(self._address, seq, None, 0), "dysco_pass_selection")
             return None
         out = np.empty(max(lib.dysco_importance_get_seq(self._ctx, seq, _ffi.NULL, 0), 0) + 1, dtype=np.int32)
         count = _check(lib.dysco_pass_selection_seq(self._ctx, seq, _ffi.cast("int32_t *", _ffi.from_buffer(out)),
@@ -273,7 +292,7 @@ class NativeContext:
 
     def set_seq_capture(self, seq_id: int, on: bool) -> None:
         """Whether seq_id's full passes score and fold their last token (a parallel context's warmup)."""
-        _check(self._lib.dysco_set_seq_capture(self._ctx, int(seq_id), bool(on)), "dysco_set_seq_capture")
+        _check(self._held.dysco_set_seq_capture(self._address, seq_id, on), "dysco_set_seq_capture")
 
     def track_end(self, seq_id: int) -> None:
         """Stop tracking seq_id (its generation ended)."""
