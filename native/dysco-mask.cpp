@@ -237,6 +237,11 @@ static void head_rows_keep(const dysco_head_capture & cap, dysco_head_rows & out
     }
 }
 
+// One token of each sequence: a decode step, of one sequence or of a batch of them.
+static bool dysco_decode_step(const llama_ubatch & ub) {
+    return ub.n_tokens == std::max<uint32_t>(1, ub.n_seqs_unq);
+}
+
 template <typename T>
 static void mask_apply(dysco_state & st, T * data, int64_t n_kv, const llama_kv_cache & kv, const llama_ubatch & ub, int kind,
                        bool keep_row) {
@@ -268,7 +273,7 @@ void dysco_mask_apply(const llama_cparams & cparams, const llama_kv_cache_contex
     const llama_kv_cache & kv = *mctx->get_kv_cache();
     const bool keep_row = !st->scores_read_kq_mask(kq_mask);
     const bool probe    = st->probe.layers > 0;
-    const bool one_token = ubatch->n_tokens == 1; // decode steps; prefill ubatches are not timed
+    const bool one_token = dysco_decode_step(*ubatch); // prefill ubatches are not timed
     st->timeline.mark(probe ? DYSCO_MARK_PROBE_MASK_IN : DYSCO_MARK_PASS_MASK_IN, one_token);
     if (kq_mask->type == GGML_TYPE_F16) {
         mask_apply(*st, (ggml_fp16_t *) kq_mask->data, n_kv, kv, *ubatch, kind, keep_row);
@@ -342,7 +347,7 @@ void dysco_ubatch_done(const llama_cparams & cparams, const llm_graph_result * r
     if (!st) {
         return;
     }
-    st->timeline.mark(st->probe.layers > 0 ? DYSCO_MARK_PROBE_LAUNCHED : DYSCO_MARK_PASS_LAUNCHED, ubatch.n_tokens == 1);
+    st->timeline.mark(st->probe.layers > 0 ? DYSCO_MARK_PROBE_LAUNCHED : DYSCO_MARK_PASS_LAUNCHED, dysco_decode_step(ubatch));
     ggml_cgraph * gf = res->get_gf();
     dysco_placement_record(*st, gf, sched);
     if (st->heads_cap.on) {

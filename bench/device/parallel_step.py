@@ -8,7 +8,9 @@ timed part by part. Private instrumentation: Batcher's and Engine's methods are 
   is the bound, building and launching the graph);
 - hooks: DySCO's calls before and after the pass (fast_select, pass_selection), probes;
 - sample: the token's readout (llama.cpp's sampled token, or the host's argmax over the logits row);
-- the rest of the step is the batch thread's Python (queues, bookkeeping, the GIL).
+- the rest of the step is the batch thread's Python (queues, bookkeeping, the GIL);
+- reused: the share of those steps whose one-token decode reused the graph of the decode before it
+  (llama.cpp's graph reuse, llama_perf_context's n_reused), which saves building and allocating it.
 
 `--host-sampling` makes every slot read its logits row and take the argmax on the host (what a DySCO
 slot did before its greedy token was picked in the graph); `--llama-greedy` picks it in the graph with
@@ -49,6 +51,7 @@ class StepClock:
     def __init__(self, n_clients: int, profile_step: int | None):
         self.n, self.profile_step = n_clients, profile_step
         self.cur, self.steps, self.full = defaultdict(float), [], False
+        self.n_reused = 0  # llama.cpp's count of decodes that reused the previous graph
 
     def wrap(self, owner, name: str, part: str) -> None:
         fn = getattr(owner, name)
@@ -79,6 +82,9 @@ class StepClock:
             if profile:
                 cudart().cudaProfilerStop()
             clock.cur["decode"] += time.perf_counter() - t0
+            reused = llama_cpp.llama_perf_context(eng.ctx).n_reused  # outside the timed part
+            clock.cur["reused"] += reused > clock.n_reused
+            clock.n_reused = reused
             return rc
         Engine.decode_batch = decode
 
@@ -146,6 +152,7 @@ def run(args) -> dict:
         wall = time.perf_counter() - t0
     steps = clock.steps[2:]  # the first steps with every client may still build graphs
     med = {p: 1e3 * statistics.median(s.get(p, 0.0) for s in steps) for p in PARTS} if steps else {}
+    med["reused"] = sum(s.get("reused", 0.0) for s in steps) / max(len(steps), 1)
     sampling = "host" if args.host_sampling else "graph, llama.cpp's greedy" if args.llama_greedy else "graph"
     return {"mode": args.mode, "sampling": sampling, "clients": args.clients,
             "steps": len(steps), "tokens": sum(counts), "wall_s": wall, **med}
@@ -168,7 +175,7 @@ def main() -> None:
         sys.exit("parallel_step: no step held every client at once (raise --gen)")
     rest = r["step"] - r["decode"] - r["hooks"] - r["sample"]
     print(f"| {r['mode']} | {r['sampling']} | {r['clients']} | {r['steps']} | {r['step']:.3f} | {r['decode']:.3f} | "
-          f"{r['sync']:.3f} | {r['hooks']:.3f} | {r['sample']:.3f} | {rest:.3f} |", flush=True)
+          f"{r['sync']:.3f} | {r['hooks']:.3f} | {r['sample']:.3f} | {rest:.3f} | {r['reused']:.2f} |", flush=True)
 
 
 if __name__ == "__main__":
