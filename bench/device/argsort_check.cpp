@@ -1,7 +1,8 @@
-// Checks ggml_argsort on the GPU backend against a stable sort on the host (patch 0008: rows of
-// 1025..16384 columns sort in shared memory, wider ones through CUB as before), for rows with many
-// equal values, which must keep their column order as CUB's stable radix sort keeps them. Prints one
-// markdown row per shape and order, with the mean time of a graph of that one op.
+// Checks ggml_argsort on the GPU backend against a stable sort on the host, for rows with many equal
+// values and rows without, and times a graph of that one op. DySCO's selection relies on CUDA keeping
+// equal values in column order (CUB's radix sort is stable), and a faster sort must match it: a
+// shared-memory bitonic sort of a block per row (a withdrawn patch 0008) matched it and was slower.
+// Prints one markdown row per shape and order.
 //
 //   g++ -O2 -std=c++17 bench/device/argsort_check.cpp -I GGML/include -L LIBDIR -lggml -lggml-base \
 //       -Wl,-rpath,LIBDIR -o /tmp/argsort_check && /tmp/argsort_check

@@ -14,7 +14,7 @@
 #   there, to collect:              tail /tmp/res/round-session.log; tar czf "$OUT"/res.tgz -C /tmp res
 # Not in the default, issue 26's: parallel-cpu runs its CPU table (SmolLM2, 2 cores pinned, no GPU, and
 # llama-batched-bench there) in the background; argsort-check ggml_argsort on CUDA against a stable sort
-# (bench/device/argsort_check.cpp, patch 0008); parallel-check a sequence in a batch against alone on CUDA
+# (bench/device/argsort_check.cpp); parallel-check a sequence in a batch against alone on CUDA
 # (check_parallel.py); parallel-step a batched step's parts and one step's kernels (parallel_step.py at
 # STEP_CLIENTS clients, default "4 8"; ncu: NCU_MODES, HOST_AB=1 adds host-sampled rows, GREEDY_AB=1 rows with llama.cpp's greedy sampler); batched llama.cpp's llama-batched-bench at 8K tokens.
 # PARTS (default "golden vulkan-check vulkan-speed consumer speed parallel") picks what runs after the build and check (each
@@ -103,7 +103,7 @@ step_rows() {
                     --smol /tmp/models/smol.gguf --qwen $QWEN > $OUT/check-parallel.md 2> $OUT/check-parallel.err ;;
             parallel-step) place_qwen; wait $server_build  # issue 26: a batched step's parts, plain against fast, and one step's kernels under ncu
                 step_rows ;;
-            argsort-check)  # patch 0008: ggml_argsort on CUDA against a stable sort on the host
+            argsort-check)  # ggml_argsort on CUDA against a stable sort on the host, timed
                 g++ -O2 -std=c++17 bench/device/argsort_check.cpp -I .dev/device/llama.cpp/ggml/include -L build/cuda/bin \
                     -lggml -lggml-base -Wl,-rpath,$PWD/build/cuda/bin -o /tmp/argsort_check &&
                     timeout 120 /tmp/argsort_check > $OUT/argsort-check.md 2> $OUT/argsort-check.err ;;
