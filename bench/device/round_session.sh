@@ -21,6 +21,11 @@
 # part under a time limit: VK_S, CONSUMER_S, SPEED_S, PARALLEL_S seconds); speed is
 # run.sh speed (issue 24's table) on the real model at SPEED_CONTEXTS (default "4096 30720").
 set -u
+# every call to the machine syncs its working tree again, and a file being synced is missing for a moment
+# (a server started then failed to import dysco_edge): the session runs from a copy of the tree
+if [ -z "${ROUND_SESSION_COPY:-}" ]; then
+    rm -rf /tmp/wt && mkdir -p /tmp/wt && cp -a . /tmp/wt && cd /tmp/wt && ROUND_SESSION_COPY=1 exec bash bench/device/round_session.sh
+fi
 export OUT=/tmp/res; mkdir -p $OUT
 export PYTHONPATH=/tmp/site:$PWD/python:$PWD/.dev/device/pylib PYTHONUNBUFFERED=1
 
