@@ -27,7 +27,7 @@ import llama_cpp
 from ..cores import physical_cores
 from ..errors import EngineError, InputError
 from ..limits import INT32_MAX, MAX_THREADS, int_in
-from .native import NativeContext, held_gil_calls, lib_dir, library_file
+from .native import NativeContext, held_gil_calls, lib_dir
 from .sampling import SamplingOptions
 
 ProgressFn = Callable[[int, int], None]

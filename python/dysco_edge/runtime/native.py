@@ -1,4 +1,5 @@
-"""The only module that touches the DySCO C API (native/dysco.h), through cffi in ABI mode.
+"""The only module that touches the DySCO C API (native/dysco.h), through cffi in ABI mode, and
+through ctypes.PyDLL for the few per-step calls that must keep the GIL (held_gil_calls).
 
 The library is the same libllama that llama-cpp-python loaded, so a `llama_context *`
 obtained there is passed here as an integer address.
@@ -275,7 +276,7 @@ class NativeContext:
         """Fast mode: have the next full pass at `pos` select S from the importance over 0..pos-1, bias
         itself and fold its own scores, all in its graph. False when nothing has scored yet (probe this
         step instead)."""
-        return _check(self._held.dysco_fast_select(self._address, pos, seq_id), "dysco_fast_select") == 1
+        return _check(self._held.dysco_fast_select(self._address, int(pos), int(seq_id)), "dysco_fast_select") == 1
 
     def pass_selection(self, *, want_selected: bool = False, seq_id: int = -1):
         """After the armed full pass (of seq_id; -1: the last reset sequence): S (ascending int64) when
@@ -292,7 +293,7 @@ class NativeContext:
 
     def set_seq_capture(self, seq_id: int, on: bool) -> None:
         """Whether seq_id's full passes score and fold their last token (a parallel context's warmup)."""
-        _check(self._held.dysco_set_seq_capture(self._address, seq_id, on), "dysco_set_seq_capture")
+        _check(self._held.dysco_set_seq_capture(self._address, int(seq_id), bool(on)), "dysco_set_seq_capture")
 
     def track_end(self, seq_id: int) -> None:
         """Stop tracking seq_id (its generation ended)."""
