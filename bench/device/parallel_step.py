@@ -15,7 +15,7 @@ timed part by part. Private instrumentation: Batcher's and Engine's methods are 
 `--host-sampling` makes every slot read its logits row and take the argmax on the host (what a DySCO
 slot did before its greedy token was picked in the graph); `--llama-greedy` picks it in the graph with
 llama.cpp's own greedy sampler instead of ours (native/dysco-sampler.cpp). `--slots` sets the model's
-parallel slots (default: the clients, at least 2, so that one client runs through the batch too). `--profile-step K` brackets the K-th timed
+parallel slots (default: the clients, at least 2, so that one client runs through the batch too); `--note` labels the row. `--profile-step K` brackets the K-th timed
 step's decode with cudaProfilerStart/Stop for `ncu --profile-from-start off` (kernel_profile.py
 --summarize reads its CSV):
 
@@ -154,6 +154,7 @@ def run(args) -> dict:
     med = {p: 1e3 * statistics.median(s.get(p, 0.0) for s in steps) for p in PARTS} if steps else {}
     med["reused"] = sum(s.get("reused", 0.0) for s in steps) / max(len(steps), 1)
     sampling = "host" if args.host_sampling else "graph, llama.cpp's greedy" if args.llama_greedy else "graph"
+    sampling += f"; {args.note}" if args.note else ""
     return {"mode": args.mode, "sampling": sampling, "clients": args.clients,
             "steps": len(steps), "tokens": sum(counts), "wall_s": wall, **med}
 
@@ -170,6 +171,7 @@ def main() -> None:
     ap.add_argument("--llama-greedy", action="store_true")
     ap.add_argument("--slots", type=int, default=None)
     ap.add_argument("--profile-step", type=int, default=None)
+    ap.add_argument("--note", default="", help="added to the row's sampling column (e.g. the environment of an A/B)")
     r = run(ap.parse_args())
     if not r["steps"]:
         sys.exit("parallel_step: no step held every client at once (raise --gen)")

@@ -16,7 +16,8 @@
 # llama-batched-bench there) in the background; argsort-check ggml_argsort on CUDA against a stable sort
 # (bench/device/argsort_check.cpp); parallel-check a sequence in a batch against alone on CUDA
 # (check_parallel.py); parallel-step a batched step's parts and one step's kernels (parallel_step.py at
-# STEP_CLIENTS clients, default "4 8"; ncu: NCU_MODES, HOST_AB=1 adds host-sampled rows, GREEDY_AB=1 rows with llama.cpp's greedy sampler); batched llama.cpp's llama-batched-bench at 8K tokens.
+# STEP_CLIENTS clients, default "4 8"; ncu: NCU_MODES, HOST_AB=1 adds host-sampled rows, GREEDY_AB=1 rows with llama.cpp's greedy sampler,
+# STEP_ENV_AB=1 rows with CUDA graphs off and with graph reuse off); batched llama.cpp's llama-batched-bench at 8K tokens.
 # PARTS (default "golden vulkan-check vulkan-speed consumer speed parallel") picks what runs after the build and check (each
 # part under a time limit: VK_S, CONSUMER_S, SPEED_S, PARALLEL_S seconds); speed is
 # run.sh speed (issue 24's table) on the real model at SPEED_CONTEXTS (default "4096 30720").
@@ -60,7 +61,14 @@ step_rows() {
       for mode in plain fast; do for n in ${STEP_CLIENTS:-4 8}; do for hs in "" ${HOST_AB:+--host-sampling} ${GREEDY_AB:+--llama-greedy}; do
           echo "## $mode $n $hs" >&2  # DySCO's host timeline of the run follows, in parallel-step.err
           DYSCO_HOST_TIMELINE=1 timeout 120 taskset -c 0-13 $py --clients $n --gen 128 --mode $mode $hs
-      done; done; done; } > $OUT/parallel-step.md 2> $OUT/parallel-step.err
+      done; done; done
+      # STEP_ENV_AB=1: the last STEP_CLIENTS again with CUDA graphs off, then with llama.cpp's graph reuse off
+      # (whether a fast step's extra host time inside llama_decode is a CUDA graph update or a rebuild)
+      for env in ${STEP_ENV_AB:+GGML_CUDA_DISABLE_GRAPHS=1 LLAMA_GRAPH_REUSE_DISABLE=1}; do for mode in plain fast; do
+          n=${STEP_CLIENTS:-4 8}; n=${n##* }
+          echo "## $mode $n $env" >&2
+          env $env DYSCO_HOST_TIMELINE=1 timeout 120 taskset -c 0-13 $py --clients $n --gen 128 --mode $mode --note "$env"
+      done; done; } > $OUT/parallel-step.md 2> $OUT/parallel-step.err
     for mode in ${NCU_MODES-plain fast}; do
         timeout ${NCU_S:-150} ncu --profile-from-start off --clock-control none --metrics gpu__time_duration.sum --csv \
             $py --clients 4 --gen 48 --mode $mode --profile-step 10 > $OUT/ncu-$mode.csv 2> $OUT/ncu-$mode.err
