@@ -1,8 +1,7 @@
 // A greedy sampler for llama.cpp's backend sampling (llama_set_sampler): the token is picked in the
 // decode graph, as llama.cpp's own greedy does, but in two stages. ggml_argmax gives a whole row to one
 // GPU block, which walks a large vocabulary (Qwen2.5's 151936 logits) alone; here each chunk of the row
-// has a block, then one block compares the chunks' maxima (a 4-row step 2% shorter on an H200:
-// bench/RESULTS.md, issue 26).
+// has a block, then one block compares the chunks' maxima (measured in bench/RESULTS.md, issue 26).
 #include "dysco.h"
 
 #include "llama.h"
@@ -115,6 +114,11 @@ static bool greedy_backend_init(llama_sampler * smpl, ggml_backend_buffer_type_t
     g.chunked = greedy_alloc_ids(g, buft);
     if (g.chunked && dev) {
         g.chunked = greedy_supported(g, dev, g.n_vocab) && greedy_supported(g, dev, DYSCO_PROBE_LOGITS);
+    }
+    if (!g.chunked) { // a single-stage argmax reads no token table
+        g.ids = nullptr;
+        g.buf.reset();
+        g.ctx.reset();
     }
     return !dev || g.chunked || greedy_supported(g, dev, g.n_vocab);
 }

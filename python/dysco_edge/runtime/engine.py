@@ -719,7 +719,8 @@ class Engine:
         """The logits at batch index `index` of the last decode (-1: the last ones) where llama.cpp
         keeps them (valid until the next decode). Its buffer stays put from step to step, so a row's
         view is made once (a batch of N sequences reads N rows a step); a buffer that moves adds views."""
-        address = _logits_address()(self.ctx, index)
+        # an address, not llama_cpp's float pointer (which ctypes.cast turns back at more than the call's cost)
+        address = held_gil_calls().llama_get_logits_ith(self.ctx, index)
         if not address:
             raise EngineError("no logits to sample from: the last decode asked for none")
         view = self._logits_views.get(address)
@@ -766,12 +767,6 @@ class Engine:
         logits = self._logits_view(index)
         token = int(logits.argmax())
         return None if math.isnan(logits[token]) else token
-
-
-def _logits_address():
-    """llama_get_logits_ith giving an address (llama_cpp's binding gives a float pointer, which
-    ctypes.cast turns back into one at more than the call's own cost), the GIL kept."""
-    return held_gil_calls().llama_get_logits_ith
 
 
 class TokenBatch:
