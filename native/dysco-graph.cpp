@@ -210,8 +210,10 @@ static void dysco_graph_stream_scores(const llm_graph_context & g, dysco_state *
         return;
     }
     const uint32_t ns = (uint32_t) k->ne[3], nt = g.ubatch.n_tokens / ns;
-    auto & accs = st->build[DYSCO_CACHE_BASE].stream_acc;
+    auto & accs  = st->build[DYSCO_CACHE_BASE].stream_acc;
+    auto & masks = st->build[DYSCO_CACHE_BASE].stream_mask;
     accs.resize(ns, nullptr);
+    masks.resize(ns, nullptr);
     for (uint32_t c = 0; c < ns; ) {
         // several tokens a stream: the scored rows of the mask are not packed (softmax wants them so): one at a time
         const uint32_t n = std::min(dysco_track_fold_run(*st, g.ubatch, ns, c), nt == 1 ? ns : 1u);
@@ -224,8 +226,12 @@ static void dysco_graph_stream_scores(const llm_graph_context & g, dysco_state *
                                            last * q->nb[2]);                                  // [d, n_head, n]
         ggml_tensor * k_c   = ggml_view_4d(g.ctx0, k, k->ne[0], k->ne[1], k->ne[2], n, k->nb[1], k->nb[2], k->nb[3],
                                            c * k->nb[3]);                                     // [d, n_head_kv, n_kv, n]
-        ggml_tensor * mask  = ggml_view_4d(g.ctx0, kq_mask, kq_mask->ne[0], 1, 1, n, kq_mask->nb[1], kq_mask->nb[2],
-                                           kq_mask->nb[3], c * kq_mask->nb[3] + (nt - 1) * kq_mask->nb[1]); // [n_kv, 1, 1, n]
+        // a view of the host's mask is one more upload: the layers share one (the runs are the same in every layer)
+        ggml_tensor *& mask = masks[c];
+        if (!mask) {
+            mask = ggml_view_4d(g.ctx0, kq_mask, kq_mask->ne[0], 1, 1, n, kq_mask->nb[1], kq_mask->nb[2],
+                                kq_mask->nb[3], c * kq_mask->nb[3] + (nt - 1) * kq_mask->nb[1]);   // [n_kv, 1, 1, n]
+        }
         dysco_qr_layer_acc(g, st, q_tok, k_c, mask, kq_scale, il, accs[c]);
         dysco_name_nodes(accs[c], "score", il, st->build[DYSCO_CACHE_BASE].inputs);
         if (il == st->heads.l_max) {

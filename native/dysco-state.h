@@ -51,6 +51,7 @@ struct dysco_build_nodes {
     ggml_tensor * biased    = nullptr; // [n_kv, n_tokens, 1, 1] the KQ mask plus the selection's bias
     ggml_tensor * cells     = nullptr; // [n_tokens] I64 the cell of each ubatch token (within its stream)
     std::vector<ggml_tensor *> stream_acc; // [ns] per run of stream chunks scored together (at its first chunk): QR-head score sums
+    std::vector<ggml_tensor *> stream_mask; // [ns] likewise: the run's scored KQ-mask rows, one view for all layers
     std::vector<const ggml_tensor *> inputs; // what llama.cpp handed the DySCO hooks (q, k, kq_mask of each layer)
 };
 
