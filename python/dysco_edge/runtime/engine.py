@@ -438,6 +438,7 @@ class Engine:
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
         self._logits_row = ctypes.c_float * self.n_vocab
         self._logits_views: dict[int, np.ndarray] = {}  # views of llama.cpp's logits rows, by address
+        self._held = held_gil_calls()  # the per-step readouts (logits address, sampled token) keep the GIL
         self._device_samplers: dict[int, object] = {}   # seq_id -> the greedy chain llama.cpp samples it with
         # a vocabulary never changes: each token's text and end flag are asked of llama.cpp once
         self._pieces: dict[int, bytes] = {}
@@ -720,7 +721,7 @@ class Engine:
         keeps them (valid until the next decode). Its buffer stays put from step to step, so a row's
         view is made once (a batch of N sequences reads N rows a step); a buffer that moves adds views."""
         # an address, not llama_cpp's float pointer (which ctypes.cast turns back at more than the call's cost)
-        address = held_gil_calls().llama_get_logits_ith(self.ctx, index)
+        address = self._held.llama_get_logits_ith(self.ctx, index)
         if not address:
             raise EngineError("no logits to sample from: the last decode asked for none")
         view = self._logits_views.get(address)
@@ -755,7 +756,7 @@ class Engine:
     def sampled_token(self, index: int = -1) -> int:
         """The token llama.cpp sampled in the graph at batch index `index` of the last decode, for a
         sequence sample_on_device turned on."""
-        token = held_gil_calls().llama_get_sampled_token_ith(self.ctx, index)
+        token = self._held.llama_get_sampled_token_ith(self.ctx, index)
         if token < 0:
             raise EngineError(f"llama.cpp sampled no token at batch index {index} of the last decode")
         return int(token)
