@@ -17,7 +17,13 @@ slot did before its greedy token was picked in the graph); `--llama-greedy` pick
 llama.cpp's own greedy sampler instead of ours (native/dysco-sampler.cpp). `--slots` sets the model's
 parallel slots (default: the clients, at least 2, so that one client runs through the batch too); `--note` labels the row. `--profile-step K` brackets the K-th timed
 step's decode with cudaProfilerStart/Stop for `ncu --profile-from-start off` (kernel_profile.py
---summarize reads its CSV):
+--summarize reads its CSV).
+
+`--server` serves the model with `dysco-edge serve`'s app (uvicorn on the main thread, as the CLI runs it)
+and drives it with N `openai` streaming clients in a subprocess, so the step is timed under the server's
+event loop and worker threads. `--held-sync` times the GPU's part with a llama_synchronize that keeps the
+GIL, as the step's first readout does (by default it releases it). `period` is the median time from one
+timed step's start to the next one's (the step plus the batch thread's wait between steps):
 
     python bench/device/parallel_step.py --model Q.gguf --clients 4 --doc-tokens 8192 --gen 96 --mode fast
 """
@@ -42,16 +48,17 @@ from dysco_edge.runtime.native import NativeContext  # noqa: E402
 
 import llama_cpp  # noqa: E402
 
-PARTS = ("step", "decode", "sync", "hooks", "sample")
+PARTS = ("step", "decode", "sync", "hooks", "sample", "period")
 
 
 class StepClock:
     """Per-step sums of the wrapped parts; a step counts when its one-token batch held every client."""
 
-    def __init__(self, n_clients: int, profile_step: int | None):
-        self.n, self.profile_step = n_clients, profile_step
+    def __init__(self, n_clients: int, profile_step: int | None, synchronize):
+        self.n, self.profile_step, self.synchronize = n_clients, profile_step, synchronize
         self.cur, self.steps, self.full = defaultdict(float), [], False
         self.n_reused = 0  # llama.cpp's count of decodes that reused the previous graph
+        self.last_start = None  # when the last full step began
 
     def wrap(self, owner, name: str, part: str) -> None:
         fn = getattr(owner, name)
@@ -77,7 +84,7 @@ class StepClock:
                 cudart().cudaProfilerStart()
             rc = original(eng, items)
             t1 = time.perf_counter()
-            llama_cpp.llama_synchronize(eng.ctx)
+            clock.synchronize(eng.ctx)
             clock.cur["sync"] += time.perf_counter() - t1
             if profile:
                 cudart().cudaProfilerStop()
@@ -98,7 +105,10 @@ class StepClock:
             original(batcher, slots)
             clock.cur["step"] = time.perf_counter() - t0
             if clock.full:
+                if clock.last_start is not None:
+                    clock.cur["period"] = t0 - clock.last_start
                 clock.steps.append(dict(clock.cur))
+            clock.last_start = t0 if clock.full else None
         batch.Batcher._advance = advance
 
 
@@ -119,9 +129,11 @@ def host_sampling() -> None:
 
 def run(args) -> dict:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    clock = StepClock(args.clients, args.profile_step)
+    clock = StepClock(args.clients, args.profile_step, held_sync() if args.held_sync else llama_cpp.llama_synchronize)
     if args.host_sampling:
         host_sampling()
+    if args.held_decode:
+        held_decode()
     if args.llama_greedy:
         llama_greedy()
     clock.wrap_decode()
@@ -132,31 +144,114 @@ def run(args) -> dict:
     clock.wrap(Engine, "sampled_token", "sample")
     with Model(args.model, n_ctx=args.doc_tokens + args.gen + 64, parallel=args.slots or max(args.clients, 2), n_gpu_layers=args.n_gpu_layers,
                flash_attn=True) as model:
-        prompts = [model.tokenize(d + CUE, add_bos=True) for d in documents(model, args.clients, args.doc_tokens)]
-        config = None if args.mode == "plain" else model.head_map().to_config(**MODES[args.mode])
-        gate = threading.Barrier(args.clients)
-        counts = [0] * args.clients
-
-        def one(i):
-            gate.wait()
-            stream = model.generate(token_ids=prompts[i], dysco=config, max_new_tokens=args.gen, stream=True)
-            for _ in stream:
-                pass
-            counts[i] = len(stream.result.token_ids)
-        threads = [threading.Thread(target=one, args=(i,)) for i in range(args.clients)]
+        texts = [d + CUE for d in documents(model, args.clients, args.doc_tokens)]
         t0 = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        tokens = (drive_server if args.server else drive_threads)(model, texts, args)
         wall = time.perf_counter() - t0
     steps = clock.steps[2:]  # the first steps with every client may still build graphs
-    med = {p: 1e3 * statistics.median(s.get(p, 0.0) for s in steps) for p in PARTS} if steps else {}
+    med = {p: 1e3 * statistics.median(s[p] for s in steps if p in s) if any(p in s for s in steps) else 0.0
+           for p in PARTS}
     med["reused"] = sum(s.get("reused", 0.0) for s in steps) / max(len(steps), 1)
     sampling = "host" if args.host_sampling else "graph, llama.cpp's greedy" if args.llama_greedy else "graph"
+    sampling += "; server" if args.server else ""
+    sampling += "; GIL held in sync" if args.held_sync else ""
+    sampling += "; GIL held in decode" if args.held_decode else ""
     sampling += f"; {args.note}" if args.note else ""
     return {"mode": args.mode, "sampling": sampling, "clients": args.clients,
-            "steps": len(steps), "tokens": sum(counts), "wall_s": wall, **med}
+            "steps": len(steps), "tokens": tokens, "wall_s": wall, **med}
+
+
+def drive_threads(model, texts: list[str], args) -> int:
+    """N threads each stream one generation through Model.generate; the tokens generated."""
+    prompts = [model.tokenize(t, add_bos=True) for t in texts]
+    config = None if args.mode == "plain" else model.head_map().to_config(**MODES[args.mode])
+    gate = threading.Barrier(args.clients)
+    counts = [0] * args.clients
+
+    def one(i):
+        gate.wait()
+        stream = model.generate(token_ids=prompts[i], dysco=config, max_new_tokens=args.gen, stream=True)
+        for _ in stream:
+            pass
+        counts[i] = len(stream.result.token_ids)
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(args.clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(counts)
+
+
+def drive_server(model, texts: list[str], args) -> int:
+    """The server's app on this thread; N streaming clients in a subprocess (their own GIL), once."""
+    import json
+    import socket
+    import subprocess
+    import tempfile
+    import uvicorn
+    from dysco_edge.server.app import create_app
+    from dysco_edge.server.settings import ServerSettings
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    settings = ServerSettings(model_id="m", max_queue=64, local_paths=True)
+    server = uvicorn.Server(uvicorn.Config(create_app(model, settings), host="127.0.0.1", port=port, log_level="warning"))
+    result = {}
+
+    def clients():
+        while not server.started:
+            time.sleep(0.05)
+        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+            json.dump(texts, f)
+        out = subprocess.run([sys.executable, __file__, "--client", f"http://127.0.0.1:{port}", "--prompts-file", f.name,
+                              "--gen", str(args.gen), "--mode", args.mode, "--model", args.model],
+                             capture_output=True, text=True)
+        if out.returncode == 0:
+            got = json.loads(out.stdout.splitlines()[-1])
+            result["tokens"] = got["tokens"]
+            args.note = f"{args.note}; clients saw {got['aggregate']:.1f} tok/s".lstrip("; ")
+        else:
+            print(out.stderr[-2000:], file=sys.stderr)
+        server.should_exit = True
+    threading.Thread(target=clients, daemon=True).start()
+    server.run()
+    return result.get("tokens", 0)
+
+
+def run_clients(args) -> None:
+    """--client: N streaming completions at once against a server; prints the tokens generated."""
+    import json
+    from bench_parallel import stream_one, summarise
+    texts = json.loads(Path(args.prompts_file).read_text())
+    dysco = None if args.mode == "plain" else MODES[args.mode]
+    gate = threading.Barrier(len(texts))
+    runs = [None] * len(texts)
+
+    def one(i):
+        runs[i] = stream_one(args.client, texts[i], args.gen, dysco, gate)
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(texts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    print(json.dumps({"tokens": sum(r["tokens"] for r in runs), "aggregate": summarise(runs)["aggregate"]}))
+
+
+def held_decode() -> None:
+    """llama_decode through ctypes.PyDLL: the GIL stays held while it builds and launches the graph (the
+    A/B of releasing it only while the device finishes: use without --held-sync)."""
+    from dysco_edge.runtime.native import held_gil_calls
+    fn = held_gil_calls().llama_decode
+    fn.argtypes, fn.restype = [ctypes.c_void_p, llama_cpp.llama_batch], ctypes.c_int32
+    llama_cpp.llama_decode = fn
+
+
+def held_sync():
+    """llama_synchronize through ctypes.PyDLL: the GIL stays held while the device finishes."""
+    from dysco_edge.runtime.native import held_gil_calls
+    fn = held_gil_calls().llama_synchronize
+    fn.argtypes, fn.restype = [ctypes.c_void_p], None
+    return fn
 
 
 def main() -> None:
@@ -172,12 +267,25 @@ def main() -> None:
     ap.add_argument("--slots", type=int, default=None)
     ap.add_argument("--profile-step", type=int, default=None)
     ap.add_argument("--note", default="", help="added to the row's sampling column (e.g. the environment of an A/B)")
-    r = run(ap.parse_args())
+    ap.add_argument("--server", action="store_true", help="through the server's app and N HTTP clients")
+    ap.add_argument("--held-sync", action="store_true", help="time the GPU's part without releasing the GIL")
+    ap.add_argument("--held-decode", action="store_true", help="llama_decode without releasing the GIL")
+    ap.add_argument("--switch-interval", type=float, default=None, help="sys.setswitchinterval for the run (s)")
+    ap.add_argument("--client", default="", help=argparse.SUPPRESS)  # the --server run's client subprocess
+    ap.add_argument("--prompts-file", default="", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.client:
+        return run_clients(args)
+    if args.switch_interval:
+        sys.setswitchinterval(args.switch_interval)
+        args.note = f"{args.note}; switch interval {args.switch_interval * 1e3:g} ms".lstrip("; ")
+    r = run(args)
     if not r["steps"]:
         sys.exit("parallel_step: no step held every client at once (raise --gen)")
     rest = r["step"] - r["decode"] - r["hooks"] - r["sample"]
     print(f"| {r['mode']} | {r['sampling']} | {r['clients']} | {r['steps']} | {r['step']:.3f} | {r['decode']:.3f} | "
-          f"{r['sync']:.3f} | {r['hooks']:.3f} | {r['sample']:.3f} | {rest:.3f} | {r['reused']:.2f} |", flush=True)
+          f"{r['sync']:.3f} | {r['hooks']:.3f} | {r['sample']:.3f} | {rest:.3f} | {r['reused']:.2f} | {r['period']:.3f} |",
+          flush=True)
 
 
 if __name__ == "__main__":

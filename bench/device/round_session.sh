@@ -56,8 +56,8 @@ dequantize_gguf(Path('/tmp/models/smol.gguf'), Path('/tmp/models/smol-f32.gguf')
 step_rows() {
     local py="python3 bench/device/parallel_step.py --model $QWEN --doc-tokens 8192"
     export DYSCO_EDGE_LIB_DIR=$PWD/build/cuda/bin
-    { echo "| mode | sampling | clients | steps | step ms | decode+sync ms | of it sync ms | hooks ms | sample ms | rest ms | graph reused |"
-      echo "|---|---|---|---|---|---|---|---|---|---|---|"
+    { echo "| mode | sampling | clients | steps | step ms | decode+sync ms | of it sync ms | hooks ms | sample ms | rest ms | graph reused | period ms |"
+      echo "|---|---|---|---|---|---|---|---|---|---|---|---|"
       for mode in plain fast; do for n in ${STEP_CLIENTS:-4 8}; do for hs in "" ${HOST_AB:+--host-sampling} ${GREEDY_AB:+--llama-greedy}; do
           echo "## $mode $n $hs" >&2  # DySCO's host timeline of the run follows, in parallel-step.err
           DYSCO_HOST_TIMELINE=1 timeout 120 taskset -c 0-13 $py --clients $n --gen 128 --mode $mode $hs
