@@ -22,8 +22,9 @@ step's decode with cudaProfilerStart/Stop for `ncu --profile-from-start off` (ke
 `--server` serves the model with `dysco-edge serve`'s app (uvicorn on the main thread, as the CLI runs it)
 and drives it with N `openai` streaming clients in a subprocess, so the step is timed under the server's
 event loop and worker threads. `--held-sync` times the GPU's part with a llama_synchronize that keeps the
-GIL, as the step's first readout does (by default it releases it). `period` is the median time from one
-timed step's start to the next one's (the step plus the batch thread's wait between steps):
+GIL, as the step's first readout does (by default it releases it); `--held-decode` keeps it through
+llama_decode instead; `--switch-interval` sets Python's. `period` is the median time from one timed step's
+start to the next one's (the step plus the batch thread's wait between steps):
 
     python bench/device/parallel_step.py --model Q.gguf --clients 4 --doc-tokens 8192 --gen 96 --mode fast
 """
@@ -129,11 +130,12 @@ def host_sampling() -> None:
 
 def run(args) -> dict:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    clock = StepClock(args.clients, args.profile_step, held_sync() if args.held_sync else llama_cpp.llama_synchronize)
+    sync = held("llama_synchronize", [ctypes.c_void_p], None) if args.held_sync else llama_cpp.llama_synchronize
+    clock = StepClock(args.clients, args.profile_step, sync)
     if args.host_sampling:
         host_sampling()
-    if args.held_decode:
-        held_decode()
+    if args.held_decode:  # the A/B of releasing the GIL only while the device finishes (without --held-sync)
+        llama_cpp.llama_decode = held("llama_decode", [ctypes.c_void_p, llama_cpp.llama_batch], ctypes.c_int32)
     if args.llama_greedy:
         llama_greedy()
     clock.wrap_decode()
@@ -194,18 +196,19 @@ def drive_server(model, texts: list[str], args) -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    settings = ServerSettings(model_id="m", max_queue=64, local_paths=True)
+    settings = ServerSettings(model_id="m", max_queue=64)
     server = uvicorn.Server(uvicorn.Config(create_app(model, settings), host="127.0.0.1", port=port, log_level="warning"))
     result = {}
 
     def clients():
         while not server.started:
             time.sleep(0.05)
-        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
             json.dump(texts, f)
-        out = subprocess.run([sys.executable, __file__, "--client", f"http://127.0.0.1:{port}", "--prompts-file", f.name,
-                              "--gen", str(args.gen), "--mode", args.mode, "--model", args.model],
-                             capture_output=True, text=True)
+            f.flush()
+            out = subprocess.run([sys.executable, __file__, "--client", f"http://127.0.0.1:{port}", "--prompts-file",
+                                  f.name, "--gen", str(args.gen), "--mode", args.mode, "--model", args.model],
+                                 capture_output=True, text=True)
         if out.returncode == 0:
             got = json.loads(out.stdout.splitlines()[-1])
             result["tokens"] = got["tokens"]
@@ -228,29 +231,26 @@ def run_clients(args) -> None:
     runs = [None] * len(texts)
 
     def one(i):
-        runs[i] = stream_one(args.client, texts[i], args.gen, dysco, gate)
+        try:
+            runs[i] = stream_one(args.client, texts[i], args.gen, dysco, gate)
+        except Exception as exc:  # noqa: BLE001 -- reported below, with the others' results
+            runs[i] = exc
     threads = [threading.Thread(target=one, args=(i,)) for i in range(len(texts))]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    failed = [r for r in runs if isinstance(r, Exception)]
+    if failed:
+        sys.exit(f"parallel_step: {len(failed)} of {len(runs)} clients failed: {failed[0]!r}")
     print(json.dumps({"tokens": sum(r["tokens"] for r in runs), "aggregate": summarise(runs)["aggregate"]}))
 
 
-def held_decode() -> None:
-    """llama_decode through ctypes.PyDLL: the GIL stays held while it builds and launches the graph (the
-    A/B of releasing it only while the device finishes: use without --held-sync)."""
+def held(name: str, argtypes: list, restype):
+    """A libllama function through ctypes.PyDLL: the GIL stays held through the call."""
     from dysco_edge.runtime.native import held_gil_calls
-    fn = held_gil_calls().llama_decode
-    fn.argtypes, fn.restype = [ctypes.c_void_p, llama_cpp.llama_batch], ctypes.c_int32
-    llama_cpp.llama_decode = fn
-
-
-def held_sync():
-    """llama_synchronize through ctypes.PyDLL: the GIL stays held while the device finishes."""
-    from dysco_edge.runtime.native import held_gil_calls
-    fn = held_gil_calls().llama_synchronize
-    fn.argtypes, fn.restype = [ctypes.c_void_p], None
+    fn = getattr(held_gil_calls(), name)
+    fn.argtypes, fn.restype = argtypes, restype
     return fn
 
 
