@@ -124,6 +124,45 @@ def test_batches_decode_as_llama_cpp_pythons(engine, seq_id):
     assert int(ours.argmax()) == int(expected.argmax())
 
 
+def _two_sequences_logits(eng: Engine, ids: list[int]) -> list[np.ndarray]:
+    eng.clear()
+    eng.decode_batch([(ids[:-1], 0, 0, False), (ids[:-1], 0, 1, False)])
+    out = []
+    for pos in range(len(ids) - 1, len(ids) + 2):
+        eng.decode_batch([([ids[pos % len(ids)]], pos, 0, True), ([ids[(pos + 1) % len(ids)]], pos, 1, True)])
+        out += [eng.logits(0), eng.logits(1)]
+    return out
+
+
+def test_a_step_launched_with_the_gil_held_decodes_as_one_released(engine, monkeypatch):
+    """The held-GIL launch (taken on one CUDA device) forced on the CPU: the same logits, and only
+    batches with an output and at most a ubatch of tokens go that way."""
+    ids = engine.tokenize(TEXT, add_bos=True)[:30]
+    released = _two_sequences_logits(engine, ids)
+    calls, held = [], engine._held_decode
+    monkeypatch.setattr(engine, "_held_decode", lambda ctx, batch: calls.append(1) or held(ctx, batch))
+    monkeypatch.setattr(engine, "_held_launch_tokens", 64)
+    ours = _two_sequences_logits(engine, ids)
+    assert len(calls) == 3  # the prompt batch (no outputs) is launched as before
+    for a, b in zip(ours, released):
+        assert np.array_equal(a, b)
+
+
+def test_steps_launch_with_the_gil_held_only_where_the_device_queues_them(engine, monkeypatch):
+    from dataclasses import replace
+
+    from dysco_edge.runtime import engine as engine_module
+    assert engine._held_launch_tokens == 0  # the CPU computes inside llama_decode
+    cuda, other = (engine_module.Device("GPU", n, "test", b) for n, b in (("CUDA0", "CUDA"), ("Vulkan0", "Vulkan")))
+    cases = [([cuda], {"n_gpu_layers": -1}, 64), ([cuda], {"n_gpu_layers": engine.n_layer + 1}, 64),
+             ([cuda], {"n_gpu_layers": engine.n_layer}, 0), ([cuda], {"n_gpu_layers": -1, "offload_kqv": False}, 0),
+             ([cuda, cuda], {"n_gpu_layers": -1}, 0), ([other], {"n_gpu_layers": -1}, 0), ([], {}, 0)]
+    for used, changes, expected in cases:
+        monkeypatch.setattr(engine_module, "layer_devices", lambda split, used=used: used)
+        monkeypatch.setattr(engine, "options", replace(engine.options, **changes))
+        assert engine._launch_only_tokens() == expected, (used, changes)
+
+
 def test_kept_pieces_and_end_flags_are_llama_cpps(engine):
     ids = engine.tokenize(TEXT + " café 東京 🙂", add_bos=True) + [engine.n_vocab - 1, 0, 1, 2]
     for token in ids + ids:  # the second round reads what the first kept

@@ -4,8 +4,9 @@ timed part by part. Private instrumentation: Batcher's and Engine's methods are 
 
 - step: Batcher._advance, the whole step on the batch thread;
 - decode: Engine.decode_batch and a llama_synchronize after it (the GPU's work plus the launch); of it,
-  sync: the llama_synchronize alone (the GPU's work left once llama_decode returned: near 0 when the host
-  is the bound, building and launching the graph);
+  sync: the time in llama_synchronize, the engine's own (on one CUDA device decode_batch waits for the
+  device after the launch) or the one after it: the GPU's work left once llama_decode returned, near 0
+  when the host is the bound, building and launching the graph;
 - hooks: DySCO's calls before and after the pass (fast_select, pass_selection), probes;
 - sample: the token's readout (llama.cpp's sampled token, or the host's argmax over the logits row);
 - the rest of the step is the batch thread's Python (queues, bookkeeping, the GIL);
@@ -21,10 +22,8 @@ step's decode with cudaProfilerStart/Stop for `ncu --profile-from-start off` (ke
 
 `--server` serves the model with `dysco-edge serve`'s app (uvicorn on the main thread, as the CLI runs it)
 and drives it with N `openai` streaming clients in a subprocess, so the step is timed under the server's
-event loop and worker threads. `--held-sync` times the GPU's part with a llama_synchronize that keeps the
-GIL, as the step's first readout does (by default it releases it); `--held-decode` keeps it through
-llama_decode instead; `--switch-interval` sets Python's. `period` is the median time from one timed step's
-start to the next one's (the step plus the batch thread's wait between steps):
+event loop and worker threads; `--switch-interval` sets Python's. `period` is the median time from one
+timed step's start to the next one's (the step plus the batch thread's wait between steps):
 
     python bench/device/parallel_step.py --model Q.gguf --clients 4 --doc-tokens 8192 --gen 96 --mode fast
 """
@@ -55,8 +54,8 @@ PARTS = ("step", "decode", "sync", "hooks", "sample", "period")
 class StepClock:
     """Per-step sums of the wrapped parts; a step counts when its one-token batch held every client."""
 
-    def __init__(self, n_clients: int, profile_step: int | None, synchronize):
-        self.n, self.profile_step, self.synchronize = n_clients, profile_step, synchronize
+    def __init__(self, n_clients: int, profile_step: int | None):
+        self.n, self.profile_step = n_clients, profile_step
         self.cur, self.steps, self.full = defaultdict(float), [], False
         self.n_reused = 0  # llama.cpp's count of decodes that reused the previous graph
         self.last_start = None  # when the last full step began
@@ -84,9 +83,7 @@ class StepClock:
             if profile:
                 cudart().cudaProfilerStart()
             rc = original(eng, items)
-            t1 = time.perf_counter()
-            clock.synchronize(eng.ctx)
-            clock.cur["sync"] += time.perf_counter() - t1
+            llama_cpp.llama_synchronize(eng.ctx)  # timed into sync by wrap_sync
             if profile:
                 cudart().cudaProfilerStop()
             clock.cur["decode"] += time.perf_counter() - t0
@@ -95,6 +92,16 @@ class StepClock:
             clock.n_reused = reused
             return rc
         Engine.decode_batch = decode
+
+    def wrap_sync(self) -> None:
+        """Time every llama_synchronize (the engine calls it through the module, as this does)."""
+        original, clock = llama_cpp.llama_synchronize, self
+
+        def synchronize(ctx):
+            t0 = time.perf_counter()
+            original(ctx)
+            clock.cur["sync"] += time.perf_counter() - t0
+        llama_cpp.llama_synchronize = synchronize
 
     def wrap_step(self) -> None:
         original, clock = batch.Batcher._advance, self
@@ -130,14 +137,12 @@ def host_sampling() -> None:
 
 def run(args) -> dict:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    sync = held("llama_synchronize", [ctypes.c_void_p], None) if args.held_sync else llama_cpp.llama_synchronize
-    clock = StepClock(args.clients, args.profile_step, sync)
+    clock = StepClock(args.clients, args.profile_step)
     if args.host_sampling:
         host_sampling()
-    if args.held_decode:  # the A/B of releasing the GIL only while the device finishes (without --held-sync)
-        llama_cpp.llama_decode = held("llama_decode", [ctypes.c_void_p, llama_cpp.llama_batch], ctypes.c_int32)
     if args.llama_greedy:
         llama_greedy()
+    clock.wrap_sync()
     clock.wrap_decode()
     clock.wrap_step()
     for owner, name in ((batch._DyscoFeed, "before"), (batch._DyscoFeed, "after"), (batch.Batcher, "_probe")):
@@ -156,8 +161,6 @@ def run(args) -> dict:
     med["reused"] = sum(s.get("reused", 0.0) for s in steps) / max(len(steps), 1)
     sampling = "host" if args.host_sampling else "graph, llama.cpp's greedy" if args.llama_greedy else "graph"
     sampling += "; server" if args.server else ""
-    sampling += "; GIL held in sync" if args.held_sync else ""
-    sampling += "; GIL held in decode" if args.held_decode else ""
     sampling += f"; {args.note}" if args.note else ""
     return {"mode": args.mode, "sampling": sampling, "clients": args.clients,
             "steps": len(steps), "tokens": tokens, "wall_s": wall, **med}
@@ -246,14 +249,6 @@ def run_clients(args) -> None:
     print(json.dumps({"tokens": sum(r["tokens"] for r in runs), "aggregate": summarise(runs)["aggregate"]}))
 
 
-def held(name: str, argtypes: list, restype):
-    """A libllama function through ctypes.PyDLL: the GIL stays held through the call."""
-    from dysco_edge.runtime.native import held_gil_calls
-    fn = getattr(held_gil_calls(), name)
-    fn.argtypes, fn.restype = argtypes, restype
-    return fn
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)
@@ -268,8 +263,6 @@ def main() -> None:
     ap.add_argument("--profile-step", type=int, default=None)
     ap.add_argument("--note", default="", help="added to the row's sampling column (e.g. the environment of an A/B)")
     ap.add_argument("--server", action="store_true", help="through the server's app and N HTTP clients")
-    ap.add_argument("--held-sync", action="store_true", help="time the GPU's part without releasing the GIL")
-    ap.add_argument("--held-decode", action="store_true", help="llama_decode without releasing the GIL")
     ap.add_argument("--switch-interval", type=float, default=None, help="sys.setswitchinterval for the run (s)")
     ap.add_argument("--client", default="", help=argparse.SUPPRESS)  # the --server run's client subprocess
     ap.add_argument("--prompts-file", default="", help=argparse.SUPPRESS)

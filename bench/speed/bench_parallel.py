@@ -258,6 +258,9 @@ def main() -> None:
     ap.add_argument("--out", default="", help="also write the table and rows here (.md; rows to .json beside)")
     args = ap.parse_args()
     args.model_path = str(resolve(args.model))
+    Path(args.log_dir).mkdir(parents=True, exist_ok=True)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     args.n_ctx = args.n_ctx or -(-(args.doc_tokens + 64 + 5 * args.gen) // 256) * 256
     with Model(args.model_path, n_ctx=512, n_gpu_layers=0) as m:
         # one more than the most clients: the late request of the time-to-first-token check

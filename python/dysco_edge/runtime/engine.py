@@ -439,12 +439,15 @@ class Engine:
         self._logits_row = ctypes.c_float * self.n_vocab
         self._logits_views: dict[int, np.ndarray] = {}  # views of llama.cpp's logits rows, by address
         self._held = held_gil_calls()  # the per-step readouts (logits address, sampled token) keep the GIL
+        self._held_decode = self._held.llama_decode
+        self._held_decode.argtypes, self._held_decode.restype = [ctypes.c_void_p, llama_cpp.llama_batch], ctypes.c_int32
         self._device_samplers: dict[int, object] = {}   # seq_id -> the greedy chain llama.cpp samples it with
         # a vocabulary never changes: each token's text and end flag are asked of llama.cpp once
         self._pieces: dict[int, bytes] = {}
         self._ends: dict[int, bool] = {}
         self.n_layer = llama_cpp.llama_model_n_layer(self.model)
         self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(self.model)
+        self._held_launch_tokens = self._launch_only_tokens()
 
     # ---- every pointer is handed out only while the model lives: a closed model (or one that
     # llama-cpp-python freed at interpreter exit) answers EngineError, never a dangling pointer ----
@@ -537,6 +540,20 @@ class Engine:
 
     def __exit__(self, *exc):
         self.close()
+
+    def _launch_only_tokens(self) -> int:
+        """The most tokens a batch step launches with the GIL held (0: none). On one CUDA device holding
+        every layer and the KV cache, llama_decode of one ubatch only builds and queues the graph;
+        decode_batch then waits for the device with the GIL released. Released during the launch
+        instead, the GIL went to the server's threads and the step waited to get it back, a few times
+        a step (bench/RESULTS.md, issue 26). Where the CPU computes a layer, llama_decode does the work
+        itself and must release the GIL."""
+        o = self.options
+        used = layer_devices(o.split)
+        every_layer = o.n_gpu_layers < 0 or o.n_gpu_layers > self.n_layer
+        if len(used) != 1 or used[0].backend != "CUDA" or not every_layer or not o.offload_kqv:
+            return 0
+        return min(o.n_ubatch, self.n_batch)
 
     def where(self) -> str:
         """Where this engine runs, in words: the first line `run` prints."""
@@ -701,7 +718,11 @@ class Engine:
         if n == 0 or n > self.n_batch or any(len(tokens) == 0 for tokens, *_ in items):
             raise InputError(f"a batch holds 1..{self.n_batch} tokens, at least one a sequence, got {n}")
         self._batch.fill_items(items)
-        rc = llama_cpp.llama_decode(self.ctx, self._batch.c)
+        if n <= self._held_launch_tokens and any(want for *_, want in items):
+            rc = self._held_decode(self.ctx, self._batch.c)
+            llama_cpp.llama_synchronize(self.ctx)  # the device's work, with the GIL released
+        else:
+            rc = llama_cpp.llama_decode(self.ctx, self._batch.c)
         if rc not in (0, 1):
             raise EngineError(f"llama_decode failed with {rc} on a batch of {len(items)} sequence(s)")
         return rc

@@ -89,8 +89,8 @@ def held_gil_calls() -> ctypes.PyDLL:
     """The library again through ctypes.PyDLL, whose calls keep the GIL, for the calls a batch step
     makes per sequence that return in microseconds. cffi (and ctypes.CDLL) release the GIL around every
     call: a reader thread woken by the step's tokens then takes it, and the step thread waits for it back,
-    several times a step. The step's first readout (sampled token or logits) also waits for the device;
-    releasing the GIL for that wait alone gained nothing measurable (bench/RESULTS.md, issue 26)."""
+    several times a step. Engine.decode_batch also launches a step's graph through it (llama_decode,
+    whose argument types the engine sets) and then waits for the device with the GIL released."""
     lib = ctypes.PyDLL(str(library_file(lib_dir())))  # loaded already: the same handle
     i32, ctx = ctypes.c_int32, ctypes.c_void_p
     for name, argtypes in (("dysco_fast_select", [ctx, i32, i32]), ("dysco_pass_selection_seq", [ctx, i32, ctypes.c_void_p, i32]),
