@@ -2,7 +2,8 @@
 # A short lease for issue 26 (about 8 minutes): build libllama with CUDA, a batched step's parts in process
 # (parallel_step.py, plain and fast at 4 and 8 clients), then `dysco-edge serve --parallel N`'s rows of
 # bench_parallel.py (plain and fast, 1/2/4/8 clients), without llama-server or the in-process rows (whose
-# builds and runs round_session.sh's `parallel` part adds). Results under /tmp/res; `done` marks the end.
+# builds and runs round_session.sh's `parallel` part adds; IN_PROCESS=1 adds the in-process rows).
+# Results under /tmp/res; `done` marks the end.
 #   there, call 1, carry [".dev"]:  setsid nohup bash bench/device/short_parallel_session.sh > /dev/null 2>&1 < /dev/null &
 #   there, a call per model part:   bash bench/device/eval_gpu.sh take qwen15 K [SHA256 on the last]
 #   there, to collect:              tar czf "$OUT"/res.tgz -C /tmp res
@@ -23,12 +24,14 @@ QWEN=$HOME/.cache/dysco-edge/models/Qwen2.5-Coder-1.5B-Instruct-Q4_K_M.gguf  # w
     echo "== steps at $(( $(date +%s) - start )) s"
     # STEP_ROWS: parallel_step.py's arguments per row, ';' between rows; a row starting "uvloop " runs with
     # uvloop and httptools importable (uvicorn then picks them: the server's event loop A/B)
+    # (none: no step rows)
     rows=${STEP_ROWS:-"--mode plain --clients 4;--mode plain --clients 8;--mode fast --clients 4;--mode fast --clients 8"}
+    [ "$rows" = none ] && rows=""
     mkdir -p /tmp/uvsite && python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/uvsite .dev/device/uvloop/*.whl > /dev/null 2>&1
     { echo "| mode | sampling | clients | steps | step ms | decode+sync ms | of it sync ms | hooks ms | sample ms | rest ms | graph reused | period ms |"
       echo "|---|---|---|---|---|---|---|---|---|---|---|---|"
-      IFS=';' read -ra list <<< "$rows"
-      for row in "${list[@]}"; do
+      list=(); [ -n "$rows" ] && IFS=';' read -ra list <<< "$rows"
+      for row in ${list[@]+"${list[@]}"}; do
           path=$PYTHONPATH; case $row in uvloop\ *) path=/tmp/uvsite:$PYTHONPATH; row=${row#uvloop }; row="$row --note uvloop";; esac
           echo "## $row" >&2
           PYTHONPATH=$path DYSCO_HOST_TIMELINE=1 timeout 90 taskset -c 0-13 python3 bench/device/parallel_step.py --model "$QWEN" \
@@ -39,7 +42,7 @@ QWEN=$HOME/.cache/dysco-edge/models/Qwen2.5-Coder-1.5B-Instruct-Q4_K_M.gguf  # w
         path=$PYTHONPATH; [ "$variant" = uvloop ] && path=/tmp/uvsite:$PYTHONPATH
         PYTHONPATH=$path timeout ${BENCH_S:-330} taskset -c 0-13 python3 bench/speed/bench_parallel.py --model "$QWEN" \
             --clients ${CLIENTS:-1 2 4 8} --doc-tokens 8192 --gen 512 --rounds ${ROUNDS:-2} --modes ${MODES:-plain fast} \
-            --n-gpu-layers 99 --flash-attn on --log-dir $OUT/parallel-$variant --out $OUT/parallel-$variant/parallel.md \
+            --n-gpu-layers 99 --flash-attn on ${IN_PROCESS:+--in-process} --log-dir $OUT/parallel-$variant --out $OUT/parallel-$variant/parallel.md \
             > $OUT/session-$variant.log 2>&1
     done
     echo "== done at $(( $(date +%s) - start )) s"
