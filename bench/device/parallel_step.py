@@ -22,8 +22,8 @@ step's decode with cudaProfilerStart/Stop for `ncu --profile-from-start off` (ke
 
 `--server` serves the model with `dysco-edge serve`'s app (uvicorn on the main thread, as the CLI runs it)
 and drives it with N `openai` streaming clients in a subprocess, so the step is timed under the server's
-event loop and worker threads; `--switch-interval` sets Python's. `period` is the median time from one
-timed step's start to the next one's (the step plus the batch thread's wait between steps):
+event loop and worker threads. `period` is the median time from one timed step's start to the next one's
+(the step plus the batch thread's wait between steps):
 
     python bench/device/parallel_step.py --model Q.gguf --clients 4 --doc-tokens 8192 --gen 96 --mode fast
 """
@@ -263,15 +263,11 @@ def main() -> None:
     ap.add_argument("--profile-step", type=int, default=None)
     ap.add_argument("--note", default="", help="added to the row's sampling column (e.g. the environment of an A/B)")
     ap.add_argument("--server", action="store_true", help="through the server's app and N HTTP clients")
-    ap.add_argument("--switch-interval", type=float, default=None, help="sys.setswitchinterval for the run (s)")
     ap.add_argument("--client", default="", help=argparse.SUPPRESS)  # the --server run's client subprocess
     ap.add_argument("--prompts-file", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.client:
         return run_clients(args)
-    if args.switch_interval:
-        sys.setswitchinterval(args.switch_interval)
-        args.note = f"{args.note}; switch interval {args.switch_interval * 1e3:g} ms".lstrip("; ")
     r = run(args)
     if not r["steps"]:
         sys.exit("parallel_step: no step held every client at once (raise --gen)")

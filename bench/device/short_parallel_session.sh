@@ -22,29 +22,22 @@ QWEN=$HOME/.cache/dysco-edge/models/Qwen2.5-Coder-1.5B-Instruct-Q4_K_M.gguf  # w
     mkdir -p "$(dirname "$QWEN")" && ln -f /tmp/models/qwen15.gguf "$QWEN"
     export DYSCO_EDGE_LIB_DIR=$PWD/build/cuda/bin
     echo "== steps at $(( $(date +%s) - start )) s"
-    # STEP_ROWS: parallel_step.py's arguments per row, ';' between rows; a row starting "uvloop " runs with
-    # uvloop and httptools importable (uvicorn then picks them: the server's event loop A/B)
-    # (none: no step rows)
+    # STEP_ROWS: parallel_step.py's arguments per row, ';' between rows (none: no step rows)
     rows=${STEP_ROWS:-"--mode plain --clients 4;--mode plain --clients 8;--mode fast --clients 4;--mode fast --clients 8"}
     [ "$rows" = none ] && rows=""
-    mkdir -p /tmp/uvsite && python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/uvsite .dev/device/uvloop/*.whl > /dev/null 2>&1
     { echo "| mode | sampling | clients | steps | step ms | decode+sync ms | of it sync ms | hooks ms | sample ms | rest ms | graph reused | period ms |"
       echo "|---|---|---|---|---|---|---|---|---|---|---|---|"
       list=(); [ -n "$rows" ] && IFS=';' read -ra list <<< "$rows"
       for row in ${list[@]+"${list[@]}"}; do
-          path=$PYTHONPATH; case $row in uvloop\ *) path=/tmp/uvsite:$PYTHONPATH; row=${row#uvloop }; row="$row --note uvloop";; esac
           echo "## $row" >&2
-          PYTHONPATH=$path DYSCO_HOST_TIMELINE=1 timeout 90 taskset -c 0-13 python3 bench/device/parallel_step.py --model "$QWEN" \
+          DYSCO_HOST_TIMELINE=1 timeout 90 taskset -c 0-13 python3 bench/device/parallel_step.py --model "$QWEN" \
               --doc-tokens 8192 --gen ${STEP_GEN:-128} $row
       done; } > $OUT/parallel-step.md 2> $OUT/parallel-step.err
     echo "== server rows at $(( $(date +%s) - start )) s"
-    for variant in ${BENCH_VARIANTS:-plain}; do  # plain; uvloop: the same rows with uvloop and httptools importable
-        path=$PYTHONPATH; [ "$variant" = uvloop ] && path=/tmp/uvsite:$PYTHONPATH
-        PYTHONPATH=$path timeout ${BENCH_S:-330} taskset -c 0-13 python3 bench/speed/bench_parallel.py --model "$QWEN" \
-            --clients ${CLIENTS:-1 2 4 8} --doc-tokens 8192 --gen 512 --rounds ${ROUNDS:-2} --modes ${MODES:-plain fast} \
-            --n-gpu-layers 99 --flash-attn on ${IN_PROCESS:+--in-process} --log-dir $OUT/parallel-$variant --out $OUT/parallel-$variant/parallel.md \
-            > $OUT/session-$variant.log 2>&1
-    done
+    timeout ${BENCH_S:-330} taskset -c 0-13 python3 bench/speed/bench_parallel.py --model "$QWEN" \
+        --clients ${CLIENTS:-1 2 4 8} --doc-tokens 8192 --gen 512 --rounds ${ROUNDS:-2} --modes ${MODES:-plain fast} \
+        --n-gpu-layers 99 --flash-attn on ${IN_PROCESS:+--in-process} --log-dir $OUT/parallel --out $OUT/parallel/parallel.md \
+        > $OUT/session-parallel.log 2>&1
     echo "== done at $(( $(date +%s) - start )) s"
 } > $OUT/session.log 2>&1
 touch $OUT/done
