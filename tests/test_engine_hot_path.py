@@ -124,26 +124,31 @@ def test_batches_decode_as_llama_cpp_pythons(engine, seq_id):
     assert int(ours.argmax()) == int(expected.argmax())
 
 
-def _two_sequences_logits(eng: Engine, ids: list[int]) -> list[np.ndarray]:
+def _steps_logits(eng: Engine, ids: list[int]) -> list[np.ndarray]:
+    """Two sequences' batched steps, then one sequence's own decodes (a prompt without logits, then
+    a token with them)."""
     eng.clear()
     eng.decode_batch([(ids[:-1], 0, 0, False), (ids[:-1], 0, 1, False)])
     out = []
     for pos in range(len(ids) - 1, len(ids) + 2):
         eng.decode_batch([([ids[pos % len(ids)]], pos, 0, True), ([ids[(pos + 1) % len(ids)]], pos, 1, True)])
         out += [eng.logits(0), eng.logits(1)]
-    return out
+    eng.clear()
+    eng.decode(ids[:-1], 0, want_logits=False)
+    eng.decode(ids[-1:], len(ids) - 1)
+    return out + [eng.logits()]
 
 
 def test_a_step_launched_with_the_gil_held_decodes_as_one_released(engine, monkeypatch):
     """The held-GIL launch (taken on one CUDA device) forced on the CPU: the same logits, and only
-    batches with an output and at most a ubatch of tokens go that way."""
+    decodes with an output and at most a ubatch of tokens go that way."""
     ids = engine.tokenize(TEXT, add_bos=True)[:30]
-    released = _two_sequences_logits(engine, ids)
+    released = _steps_logits(engine, ids)
     calls, held = [], engine._held_decode
     monkeypatch.setattr(engine, "_held_decode", lambda ctx, batch: calls.append(1) or held(ctx, batch))
     monkeypatch.setattr(engine, "_held_launch_tokens", 64)
-    ours = _two_sequences_logits(engine, ids)
-    assert len(calls) == 3  # the prompt batch (no outputs) is launched as before
+    ours = _steps_logits(engine, ids)
+    assert len(calls) == 4  # the prompts (no outputs) are launched as before
     for a, b in zip(ours, released):
         assert np.array_equal(a, b)
 

@@ -542,9 +542,9 @@ class Engine:
         self.close()
 
     def _launch_only_tokens(self) -> int:
-        """The most tokens a batch step launches with the GIL held (0: none). On one CUDA device holding
+        """The most tokens a decode launches with the GIL held (0: none). On one CUDA device holding
         every layer and the KV cache, llama_decode of one ubatch only builds and queues the graph;
-        decode_batch then waits for the device with the GIL released. Released during the launch
+        _llama_decode then waits for the device with the GIL released. Released during the launch
         instead, the GIL went to the server's threads and the step waited to get it back, a few times
         a step (bench/RESULTS.md, issue 26). Where the CPU computes a layer, llama_decode does the work
         itself and must release the GIL."""
@@ -698,8 +698,9 @@ class Engine:
             raise InputError(f"{start_pos + n} positions do not fit the context of {self.n_ctx} tokens")
         for begin in range(0, n, self.n_batch):
             chunk = tokens[begin:begin + self.n_batch]
-            self._fill_batch(chunk, start_pos + begin, seq_id, want_logits and begin + len(chunk) == n)
-            rc = llama_cpp.llama_decode(self.ctx, self._batch.c)
+            last = begin + len(chunk) == n
+            self._fill_batch(chunk, start_pos + begin, seq_id, want_logits and last)
+            rc = self._llama_decode(len(chunk), want_logits and last)
             if rc != 0:
                 raise EngineError(f"llama_decode failed with {rc} at positions {start_pos + begin}.."
                                   f"{start_pos + begin + len(chunk) - 1}")
@@ -718,14 +719,20 @@ class Engine:
         if n == 0 or n > self.n_batch or any(len(tokens) == 0 for tokens, *_ in items):
             raise InputError(f"a batch holds 1..{self.n_batch} tokens, at least one a sequence, got {n}")
         self._batch.fill_items(items)
-        if n <= self._held_launch_tokens and any(want for *_, want in items):
-            rc = self._held_decode(self.ctx, self._batch.c)
-            llama_cpp.llama_synchronize(self.ctx)  # the device's work, with the GIL released
-        else:
-            rc = llama_cpp.llama_decode(self.ctx, self._batch.c)
+        rc = self._llama_decode(n, any(want for *_, want in items))
         if rc not in (0, 1):
             raise EngineError(f"llama_decode failed with {rc} on a batch of {len(items)} sequence(s)")
         return rc
+
+    def _llama_decode(self, n_tokens: int, outputs: bool) -> int:
+        """llama_decode of the filled batch. Where it only queues the device's work and an output is
+        read next (_launch_only_tokens), the launch keeps the GIL and the wait for the device releases
+        it; a batch without outputs is left to run on while the host fills the next one."""
+        if outputs and n_tokens <= self._held_launch_tokens:
+            rc = self._held_decode(self.ctx, self._batch.c)
+            llama_cpp.llama_synchronize(self.ctx)  # the device's work, with the GIL released
+            return rc
+        return llama_cpp.llama_decode(self.ctx, self._batch.c)
 
     def copy_seq(self, src: int, dst: int, end: int) -> None:
         """Make dst hold src's cells of positions 0..end-1 (llama.cpp copies a whole KV stream)."""
