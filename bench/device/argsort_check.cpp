@@ -1,7 +1,8 @@
 // Checks ggml_argsort on the GPU backend against a stable sort on the host, for rows with many equal
 // values and rows without, and times a graph of that one op. DySCO's selection relies on CUDA keeping
-// equal values in column order (CUB's radix sort is stable), and a faster sort must match it: a
-// shared-memory bitonic sort of a block per row (a withdrawn patch 0008) matched it and was slower.
+// equal values in column order (CUB's radix sort is stable), and a faster sort must match it: patch 0008
+// sorts rows of 1025-16384 columns with a block of CUB's block radix sort each (a shared-memory bitonic
+// sort tried before it matched too and was slower). The shapes straddle that patch's widths.
 // Prints one markdown row per shape and order.
 //
 //   g++ -O2 -std=c++17 bench/device/argsort_check.cpp -I GGML/include -L LIBDIR -lggml -lggml-base \
@@ -90,8 +91,8 @@ int main(int argc, char ** argv) {
                 "|---|---|---|---|---|---|---|\n");
     std::mt19937 rng(7);
     int failed = 0;
-    for (int ncols : { 1025, 4096, 8448, 8960, 16384, 16385, 40000 }) {
-        for (int nrows : { 1, 8 }) {
+    for (int ncols : { 1025, 4096, 4097, 8192, 8448, 8960, 12288, 12289, 16384, 16385, 40000 }) {
+        for (int nrows : { 1, 2, 8 }) {
             for (bool desc : { true, false }) {
                 double ms = 0.0;
                 int unsorted = 0;
