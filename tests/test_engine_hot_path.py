@@ -94,12 +94,16 @@ def test_greedy_tokens_picked_in_the_graph_are_the_largest_logits(name):
         eng.sample_on_device(0, False)
 
 
-def _llama_logits(ids: list[int]) -> np.ndarray:
-    """The last token's logits from llama-cpp-python's own batch and eval, same batch size."""
+def _llama_logits(ids: list[int], singles: int) -> np.ndarray:
+    """The last token's logits from llama-cpp-python's own batch and eval, same batch size, the last
+    `singles` tokens evaluated one at a time: a CPU's kernels for one row and for many round
+    differently (by 0.5 of 26 on an AVX2 CPU), so the oracle decodes the same shapes."""
     llm = llama_cpp.Llama(model_path=str(models.smollm2_q4_1()), n_ctx=512, n_batch=64, n_ubatch=64,
                           n_threads=1, verbose=False)
     try:
-        llm.eval(ids)  # without logits_all it keeps no scores: read llama.cpp's last row
+        llm.eval(ids[:len(ids) - singles])
+        for token in ids[len(ids) - singles:]:
+            llm.eval([token])  # without logits_all it keeps no scores: read llama.cpp's last row
         row = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
         return np.ctypeslib.as_array(row, shape=(llm.n_vocab(),)).copy()
     finally:
@@ -119,7 +123,7 @@ def test_batches_decode_as_llama_cpp_pythons(engine, seq_id):
             eng.decode([ids[pos]], pos, seq_id=seq_id)
         ours = eng.logits()
         assert eng.seq_pos_max(seq_id) == len(ids) - 1 and eng.seq_pos_max(1 - seq_id) == -1
-    expected = _llama_logits(ids)
+    expected = _llama_logits(ids, singles=3)
     assert np.max(np.abs(ours - expected)) <= 1e-3 * np.max(np.abs(expected))
     assert int(ours.argmax()) == int(expected.argmax())
 

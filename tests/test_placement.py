@@ -176,23 +176,28 @@ def _decodes(path, doc: str, **options) -> dict:
         out = {"plain": model.generate(doc, dysco=None, max_new_tokens=12).token_ids}
         for mode in ("exact", "fast"):
             g = model.generate(doc, dysco=config.replace(mode=mode), max_new_tokens=12, trace=True)
-            out[mode] = (g.token_ids, [set(step.selected.tolist()) for step in g.trace])
+            out[mode] = (g.token_ids, [(step.pos - g.n_prompt, set(step.selected.tolist())) for step in g.trace])
         return out
 
 
 @pytest.mark.slow
 def test_q8_0_kv_cache_against_f16(smollm2):
     """A quantized KV cache's oracle is the F16 one on the same CPU and thread count: q8_0 cells move
-    the logits and the QR-head scores a little, so over a short answer the tokens are expected equal
-    and every step's selected set close to F16's, not equal (bench/device/consumer_check.py on its
-    400-token document measured Jaccard 0.978 mean, 0.957 min; README "Small GPUs" has q4_0, whose
-    tokens part from F16's within a few)."""
+    the logits and the QR-head scores a little, so the answers agree at first and every step's
+    selected set, while the tokens before it agree, is close to F16's, not equal
+    (bench/device/consumer_check.py on its 400-token document measured Jaccard 0.978 mean, 0.957 min).
+    A near-tie may flip later: on an AVX2 CPU the DySCO answers part at token 7 of 12 (README "Small
+    GPUs" has q4_0, whose tokens part from F16's within a few)."""
     from rpc_child import document
     f16, q8 = _decodes(smollm2, document()), _decodes(smollm2, document(), cache_type_k="q8_0", cache_type_v="q8_0")
-    assert q8["plain"] == f16["plain"]
+    assert q8["plain"][:6] == f16["plain"][:6]
     for mode in ("exact", "fast"):
         (tokens, sets), (want_tokens, want_sets) = q8[mode], f16[mode]
-        assert tokens == want_tokens, mode
-        jaccard = [len(a & b) / len(a | b) for a, b in zip(sets, want_sets)]
+        agree = next((i for i, (a, b) in enumerate(zip(tokens, want_tokens)) if a != b), len(tokens))
+        assert agree >= 6, (mode, tokens, want_tokens)
+        # a step feeding answer token i (i = -1: the prompt's last) saw equal tokens while i < agree
+        sets, want_sets = [x for x in sets if x[0] < agree], [x for x in want_sets if x[0] < agree]
+        assert [i for i, _ in sets] == [i for i, _ in want_sets]
+        jaccard = [len(a & b) / len(a | b) for (_, a), (_, b) in zip(sets, want_sets)]
         assert min(jaccard) >= 0.9 and sum(jaccard) / len(jaccard) >= 0.95, (mode, jaccard)
         assert min(jaccard) < 1.0, mode  # the cells did change: a test that could not see q8_0 would pass with 1.0
