@@ -440,7 +440,6 @@ class Engine:
         self._logits_views: dict[int, np.ndarray] = {}  # views of llama.cpp's logits rows, by address
         self._held = held_gil_calls()  # the per-step readouts (logits address, sampled token) keep the GIL
         self._held_decode = self._held.llama_decode
-        self._held_decode.argtypes, self._held_decode.restype = [ctypes.c_void_p, llama_cpp.llama_batch], ctypes.c_int32
         self._device_samplers: dict[int, object] = {}   # seq_id -> the greedy chain llama.cpp samples it with
         # a vocabulary never changes: each token's text and end flag are asked of llama.cpp once
         self._pieces: dict[int, bytes] = {}

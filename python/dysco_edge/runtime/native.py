@@ -89,12 +89,14 @@ def held_gil_calls() -> ctypes.PyDLL:
     """The library again through ctypes.PyDLL, whose calls keep the GIL, for the calls a batch step
     makes per sequence that return in microseconds. cffi (and ctypes.CDLL) release the GIL around every
     call: a reader thread woken by the step's tokens then takes it, and the step thread waits for it back,
-    several times a step. Engine.decode_batch also launches a step's graph through it (llama_decode,
-    whose argument types the engine sets) and then waits for the device with the GIL released."""
+    several times a step. Engine._llama_decode also launches a decode's graph through it (llama_decode)
+    where that only queues the device's work, and then waits for the device with the GIL released."""
+    from llama_cpp import llama_batch  # the struct llama_decode takes by value, as llama-cpp-python lays it out
+
     lib = ctypes.PyDLL(str(library_file(lib_dir())))  # loaded already: the same handle
     i32, ctx = ctypes.c_int32, ctypes.c_void_p
     for name, argtypes in (("dysco_fast_select", [ctx, i32, i32]), ("dysco_pass_selection_seq", [ctx, i32, ctypes.c_void_p, i32]),
-                           ("dysco_set_seq_capture", [ctx, i32, ctypes.c_bool]),
+                           ("dysco_set_seq_capture", [ctx, i32, ctypes.c_bool]), ("llama_decode", [ctx, llama_batch]),
                            ("llama_get_sampled_token_ith", [ctx, i32]), ("llama_get_logits_ith", [ctx, i32])):
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = argtypes, (ctypes.c_void_p if name == "llama_get_logits_ith" else i32)
