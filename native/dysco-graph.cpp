@@ -193,8 +193,7 @@ static void dysco_graph_qr_scores(const llm_graph_context & g, dysco_state * st,
     ggml_build_forward_expand(g.gf, acc);
     dysco_name_nodes(acc, "score", il, st->build[DYSCO_CACHE_BASE].inputs);
     if (il == st->heads.l_max && kind == DYSCO_CACHE_BASE) {
-        dysco_track_fold(g, *st, 1, 0, 1, acc, mask);
-        if (ggml_tensor * fold = ggml_graph_get_tensor(g.gf, "dysco_importance_fold")) {
+        if (ggml_tensor * fold = dysco_track_fold(g, *st, 1, 0, 1, acc, mask)) {
             dysco_name_nodes(fold, "fold", il, st->build[DYSCO_CACHE_BASE].inputs);
         }
     }
@@ -235,7 +234,10 @@ static void dysco_graph_stream_scores(const llm_graph_context & g, dysco_state *
         dysco_qr_layer_acc(g, st, q_tok, k_c, mask, kq_scale, il, accs[c]);
         dysco_name_nodes(accs[c], "score", il, st->build[DYSCO_CACHE_BASE].inputs);
         if (il == st->heads.l_max) {
-            dysco_track_fold(g, *st, ns, c, n, accs[c], mask);
+            // named as a single stream's fold is, so that the placement log and `devices --check` see its nodes
+            if (ggml_tensor * fold = dysco_track_fold(g, *st, ns, c, n, accs[c], mask)) {
+                dysco_name_nodes(fold, "fold", il, st->build[DYSCO_CACHE_BASE].inputs);
+            }
         }
         c += n;
     }

@@ -238,8 +238,9 @@ void dysco_scores_sync(dysco_state & st);
 // chunks c .. c+n-1 (of ns; a run of dysco_track_fold_run) into those sequences' importance; `mask`
 // [n_kv, 1, 1, n] their scored rows of the unbiased KQ mask.
 ggml_tensor * dysco_track_bias(const llm_graph_context & g, dysco_state & st, ggml_tensor * kq_mask);
-void dysco_track_fold(const llm_graph_context & g, dysco_state & st, uint32_t ns, uint32_t c, uint32_t n,
-                      ggml_tensor * acc, ggml_tensor * mask);
+// The fold returns its last node, for the caller to name its nodes after the layer (null: nothing folds).
+ggml_tensor * dysco_track_fold(const llm_graph_context & g, dysco_state & st, uint32_t ns, uint32_t c, uint32_t n,
+                               ggml_tensor * acc, ggml_tensor * mask);
 // How many stream chunks from c on fold together (tracked, folding with one decay, on consecutive KV
 // streams); 0 when chunk c's sequence does not fold.
 uint32_t dysco_track_fold_run(dysco_state & st, const llama_ubatch & ub, uint32_t ns, uint32_t c);

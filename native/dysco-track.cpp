@@ -332,12 +332,12 @@ static ggml_tensor * track_packed(ggml_context * ctx, ggml_tensor * t) {
     return packed ? t : ggml_cont(ctx, t);
 }
 
-void dysco_track_fold(const llm_graph_context & g, dysco_state & st, uint32_t ns, uint32_t c, uint32_t n,
-                      ggml_tensor * acc, ggml_tensor * mask) {
+ggml_tensor * dysco_track_fold(const llm_graph_context & g, dysco_state & st, uint32_t ns, uint32_t c, uint32_t n,
+                               ggml_tensor * acc, ggml_tensor * mask) {
     const llama_kv_cache_context * mctx = track_mctx(g);
     const dysco_seq_track * t = track_ready(st, mctx) ? dysco_track_chunk(st, g.ubatch, ns, c) : nullptr;
     if (!t || !dysco_seq_folds(st, *t)) {
-        return;
+        return nullptr;
     }
     ggml_context * ctx  = g.ctx0;
     const int64_t  n_kv = acc->ne[0];
@@ -357,4 +357,5 @@ void dysco_track_fold(const llm_graph_context & g, dysco_state & st, uint32_t ns
     ggml_tensor * store = ggml_cpy(ctx, next, imp);
     ggml_set_name(store, "dysco_importance_fold");
     ggml_build_forward_expand(g.gf, store);
+    return store;
 }

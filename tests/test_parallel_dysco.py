@@ -21,6 +21,7 @@ import models
 from dysco_edge.heads.maps import shipped_head_map_file
 from dysco_edge.models import resolve
 from dysco_edge.runtime.engine import Engine, EngineOptions
+from dysco_edge.runtime.node_placement import node_part
 
 MODELS = {"smollm2": (models.smollm2_q4_1, "smollm2-135m-instruct"),
           "qwen": (lambda: resolve("qwen2.5-coder-1.5b"), "qwen2.5-coder-1.5b-instruct")}
@@ -97,11 +98,13 @@ def _arm_together(native, mode: dict, step: dict) -> None:
         native.probe_select_batch(probes)
 
 
-def _together(path, cfg, mode: dict) -> dict[int, list[tuple]]:
-    """The same steps of the case's documents, each step one decode_batch of all its sequences."""
+def _together(path, cfg, mode: dict, placement: list | None = None) -> dict[int, list[tuple]]:
+    """The same steps of the case's documents, each step one decode_batch of all its sequences.
+    `placement`: gets the placement log of the DySCO nodes the graphs ran."""
     tracked = {s: m is not None for s, m in mode.items()}
     docs = {s: DOCS[s] for s in mode}
     with Engine(path, EngineOptions(n_ctx=N_CTX, n_seq_max=len(docs), **ENGINE)) as eng:
+        eng.native.set_placement_log(placement is not None)
         prefix = {s: len(d) - WARM - STEPS for s, d in docs.items()}
         for s in docs:
             assert eng.decode_batch([(docs[s][:prefix[s]], 0, s, False)]) == 0
@@ -121,6 +124,8 @@ def _together(path, cfg, mode: dict) -> dict[int, list[tuple]]:
                 logits = eng.logits(i)
                 out[s].append((eng.native.pass_selection(want_selected=True, seq_id=s), eng.native.importance(s), logits)
                               if tracked[s] else (None, None, logits))
+        if placement is not None:
+            placement += eng.native.placement()
         return out
 
 
@@ -149,3 +154,20 @@ def test_each_sequence_tracks_as_alone_while_the_other_shares_its_ubatches(model
     together = _together(path, cfg, mode)
     for s, doc in ((s, DOCS[s]) for s in mode):
         _assert_same(together[s], _alone(path, cfg, doc, mode[s]))
+
+
+@pytest.mark.slow
+def test_a_batch_names_and_places_every_part_as_a_single_stream_does():
+    """The nodes DySCO adds to a graph of several KV streams are named after their part and layer
+    (native/dysco-placement.cpp), the fold's too: `dysco-edge devices --check` and DYSCO_SCHED_REPORT see
+    them (before, a batch's fold showed only its last copy)."""
+    path, cfg = models.smollm2_q4_1(), shipped_head_map_file("smollm2-135m-instruct").to_config()
+    nodes = []
+    _together(path, cfg, {0: "fast", 1: "fast"}, nodes)
+    by_part = {}
+    for n in nodes:
+        by_part.setdefault(node_part(n.name), set()).add((n.op, n.layer))
+    l_max = max(layer for layer, _ in cfg.qr_heads)
+    assert {("DIV", l_max), ("SUM_ROWS", l_max), ("STEP", l_max), ("CPY", l_max)} <= by_part["fold"]
+    assert {"ARGSORT", "CUMSUM", "SET_ROWS"} <= {op for op, _ in by_part["selection and bias"]}
+    assert {("SOFT_MAX", layer) for layer, _ in cfg.qr_heads} <= by_part["scores"]

@@ -64,7 +64,8 @@ step_rows() {
       done; done; done
       # STEP_ENV_AB=1: the last STEP_CLIENTS again with CUDA graphs off, then with llama.cpp's graph reuse off
       # (whether a fast step's extra host time inside llama_decode is a CUDA graph update or a rebuild)
-      for env in ${STEP_ENV_AB:+GGML_CUDA_DISABLE_GRAPHS=1 LLAMA_GRAPH_REUSE_DISABLE=1}; do for mode in plain fast; do
+      # STEP_ENVS: other environments to run those rows in instead (e.g. "GGML_CUDA_DISABLE_GRAPHS=1")
+      for env in ${STEP_ENVS:-${STEP_ENV_AB:+GGML_CUDA_DISABLE_GRAPHS=1 LLAMA_GRAPH_REUSE_DISABLE=1}}; do for mode in plain fast; do
           n=${STEP_CLIENTS:-4 8}; n=${n##* }
           echo "## $mode $n $env" >&2
           env $env DYSCO_HOST_TIMELINE=1 timeout 120 taskset -c 0-13 $py --clients $n --gen 128 --mode $mode --note "$env"
