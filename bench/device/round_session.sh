@@ -16,7 +16,7 @@
 # llama-batched-bench there) in the background; argsort-check ggml_argsort on CUDA against a stable sort
 # (bench/device/argsort_check.cpp); parallel-check a sequence in a batch against alone on CUDA
 # (check_parallel.py); parallel-step a batched step's parts and one step's kernels (parallel_step.py at
-# STEP_CLIENTS clients, default "4 8"; ncu: NCU_MODES, HOST_AB=1 adds host-sampled rows, GREEDY_AB=1 rows with llama.cpp's greedy sampler,
+# STEP_CLIENTS clients, default "4 8"; ncu: NCU_MODES at NCU_CLIENTS (default 4; batch steps only, so at least 2), HOST_AB=1 adds host-sampled rows, GREEDY_AB=1 rows with llama.cpp's greedy sampler,
 # STEP_ENV_AB=1 rows with CUDA graphs off and with graph reuse off); batched llama.cpp's llama-batched-bench at 8K tokens.
 # PARTS (default "golden vulkan-check vulkan-speed consumer speed parallel") picks what runs after the build and check (each
 # part under a time limit: VK_S, CONSUMER_S, SPEED_S, PARALLEL_S seconds); speed is
@@ -72,7 +72,7 @@ step_rows() {
       done; done; } > $OUT/parallel-step.md 2> $OUT/parallel-step.err
     for mode in ${NCU_MODES-plain fast}; do
         timeout ${NCU_S:-150} ncu --profile-from-start off --clock-control none --metrics gpu__time_duration.sum --csv \
-            $py --clients 4 --gen 48 --mode $mode --profile-step 10 > $OUT/ncu-$mode.csv 2> $OUT/ncu-$mode.err
+            $py --clients ${NCU_CLIENTS:-4} --gen 48 --mode $mode --profile-step 10 > $OUT/ncu-$mode.csv 2> $OUT/ncu-$mode.err
         python3 bench/device/kernel_profile.py --summarize $OUT/ncu-$mode.csv > $OUT/kernels-$mode.md 2>&1
     done
 }
