@@ -169,6 +169,15 @@ static void dysco_qr_layer_acc(const llm_graph_context & g, const dysco_state * 
     }
 }
 
+// The fold of stream chunks c .. c+n-1 (dysco_track_fold), its nodes named after layer il, so that the
+// placement log and `devices --check` see them, one stream or several.
+static void dysco_graph_fold(const llm_graph_context & g, dysco_state * st, uint32_t ns, uint32_t c, uint32_t n,
+                             ggml_tensor * acc, ggml_tensor * mask, int il) {
+    if (ggml_tensor * fold = dysco_track_fold(g, *st, ns, c, n, acc, mask)) {
+        dysco_name_nodes(fold, "fold", il, st->build[DYSCO_CACHE_BASE].inputs);
+    }
+}
+
 static bool dysco_layer_scored(const dysco_state * st, int il) {
     return il < (int) st->heads.by_layer.size() && !st->heads.by_layer[il].empty();
 }
@@ -193,9 +202,7 @@ static void dysco_graph_qr_scores(const llm_graph_context & g, dysco_state * st,
     ggml_build_forward_expand(g.gf, acc);
     dysco_name_nodes(acc, "score", il, st->build[DYSCO_CACHE_BASE].inputs);
     if (il == st->heads.l_max && kind == DYSCO_CACHE_BASE) {
-        if (ggml_tensor * fold = dysco_track_fold(g, *st, 1, 0, 1, acc, mask)) {
-            dysco_name_nodes(fold, "fold", il, st->build[DYSCO_CACHE_BASE].inputs);
-        }
+        dysco_graph_fold(g, st, 1, 0, 1, acc, mask, il);
     }
 }
 
@@ -234,10 +241,7 @@ static void dysco_graph_stream_scores(const llm_graph_context & g, dysco_state *
         dysco_qr_layer_acc(g, st, q_tok, k_c, mask, kq_scale, il, accs[c]);
         dysco_name_nodes(accs[c], "score", il, st->build[DYSCO_CACHE_BASE].inputs);
         if (il == st->heads.l_max) {
-            // named as a single stream's fold is, so that the placement log and `devices --check` see its nodes
-            if (ggml_tensor * fold = dysco_track_fold(g, *st, ns, c, n, accs[c], mask)) {
-                dysco_name_nodes(fold, "fold", il, st->build[DYSCO_CACHE_BASE].inputs);
-            }
+            dysco_graph_fold(g, st, ns, c, n, accs[c], mask, il);
         }
         c += n;
     }

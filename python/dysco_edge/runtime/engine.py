@@ -697,9 +697,9 @@ class Engine:
             raise InputError(f"{start_pos + n} positions do not fit the context of {self.n_ctx} tokens")
         for begin in range(0, n, self.n_batch):
             chunk = tokens[begin:begin + self.n_batch]
-            last = begin + len(chunk) == n
-            self._fill_batch(chunk, start_pos + begin, seq_id, want_logits and last)
-            rc = self._llama_decode(len(chunk), want_logits and last)
+            outputs = want_logits and begin + len(chunk) == n
+            self._fill_batch(chunk, start_pos + begin, seq_id, outputs)
+            rc = self._llama_decode(len(chunk), outputs)
             if rc != 0:
                 raise EngineError(f"llama_decode failed with {rc} at positions {start_pos + begin}.."
                                   f"{start_pos + begin + len(chunk) - 1}")
