@@ -3,6 +3,8 @@ llama.cpp's own nodes are not; a quantized K cache is dequantized for the score 
 would otherwise run on the CPU) without changing what they compute; `dysco-edge devices --check`."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -41,6 +43,25 @@ def test_placement_reports_every_dysco_node_and_only_those(flash):
     assert {n.layer for n in nodes if node_part(n.name) == "head capture"} == {0, 1, 2, 3}
     assert all(n.backend == "CPU" and n.attention_backend == "CPU" and not n.cpu_fallback for n in nodes)
     assert not any(p.cpu_fallback for p in summarize(nodes))
+
+
+def _cuda_side_prefixes():
+    """The node-name prefixes that native/cuda/dysco-side.cu runs on CUDA's side stream."""
+    src = (models.REPO_ROOT / "native" / "cuda" / "dysco-side.cu").read_text()
+    return tuple(re.findall(r'"([^"]+)"', re.search(r"prefixes\[\] = \{(.*?)\};", src, re.S).group(1)))
+
+
+def test_the_cuda_side_stream_takes_the_score_and_fold_nodes_and_no_other():
+    """CUDA runs DySCO's scores and fold beside the layers, which never read them; the selection and bias,
+    which the attention reads at once, and the head capture stay on the main stream. It tells them apart
+    by name: a renamed node would move between streams unnoticed on a machine without a GPU."""
+    with Engine(models.tiny_llama_f32(), EngineOptions(n_ctx=512)) as eng:
+        nodes = record_placement(eng, DyscoConfig(qr_heads=HEADS, top_k=32, top_p=0.9), _prompt())
+    side = _cuda_side_prefixes()
+    assert side
+    for n in nodes:
+        assert n.name.startswith(side) == (node_part(n.name) in ("scores", "fold")), n.name
+    assert {node_part(n.name) for n in nodes if n.name.startswith(side)} == {"scores", "fold"}
 
 
 def _probe_and_capture(type_k):
