@@ -17,7 +17,7 @@
 # (bench/device/argsort_check.cpp); parallel-check a sequence in a batch against alone on CUDA
 # (check_parallel.py); parallel-step a batched step's parts and one step's kernels (parallel_step.py at
 # STEP_CLIENTS clients, default "4 8"; ncu: NCU_MODES at NCU_CLIENTS (default 4; batch steps only, so at least 2), HOST_AB=1 adds host-sampled rows, GREEDY_AB=1 rows with llama.cpp's greedy sampler,
-# STEP_ENV_AB=1 rows with CUDA graphs off and with graph reuse off); batched llama.cpp's llama-batched-bench at 8K tokens.
+# STEP_ENV_AB=1 rows with CUDA graphs off and with graph reuse off, STEP_ENVS rows in other environments at STEP_ENV_CLIENTS); batched llama.cpp's llama-batched-bench at 8K tokens.
 # PARTS (default "golden vulkan-check vulkan-speed consumer speed parallel") picks what runs after the build and check (each
 # part under a time limit: VK_S, CONSUMER_S, SPEED_S, PARALLEL_S seconds); speed is
 # run.sh speed (issue 24's table) on the real model at SPEED_CONTEXTS (default "4096 30720").
@@ -29,6 +29,20 @@ if [ -z "${ROUND_SESSION_COPY:-}" ]; then
 fi
 export OUT=/tmp/res; mkdir -p $OUT
 export PYTHONPATH=/tmp/site:$PWD/python:$PWD/.dev/device/pylib PYTHONUNBUFFERED=1
+
+# "$@" for at most $1 seconds, then the whole process group it started: timeout signals only its child, and
+# a timed-out part's bench and server went on decoding beside the next part's measurement
+limit() {
+    local s=$1; shift
+    setsid "$@" &
+    local pid=$!
+    ( sleep "$s"; kill -TERM -- -$pid 2>/dev/null; sleep 5; kill -KILL -- -$pid 2>/dev/null ) &
+    local watch=$!
+    wait $pid
+    local rc=$?
+    kill $watch 2>/dev/null
+    return $rc
+}
 
 wait_model() {  # eval_gpu.sh take marks a whole, checked model with NAME.ok
     until [ -f "/tmp/models/$1.ok" ]; do sleep 2; done
@@ -64,14 +78,17 @@ step_rows() {
       done; done; done
       # STEP_ENV_AB=1: the last STEP_CLIENTS again with CUDA graphs off, then with llama.cpp's graph reuse off
       # (whether a fast step's extra host time inside llama_decode is a CUDA graph update or a rebuild)
-      # STEP_ENVS: other environments to run those rows in instead (e.g. "GGML_CUDA_DISABLE_GRAPHS=1")
-      for env in ${STEP_ENVS:-${STEP_ENV_AB:+GGML_CUDA_DISABLE_GRAPHS=1 LLAMA_GRAPH_REUSE_DISABLE=1}}; do for mode in plain fast; do
-          n=${STEP_CLIENTS:-4 8}; n=${n##* }
-          echo "## $mode $n $env" >&2
-          env $env DYSCO_HOST_TIMELINE=1 timeout 120 taskset -c 0-13 $py --clients $n --gen 128 --mode $mode --note "$env"
-      done; done; } > $OUT/parallel-step.md 2> $OUT/parallel-step.err
+      # STEP_ENVS: other environments to run those rows in instead (e.g. "GGML_CUDA_DISABLE_GRAPHS=1"), at
+      # STEP_ENV_CLIENTS clients (default the last of STEP_CLIENTS)
+      last=${STEP_CLIENTS:-4 8}; last=${last##* }
+      for env in ${STEP_ENVS:-${STEP_ENV_AB:+GGML_CUDA_DISABLE_GRAPHS=1 LLAMA_GRAPH_REUSE_DISABLE=1}}; do
+          for n in ${STEP_ENV_CLIENTS:-$last}; do for mode in plain fast; do
+              echo "## $mode $n $env" >&2
+              env $env DYSCO_HOST_TIMELINE=1 timeout 120 taskset -c 0-13 $py --clients $n --gen 128 --mode $mode --note "$env"
+          done; done
+      done; } > $OUT/parallel-step.md 2> $OUT/parallel-step.err
     for mode in ${NCU_MODES-plain fast}; do
-        timeout ${NCU_S:-150} ncu --profile-from-start off --clock-control none --metrics gpu__time_duration.sum --csv \
+        limit ${NCU_S:-150} ncu --profile-from-start off --clock-control none --metrics gpu__time_duration.sum --csv \
             $py --clients ${NCU_CLIENTS:-4} --gen 48 --mode $mode --profile-step 10 > $OUT/ncu-$mode.csv 2> $OUT/ncu-$mode.err
         python3 bench/device/kernel_profile.py --summarize $OUT/ncu-$mode.csv > $OUT/kernels-$mode.md 2>&1
     done
@@ -94,26 +111,26 @@ step_rows() {
             golden) golden ;;
             speed) place_qwen; wait $server_build
                    MODEL=$QWEN HEADS=head_maps/qwen2.5-coder-1.5b-instruct.json CONTEXTS="${SPEED_CONTEXTS:-4096 30720}" \
-                       timeout ${SPEED_S:-300} bash bench/device/run.sh speed > $OUT/speed.log 2>&1 ;;
+                       limit ${SPEED_S:-300} bash bench/device/run.sh speed > $OUT/speed.log 2>&1 ;;
             vulkan-check) place_qwen  # correctness only: it may share the machine with the llama-server build
-                    MODEL=$QWEN VK_PARTS="check devices" timeout ${VK_S:-330} bash bench/device/vulkan_session.sh > /dev/null ;;
+                    MODEL=$QWEN VK_PARTS="check devices" limit ${VK_S:-330} bash bench/device/vulkan_session.sh > /dev/null ;;
             vulkan-speed) place_qwen; wait $server_build
-                    MODEL=$QWEN VK_PARTS=speed CONTEXTS="${VK_CONTEXTS:-4096 16384}" timeout ${VK_S:-330} \
+                    MODEL=$QWEN VK_PARTS=speed CONTEXTS="${VK_CONTEXTS:-4096 16384}" limit ${VK_S:-330} \
                         bash bench/device/vulkan_session.sh > /dev/null ;;
-            consumer) place_qwen; wait $server_build; timeout ${CONSUMER_S:-420} bash bench/device/consumer_session.sh > /dev/null ;;
-            parallel) place_qwen; wait $server_build; MODEL=$QWEN ROUNDS=${ROUNDS:-1} timeout ${PARALLEL_S:-420} \
+            consumer) place_qwen; wait $server_build; limit ${CONSUMER_S:-420} bash bench/device/consumer_session.sh > /dev/null ;;
+            parallel) place_qwen; wait $server_build; MODEL=$QWEN ROUNDS=${ROUNDS:-1} limit ${PARALLEL_S:-540} \
                           taskset -c 0-13 bash bench/device/parallel_session.sh > /dev/null ;;
             parallel-cpu) wait_model smol; wait $server_build  # issue 26's CPU row: 2 cores of 16, no GPU, beside the GPU run
                 mkdir -p $OUT/parallel-cpu
                 ( export CUDA_VISIBLE_DEVICES= DYSCO_EDGE_LIB_DIR=$PWD/build/cuda/bin
-                  timeout ${PARALLEL_CPU_S:-600} taskset -c 14,15 \
+                  limit ${PARALLEL_CPU_S:-600} taskset -c 14,15 \
                     python3 bench/speed/bench_parallel.py --model /tmp/models/smol.gguf --clients 1 2 4 --doc-tokens 1024 \
                     --gen 128 --rounds 2 --threads 2 --n-gpu-layers 0 --in-process --llama-server build/llama-server/bin/llama-server \
                     --log-dir $OUT/parallel-cpu --out $OUT/parallel-cpu/parallel.md > $OUT/parallel-cpu/session.log 2>&1
                   taskset -c 14,15 build/llama-server/bin/llama-batched-bench -m /tmp/models/smol.gguf -c 8192 -b 512 -ub 512 \
                     -npp 1024 -ntg 128 -npl 1,2,4 -t 2 -ngl 0 -fa off > $OUT/parallel-cpu/batched.log 2>&1 ) & ;;
             parallel-check) wait_model smol; place_qwen  # issue 26: a sequence in a batch vs alone, on CUDA
-                DYSCO_EDGE_LIB_DIR=$PWD/build/cuda/bin timeout ${PCHECK_S:-300} taskset -c 0-13 python3 bench/device/check_parallel.py \
+                DYSCO_EDGE_LIB_DIR=$PWD/build/cuda/bin limit ${PCHECK_S:-300} taskset -c 0-13 python3 bench/device/check_parallel.py \
                     --smol /tmp/models/smol.gguf --qwen $QWEN > $OUT/check-parallel.md 2> $OUT/check-parallel.err ;;
             parallel-step) place_qwen; wait $server_build  # issue 26: a batched step's parts, plain against fast, and one step's kernels under ncu
                 step_rows ;;
