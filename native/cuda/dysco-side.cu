@@ -60,9 +60,10 @@ void ggml_cuda_dysco_side_keep(ggml_cgraph * cgraph, ggml_backend_graph_optimize
     }
 }
 
+// as ggml_cuda_graph_evaluate_and_capture decides which nodes it computes
 static bool dysco_side_computes(const ggml_tensor * t) {
     return !ggml_is_empty(t) && t->op != GGML_OP_NONE && t->op != GGML_OP_VIEW && t->op != GGML_OP_RESHAPE &&
-           t->op != GGML_OP_PERMUTE && t->op != GGML_OP_TRANSPOSE;
+           t->op != GGML_OP_PERMUTE && t->op != GGML_OP_TRANSPOSE && (t->flags & GGML_TENSOR_FLAG_COMPUTE);
 }
 
 static const ggml_tensor * dysco_side_base(const ggml_tensor * t) {
@@ -89,7 +90,6 @@ static void dysco_side_wait(ggml_backend_cuda_context & ctx, cudaEvent_t & event
 static void dysco_side_join_main(ggml_backend_cuda_context & ctx) {
     auto & side = ctx.dysco_side;
     dysco_side_wait(ctx, side.join, GGML_CUDA_DYSCO_SIDE_STREAM, 0);
-    side.pending = false;
     side.written.clear();
 }
 
@@ -99,19 +99,19 @@ void ggml_cuda_dysco_side_route(ggml_backend_cuda_context & ctx, const ggml_cgra
         if (ctx.curr_stream_no == GGML_CUDA_DYSCO_SIDE_STREAM) {
             ctx.curr_stream_no = 0;
         }
-        if (side.pending && dysco_side_reads_written(side, cgraph->nodes[i])) {
+        if (!side.written.empty() && dysco_side_reads_written(side, cgraph->nodes[i])) {
             dysco_side_join_main(ctx);
         }
         return;
     }
-    if (ctx.curr_stream_no != GGML_CUDA_DYSCO_SIDE_STREAM) {
-        // the run's inputs are among what the main stream has issued so far
-        dysco_side_wait(ctx, side.fork, 0, GGML_CUDA_DYSCO_SIDE_STREAM);
-        ctx.curr_stream_no = GGML_CUDA_DYSCO_SIDE_STREAM;
+    if (ctx.curr_stream_no == GGML_CUDA_DYSCO_SIDE_STREAM) {
+        return;
     }
-    side.pending = true;
-    // what the run writes, the nodes fused with this one included (the chain of adds); a view writes
-    // nothing (the views of q and K would make the attention wait for the scores)
+    // a run starts: it waits for what the main stream has issued so far (its inputs among it)
+    dysco_side_wait(ctx, side.fork, 0, GGML_CUDA_DYSCO_SIDE_STREAM);
+    ctx.curr_stream_no = GGML_CUDA_DYSCO_SIDE_STREAM;
+    // what the run writes, up to the next node the main stream computes: the nodes fused into others (the
+    // chain of adds) included; a view writes nothing (the views of q and K would make the attention wait)
     for (int j = i; j < cgraph->n_nodes; ++j) {
         const ggml_tensor * node = cgraph->nodes[j];
         if (!dysco_side_computes(node)) {
@@ -128,7 +128,7 @@ void ggml_cuda_dysco_side_join(ggml_backend_cuda_context & ctx) {
     if (ctx.curr_stream_no == GGML_CUDA_DYSCO_SIDE_STREAM) {
         ctx.curr_stream_no = 0;
     }
-    if (ctx.dysco_side.pending) {
+    if (!ctx.dysco_side.written.empty()) {
         dysco_side_join_main(ctx);
     }
 }

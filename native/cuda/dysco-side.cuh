@@ -21,8 +21,9 @@ struct ggml_backend_cuda_context;
 struct ggml_cuda_dysco_side {
     cudaEvent_t fork = nullptr; // the main stream's work so far, which a run of side nodes waits for
     cudaEvent_t join = nullptr; // the side stream's work so far, which the main stream waits for
-    bool        pending = false; // side work issued since the main stream last waited for it
-    std::unordered_set<const ggml_tensor *> written; // tensors (their view_src) that work writes
+    // what the side work issued since the main stream last waited for it writes (tensors, their view_src);
+    // empty: none is pending
+    std::unordered_set<const ggml_tensor *> written;
 
     ~ggml_cuda_dysco_side();
 };
